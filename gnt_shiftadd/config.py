@@ -1,0 +1,219 @@
+"""Experiment configuration: typed dataclasses, loaded from a YAML file in `configs/` plus `key=value` overrides.
+
+Configs are data. Every key is checked: an unknown section or key is an error that lists the valid ones, and
+values are converted to the field's type (booleans accept only true/false/yes/no/on/off/1/0, so "False" is
+false, unlike GNT's argparse flags).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed: the message names the file/key and what is wrong."""
+
+
+@dataclass
+class DataConfig:
+    scene: str = "outputs/synthetic_scene"  # folder in LLFF format (poses_bounds.npy + images_<factor>/)
+    make_synthetic: bool = False  # generate the procedural scene at `scene` when it does not exist yet
+    factor: int = 4  # which images_<factor>/ folder to read
+    llffhold: int = 8  # every llffhold-th view is held out for evaluation (0: none)
+    num_source_views: int = 10
+    synthetic_height: int = 72  # size of a generated synthetic scene (only with make_synthetic)
+    synthetic_width: int = 96
+    synthetic_views: int = 20
+
+
+@dataclass
+class ModelConfig:
+    netwidth: int = 64
+    trans_depth: int = 4  # number of (view transformer, ray transformer) pairs
+    num_heads: int = 4  # ray-transformer attention heads
+    ff_mult: int = 4  # FFN hidden width = ff_mult * netwidth (64 -> 256 -> 64)
+    feature_channels: int = 32  # ResUNet output channels
+    resnet_layers: list = field(default_factory=lambda: [3, 4, 6])  # BasicBlocks in layers 1-3 (ResNet-34)
+    resnet_base_channels: int = 64
+    pos_freqs: int = 10  # NeRF positional-encoding frequencies for points
+    dir_freqs: int = 10  # ... and for view directions
+    dropout: float = 0.0  # GNT uses 0.1 in attention and FFN
+
+
+@dataclass
+class RenderConfig:
+    n_samples: int = 64
+    chunk_rays: int = 1024  # rays per forward pass when rendering whole images
+    autocast: str = "none"  # none | bf16 | fp16 (GPU only; ignored on CPU)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    n_rand: int = 512  # random rays per step (one target view per step)
+    lr_transformer: float = 5e-4
+    lr_cnn: float = 1e-3
+    lr_decay_steps: int = 50000  # StepLR step size
+    lr_decay_factor: float = 0.5
+    seed: int = 0
+    log_every: int = 20  # TensorBoard scalars
+    val_every: int = 500  # validation image to TensorBoard (0: never)
+    ckpt_every: int = 500
+    val_stride: int = 4  # render every val_stride-th pixel for the validation image
+
+
+@dataclass
+class EvalConfig:
+    stride: int = 1  # evaluate on every stride-th pixel (1: full resolution)
+    lpips: bool = True
+    save_images: bool = True
+
+
+@dataclass
+class VideoConfig:
+    frames: int = 30
+    fps: int = 15
+    stride: int = 1
+    n_rots: float = 2.0  # spiral turns
+    zrate: float = 0.5
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    out_dir: str = "outputs"  # run folder = out_dir/name
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _convert(value: Any, default: Any, where: str) -> Any:
+    """Convert `value` to the type of the field's default, strictly."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+                return str(value).strip().lower() in _TRUE
+            raise ValueError("expected a boolean (true/false)")
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(str(value)) if isinstance(value, str) else int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError("expected a list, e.g. [3, 4, 6]")
+            return [type(default[0])(v) for v in value] if default else list(value)
+        if isinstance(default, str):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("expected a string")
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: cannot use {value!r}: {err}") from None
+    raise ConfigError(f"{where}: unsupported field type {type(default).__name__}")
+
+
+def _apply(target: Any, values: dict, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{where}.{key}" if where else key)
+        else:
+            setattr(target, key, _convert(value, current, f"{where}.{key}" if where else key))
+
+
+def parse_override(text: str) -> dict:
+    """'train.steps=100' -> {'train': {'steps': 100}} (value parsed as YAML, so 1e-3 and [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)) or value is None:
+        value = raw
+    nested: dict = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: Config | None = None) -> Config:
+    """Defaults (or `base`) <- YAML file <- overrides, each checked against the schema."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        _apply(cfg, values, str(path))
+    for text in overrides:
+        _apply(cfg, parse_override(text), "override")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, values, "config")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.model.netwidth % cfg.model.num_heads == 0, "model.netwidth must be divisible by model.num_heads"),
+        (cfg.model.netwidth >= 8, "model.netwidth must be >= 8"),
+        (cfg.model.trans_depth >= 1, "model.trans_depth must be >= 1"),
+        (cfg.render.n_samples >= 2, "render.n_samples must be >= 2"),
+        (cfg.render.autocast in ("none", "bf16", "fp16"), "render.autocast must be none, bf16 or fp16"),
+        (cfg.data.num_source_views >= 1, "data.num_source_views must be >= 1"),
+        (cfg.data.factor >= 1, "data.factor must be >= 1"),
+        (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def model_signature(cfg: Config) -> dict:
+    """The config fields that define a model's parameter shapes: checkpoints must match on all of them."""
+    return dataclasses.asdict(cfg.model) | {"dropout": None}

@@ -1,0 +1,96 @@
+"""Held-out evaluation (PSNR/SSIM/LPIPS per view and mean, JSON + images) and spiral novel-view videos."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gnt_shiftadd.config import Config
+from gnt_shiftadd.evaluation.metrics import ImageMetrics, psnr
+from gnt_shiftadd.experiment import SceneTensors
+from renderer.camera_path import spiral_path
+from renderer.video import save_png, write_video
+from renderer.views import render_novel_view
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment() -> dict:
+    """Where a number was measured: device name and library versions, stored with every result."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": device, "torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__}
+
+
+@torch.no_grad()
+def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    """Render every held-out view with its nearest training views as sources; write metrics.json and PNGs."""
+    scene = tensors.scene
+    if len(scene.test_ids) == 0:
+        raise ValueError(f"scene {scene.root} has no held-out views (data.llffhold={cfg.data.llffhold}); nothing to evaluate")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    metrics = ImageMetrics(use_lpips=cfg.eval.lpips)
+    stride = cfg.eval.stride
+    per_view = []
+    for view in tqdm([int(v) for v in scene.test_ids], desc="evaluate", disable=not progress):
+        near, far = scene.depth_range(view)
+        _sync(tensors.device)
+        tic = time.perf_counter()
+        image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
+                                  cfg.render.n_samples, near, far, stride=stride, chunk=cfg.render.chunk_rays,
+                                  autocast=cfg.render.autocast, exclude_view=view)
+        _sync(tensors.device)
+        seconds = time.perf_counter() - tic
+        target = tensors.images[view][::stride, ::stride]
+        nearest = int(tensors.nearest_sources(scene.c2w[view], 1, exclude_view=view)[0])
+        record = {"view": view, **metrics(image, target), "seconds": seconds,
+                  "nearest_source_view": nearest,
+                  "nearest_view_psnr": psnr(tensors.images[nearest][::stride, ::stride], target)}
+        per_view.append(record)
+        if cfg.eval.save_images:
+            save_png(image, out_dir / f"view{view:03d}_pred.png")
+            save_png(target, out_dir / f"view{view:03d}_gt.png")
+    keys = ["psnr", "ssim", "lpips", "seconds", "nearest_view_psnr"]
+    mean = {k: (float(np.mean([r[k] for r in per_view])) if all(r[k] is not None for r in per_view) else None) for k in keys}
+    result = {
+        "scene": str(scene.root), "resolution": [int(target.shape[1]), int(target.shape[0])], "stride": stride,
+        "num_source_views": cfg.data.num_source_views, "n_samples": cfg.render.n_samples,
+        "trans_depth": cfg.model.trans_depth, "mean": mean, "per_view": per_view, "environment": environment(),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@torch.no_grad()
+def render_spiral_video(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    """Render cfg.video.frames frames on a spiral around the capture; PNG frames + video.mp4 + timing."""
+    scene = tensors.scene
+    out_dir = Path(out_dir)
+    model.eval()
+    poses = spiral_path(scene.c2w[scene.train_ids], scene.bounds, cfg.video.frames, cfg.video.n_rots, cfg.video.zrate)
+    near, far = scene.depth_range()
+    K = scene.intrinsics[0]
+    frames, seconds = [], []
+    for index, pose in enumerate(tqdm(poses, desc="render video", disable=not progress)):
+        _sync(tensors.device)
+        tic = time.perf_counter()
+        frame = render_novel_view(model, tensors, pose, K, cfg.data.num_source_views, cfg.render.n_samples, near, far,
+                                  stride=cfg.video.stride, chunk=cfg.render.chunk_rays, autocast=cfg.render.autocast)
+        _sync(tensors.device)
+        seconds.append(time.perf_counter() - tic)
+        frames.append(frame.cpu())
+        save_png(frame, out_dir / "frames" / f"frame{index:04d}.png")
+    video = write_video(frames, out_dir / "video.mp4", fps=cfg.video.fps)
+    result = {"frames": len(frames), "video": str(video) if video else None, "resolution": [int(frames[0].shape[1]), int(frames[0].shape[0])],
+              "ms_per_frame": 1000.0 * float(np.mean(seconds)), "environment": environment()}
+    (out_dir / "render.json").write_text(json.dumps(result, indent=2))
+    return result

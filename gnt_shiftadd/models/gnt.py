@@ -1,0 +1,105 @@
+"""GNT: Generalizable NeRF Transformer (Varma, Wang et al., ICLR 2023).
+
+A CNN encodes the source views once per target; each target ray's samples are projected into every source view,
+and `trans_depth` pairs of (view transformer, ray transformer) turn the gathered features into the pixel colour
+directly, with no volume rendering: colour = linear head on the mean over the ray's samples.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gnt_shiftadd.config import ModelConfig
+from gnt_shiftadd.models.encodings import PositionalEncoding
+from gnt_shiftadd.models.projector import SourceViews, gather_from_source_views
+from gnt_shiftadd.models.resunet import ResUNet
+from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
+
+
+def masked_max_over_views(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the visible views: [R, S, V, C], mask [R, S, V, 1] -> [R, S, C]; 0 where no view sees the point.
+
+    GNT pools over all views, so a view the point projects outside of (zero-padded samples) still leaks into
+    the query; excluding it keeps invisible views from influencing the output at all.
+    """
+    pooled = features.masked_fill(mask == 0, torch.finfo(features.dtype).min).max(dim=2).values
+    return torch.where(mask.any(dim=2), pooled, torch.zeros_like(pooled))
+
+
+class GNTTransformer(nn.Module):
+    """From gathered source-view features to colours.
+
+    rgb_feat [R, S, V, 3 + F], ray_diff [R, S, V, 4], mask [R, S, V, 1], points [R, S, 3], ray_dirs [R, 3]
+    -> rgb [R, 3] (unbounded, as in GNT; clamp for display).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.netwidth
+        self.pos_enc = PositionalEncoding(3, cfg.pos_freqs)
+        self.dir_enc = PositionalEncoding(3, cfg.dir_freqs)
+        self.rgbfeat_fc1 = nn.Linear(cfg.feature_channels + 3, dim)
+        self.rgbfeat_fc2 = nn.Linear(dim, dim)
+        self.view_blocks = nn.ModuleList()
+        self.ray_blocks = nn.ModuleList()
+        self.pos_fuse = nn.ModuleList()  # at even layers: inject point/direction encodings into the query
+        for layer in range(cfg.trans_depth):
+            self.view_blocks.append(ViewTransformerBlock(dim, cfg.ff_mult * dim, cfg.dropout))
+            self.ray_blocks.append(RayTransformerBlock(dim, cfg.num_heads, cfg.ff_mult * dim, cfg.dropout))
+            if layer % 2 == 0:
+                in_dim = dim + self.pos_enc.out_dim + self.dir_enc.out_dim
+                self.pos_fuse.append(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim)))
+        self.norm = nn.LayerNorm(dim)
+        self.rgb_fc = nn.Linear(dim, 3)
+
+    def forward(self, rgb_feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
+        dirs = F.normalize(ray_dirs, dim=-1)
+        point_code = self.pos_enc(points)  # [R, S, 3 + 6 Fp]
+        dir_code = self.dir_enc(dirs)[:, None, :].expand(*points.shape[:2], -1)  # [R, S, 3 + 6 Fd]
+
+        features = self.rgbfeat_fc2(F.relu(self.rgbfeat_fc1(rgb_feat)))  # [R, S, V, C]
+        q = masked_max_over_views(features, mask)  # [R, S, C]: the query starts as a max-pool over views
+        for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
+            q = view_block(q, features, ray_diff, mask)
+            if layer % 2 == 0:
+                q = self.pos_fuse[layer // 2](torch.cat([q, point_code, dir_code], dim=-1))
+            q = ray_block(q)
+        return self.rgb_fc(self.norm(q).mean(dim=1))
+
+
+class GNT(nn.Module):
+    """Feature CNN + GNT transformer.
+
+    `forward` runs everything (CNN included) so one call covers all parameters: that is what training and
+    DistributedDataParallel need. Rendering many chunks for one target encodes the sources once
+    (`encode_sources`) and calls `render_points` per chunk.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_net = ResUNet(
+            out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
+        )
+        self.transformer = GNTTransformer(cfg)
+
+    def encode_sources(self, src_rgb: torch.Tensor, src_K: torch.Tensor, src_c2w: torch.Tensor) -> SourceViews:
+        """src_rgb [V, H, W, 3] in [0, 1] -> SourceViews with features [V, F, H/4, W/4]."""
+        features = self.feature_net(src_rgb.permute(0, 3, 1, 2))
+        return SourceViews(rgb=src_rgb, features=features, K=src_K, c2w=src_c2w)
+
+    def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
+        """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
+        rgb_feat, ray_diff, mask = gather_from_source_views(points, target_origin, views)
+        return self.transformer(rgb_feat, ray_diff, mask, points, ray_dirs)
+
+    def forward(self, points, ray_dirs, target_origin, src_rgb, src_K, src_c2w) -> torch.Tensor:
+        return self.render_points(points, ray_dirs, target_origin, self.encode_sources(src_rgb, src_K, src_c2w))
+
+    def parameter_groups(self, lr_transformer: float, lr_cnn: float) -> list[dict]:
+        """GNT's two Adam groups: the transformer and the feature CNN learn at different rates."""
+        return [
+            {"params": list(self.transformer.parameters()), "lr": lr_transformer, "name": "transformer"},
+            {"params": list(self.feature_net.parameters()), "lr": lr_cnn, "name": "cnn"},
+        ]

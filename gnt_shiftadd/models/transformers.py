@@ -1,0 +1,124 @@
+"""GNT's two transformer blocks, built so that each piece can be swapped module by module.
+
+The ShiftAdd reparameterization replaces: the ray attention's `core` (dot-product -> hashed additive), the
+`nn.Linear` layers (-> shift layers) and the `ff` modules (-> shift FFN or Mult/Shift mixture of experts).
+Every such piece is therefore its own named submodule with a plain tensor-in/tensor-out interface.
+
+Shapes: R rays, S samples per ray, V source views, C = netwidth.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP C -> hidden -> C (GNT: 64 -> 256 -> 64, ReLU)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class ViewAttention(nn.Module):
+    """Subtraction-based vector attention of one point's query over its V source views.
+
+    logits = attn_mlp(k - q + pos) give one weight per *channel* and view; a softmax over the views (invisible
+    views masked out) mixes the values: out = sum_v softmax_v(logits) * (v + pos).
+    q: [R, S, C], features: [R, S, V, C], ray_diff: [R, S, V, 4], mask: [R, S, V, 1] (1 = visible).
+    GNT computes v from the already k-projected features (v_fc(k_fc(x))); here v = v_fc(x), the same function
+    class with one fewer matmul.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.0):
+        super().__init__()
+        hidden = max(dim // 8, 1)
+        self.q_fc = nn.Linear(dim, dim, bias=False)
+        self.k_fc = nn.Linear(dim, dim, bias=False)
+        self.v_fc = nn.Linear(dim, dim, bias=False)
+        self.pos_fc1 = nn.Linear(4, hidden)
+        self.pos_fc2 = nn.Linear(hidden, dim)
+        self.attn_fc1 = nn.Linear(dim, hidden)
+        self.attn_fc2 = nn.Linear(hidden, dim)
+        self.out_fc = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.q_fc(q)
+        k = self.k_fc(features)
+        v = self.v_fc(features)
+        pos = self.pos_fc2(F.relu(self.pos_fc1(ray_diff)))
+        logits = self.attn_fc2(F.relu(self.attn_fc1(k - q[:, :, None, :] + pos)))  # [R, S, V, C]
+        logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
+        weights = self.dropout(torch.softmax(logits, dim=-2))
+        out = ((v + pos) * weights).sum(dim=-2)  # [R, S, C]
+        return self.dropout(self.out_fc(out))
+
+
+class DotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v per head: q, k, v [R, H, S, d] -> [R, H, S, d]. The swappable attention core."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class RayAttention(nn.Module):
+    """Multi-head self-attention across the S samples of each ray: x [R, S, C] -> [R, S, C]."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q_fc = nn.Linear(dim, dim, bias=False)
+        self.k_fc = nn.Linear(dim, dim, bias=False)
+        self.v_fc = nn.Linear(dim, dim, bias=False)
+        self.core = DotProductAttention()
+        self.out_fc = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        rays, samples, dim = x.shape
+        return x.view(rays, samples, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split_heads(fc(x)) for fc in (self.q_fc, self.k_fc, self.v_fc))
+        out = self.core(q, k, v)  # [R, H, S, d]
+        out = out.transpose(1, 2).flatten(2)
+        return self.dropout(self.out_fc(out))
+
+
+class ViewTransformerBlock(nn.Module):
+    """Pre-norm residual block: q <- q + ViewAttention(LN(q), ...); q <- q + FFN(LN(q))."""
+
+    def __init__(self, dim: int, ff_hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ViewAttention(dim, dropout)
+        self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ff = FeedForward(dim, ff_hidden, dropout)
+
+    def forward(self, q, features, ray_diff, mask):
+        q = q + self.attn(self.attn_norm(q), features, ray_diff, mask)
+        return q + self.ff(self.ff_norm(q))
+
+
+class RayTransformerBlock(nn.Module):
+    """Pre-norm residual block: x <- x + RayAttention(LN(x)); x <- x + FFN(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, ff_hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RayAttention(dim, num_heads, dropout)
+        self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ff = FeedForward(dim, ff_hidden, dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ff(self.ff_norm(x))

@@ -1,0 +1,182 @@
+"""GNT training loop: one target view per step, N_rand rays, MSE, Adam (two groups), StepLR.
+
+Resumable exactly: batches and sample jitter are drawn from RNGs seeded by (seed, step, rank), and the
+checkpoint holds model, optimizer, scheduler, global RNG states (dropout) and the step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from gnt_shiftadd.config import Config
+from gnt_shiftadd.evaluation.metrics import mse_to_psnr, psnr
+from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resolve_device
+from gnt_shiftadd.training import distributed
+from gnt_shiftadd.training.batch import sample_training_batch, step_rng
+from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from renderer.render import autocast_context
+from renderer.sampling import sample_inverse_depth
+from renderer.views import render_novel_view
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last checkpoint on disk is intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss of the steps run in this call
+    model: torch.nn.Module | None = None
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    return cfg.run_dir / "checkpoints" / "latest.pt"
+
+
+def make_optimizer(model, cfg: Config):
+    optimizer = torch.optim.Adam(model.parameter_groups(cfg.train.lr_transformer, cfg.train.lr_cnn))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.lr_decay_steps, gamma=cfg.train.lr_decay_factor)
+    return optimizer, scheduler
+
+
+def training_step(model, batch, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    """Forward + MSE for one RayBatch; `model` may be DDP-wrapped (its forward runs CNN and transformer)."""
+    _, points = sample_inverse_depth(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
+                                     stratified=True, generator=generator)
+    with autocast_context(batch.origins.device, cfg.render.autocast):
+        rgb = model(points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
+    return F.mse_loss(rgb.float(), batch.target_rgb)
+
+
+def _resolve_resume(cfg: Config, resume: str | bool | None) -> Path | None:
+    """resume: False/None = fresh run (refuses to overwrite one), True = must resume, 'auto', or a path."""
+    latest = checkpoint_path(cfg)
+    if resume in (None, False):
+        if latest.exists():
+            step = read_checkpoint(latest)["step"]
+            raise CheckpointError(
+                f"{latest} already holds a run at step {step}; pass --resume to continue it, "
+                f"or choose another name=... / out_dir=... (nothing was overwritten)"
+            )
+        return None
+    if resume == "auto":
+        return latest if latest.exists() else None
+    path = latest if resume is True else Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume: checkpoint {path} does not exist")
+    return path
+
+
+def validation_image(model, tensors: SceneTensors, cfg: Config):
+    """Render the first held-out view (or a training view with itself excluded) at cfg.train.val_stride."""
+    scene = tensors.scene
+    view = int(scene.test_ids[0]) if len(scene.test_ids) else int(scene.train_ids[0])
+    near, far = scene.depth_range(view)
+    image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
+                              cfg.render.n_samples, near, far, stride=cfg.train.val_stride, chunk=cfg.render.chunk_rays,
+                              autocast=cfg.render.autocast, exclude_view=view)
+    target = tensors.images[view][:: cfg.train.val_stride, :: cfg.train.val_stride]
+    return image, target
+
+
+def train(cfg: Config, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
+    """Train (or continue) the run in cfg.run_dir up to cfg.train.steps steps."""
+    info = distributed.init_distributed(cfg.device)
+    try:
+        return _train(cfg, resume, progress, info)
+    finally:
+        distributed.cleanup(info)
+
+
+def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> TrainResult:
+    device = distributed.device_for(info, resolve_device(cfg.device))
+    resume_path = _resolve_resume(cfg, resume)
+    scene = load_scene(cfg) if info.is_main else None
+    distributed.barrier(info)  # rank 0 may have generated the synthetic scene
+    scene = scene or load_scene(cfg)
+    if len(scene.train_ids) < 2:
+        raise TrainingError(f"scene {scene.root} has {len(scene.train_ids)} training views; GNT needs at least 2")
+    tensors = SceneTensors(scene, device)
+
+    model = build_model(cfg, device)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    start = 0
+    if resume_path is not None:
+        start = load_checkpoint(resume_path, cfg, model, optimizer, scheduler, restore_rng=True)
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+    model.train()
+
+    writer = None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+        writer = SummaryWriter(str(cfg.run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+
+    ckpt = checkpoint_path(cfg)
+    losses: dict[int, float] = {}
+    bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc=f"train {cfg.name}",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    rays_per_step = cfg.train.n_rand * info.world_size
+    for step in bar:
+        tic = time.perf_counter()
+        rng = step_rng(cfg.train.seed, step, info.rank)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        batch = sample_training_batch(tensors, rng, cfg.train.n_rand, cfg.data.num_source_views)
+        loss = training_step(train_model, batch, cfg, generator)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {step} (target view {batch.target_id}); stopping. "
+                f"The last good checkpoint is {ckpt if ckpt.exists() else 'not written yet'}. Try a lower learning rate."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_value = loss.item()
+        losses[step] = loss_value
+        if info.is_main:
+            rays_per_s = rays_per_step / max(time.perf_counter() - tic, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{mse_to_psnr(loss_value):.2f}", rays_s=f"{rays_per_s:,.0f}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/psnr", mse_to_psnr(loss_value), step)
+                writer.add_scalar("train/rays_per_s", rays_per_s, step)
+                for group in optimizer.param_groups:
+                    writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
+            if cfg.train.val_every and step % cfg.train.val_every == 0:
+                _log_validation(model, tensors, cfg, writer, step)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                save_checkpoint(ckpt, cfg, model, optimizer, scheduler, step)
+    bar.close()
+    if info.is_main and start >= cfg.train.steps and not ckpt.exists():
+        save_checkpoint(ckpt, cfg, model, optimizer, scheduler, start)
+    if writer is not None:
+        writer.close()
+    distributed.barrier(info)
+    return TrainResult(cfg.run_dir, ckpt, max(start, cfg.train.steps), losses, model)
+
+
+def _log_validation(model, tensors, cfg, writer, step) -> None:
+    model.eval()
+    image, target = validation_image(model, tensors, cfg)
+    model.train()
+    writer.add_scalar("val/psnr", psnr(image, target), step)
+    writer.add_image("val/render", image.permute(2, 0, 1).cpu(), step)
+    writer.add_image("val/target", target.permute(2, 0, 1).cpu(), step)
+
+
+def _yaml_dump(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)

@@ -1,0 +1,49 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+FERN_DIR = REPO_ROOT.parent / "shared" / "data" / "nerf_llff_data" / "fern"
+
+
+@pytest.fixture
+def fern_dir() -> Path:
+    """The real LLFF fern scene beside the checkout (CI has ../shared); tests skip without it."""
+    if not (FERN_DIR / "poses_bounds.npy").is_file():
+        pytest.skip(f"real fern scene not found at {FERN_DIR}")
+    return FERN_DIR
+
+
+def tiny_overrides(scene_dir: Path, run_root: Path, name: str = "tiny") -> list[str]:
+    """A very small GNT (seconds per dozens of steps on CPU), with dropout on so RNG state matters."""
+    return [
+        f"name={name}", f"out_dir={run_root}", f"data.scene={scene_dir}", "data.factor=4",
+        "data.num_source_views=3", "model.netwidth=16", "model.trans_depth=2", "model.num_heads=2",
+        "model.feature_channels=8", "model.resnet_layers=[1,1,1]", "model.resnet_base_channels=8",
+        "model.pos_freqs=4", "model.dir_freqs=2", "model.dropout=0.1", "render.n_samples=8", "render.chunk_rays=512",
+        "train.n_rand=32", "train.steps=6", "train.val_every=3", "train.ckpt_every=3", "train.log_every=1",
+        "train.val_stride=4", "eval.stride=2", "eval.lpips=false", "video.frames=2", "video.stride=4",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_scene(tmp_path_factory) -> Path:
+    """The procedural scene at a small size, generated once per test session."""
+    from data.synthetic import make_synthetic_scene
+
+    root = tmp_path_factory.mktemp("scenes") / "synthetic"
+    make_synthetic_scene(root, num_views=12, height=36, width=48, factor=4, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_scene, tmp_path):
+    from gnt_shiftadd.config import load_config
+
+    def make(*extra: str, name: str = "tiny"):
+        return load_config(None, tiny_overrides(tiny_scene, tmp_path / "runs", name) + list(extra))
+
+    return make

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+import run_nerf
+from conftest import tiny_overrides
+
+
+def test_train_eval_render_via_cli(tiny_scene, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_scene, tmp_path / "runs", "cli") + ["train.steps=2"]
+    assert run_nerf.main(["train", "--quiet", *overrides]) == 0
+    ckpt = tmp_path / "runs" / "cli" / "checkpoints" / "latest.pt"
+    assert ckpt.exists()
+    # eval with only the checkpoint: the run's own config comes from it
+    assert run_nerf.main(["eval", "--quiet", "--ckpt", str(ckpt)]) == 0
+    metrics = json.loads((tmp_path / "runs" / "cli" / "eval" / "metrics.json").read_text())
+    assert len(metrics["per_view"]) == 2 and metrics["mean"]["psnr"] > 0
+    assert metrics["mean"]["lpips"] is None  # eval.lpips=false in the tiny config
+    assert run_nerf.main(["render", "--quiet", "--ckpt", str(ckpt)]) == 0
+    assert (tmp_path / "runs" / "cli" / "video" / "video.mp4").stat().st_size > 0
+    assert len(list((tmp_path / "runs" / "cli" / "video" / "frames").glob("*.png"))) == 2
+
+
+def test_cli_errors_are_one_clear_line(tiny_scene, tmp_path, capsys):
+    assert run_nerf.main(["train", "train.stepz=3"]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    missing = tmp_path / "no_such_scene"
+    assert run_nerf.main(["train", f"data.scene={missing}", "data.make_synthetic=false", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "nerf_llff_data" in err
+    assert run_nerf.main(["eval", "--ckpt", str(tmp_path / "nothing.pt")]) == 2
+    assert "nothing.pt does not exist" in capsys.readouterr().err

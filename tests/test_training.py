@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from gnt_shiftadd.training import trainer
+from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from gnt_shiftadd.training.trainer import TrainingError, train
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted_run(tiny_config):
+    """Stopping after 3 steps and resuming gives bit-identical losses and weights to one 6-step run."""
+    full = train(tiny_config(name="full"), progress=False)
+    first = train(tiny_config("train.steps=3", name="split"), progress=False)
+    assert read_checkpoint(first.checkpoint)["step"] == 3
+    second = train(tiny_config(name="split"), resume=True, progress=False)
+    assert sorted(second.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert second.losses[step] == full.losses[step], step
+    for step in (1, 2, 3):
+        assert first.losses[step] == full.losses[step]
+    a, b = _weights(full.model), _weights(second.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_comes_from_checkpoint_contents_not_file_name(tiny_config, tmp_path):
+    run = train(tiny_config("train.steps=3", name="named"), progress=False)
+    renamed = tmp_path / "step_999999.pt"
+    renamed.write_bytes(run.checkpoint.read_bytes())
+    cfg = tiny_config(name="named")
+    model = trainer.build_model(cfg, torch.device("cpu"))
+    assert load_checkpoint(renamed, cfg, model) == 3
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tiny_config):
+    train(tiny_config("train.steps=2", name="once"), progress=False)
+    with pytest.raises(CheckpointError, match="already holds a run at step 2.*--resume"):
+        train(tiny_config(name="once"), progress=False)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tiny_config(name="never_trained"), resume=True, progress=False)
+
+
+def test_checkpoint_from_another_model_configuration_is_refused(tiny_config):
+    run = train(tiny_config("train.steps=1", name="small"), progress=False)
+    other = tiny_config("model.netwidth=32", name="small")
+    model = trainer.build_model(other, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=r"different model configuration.*model.netwidth: checkpoint has 16, config has 32"):
+        load_checkpoint(run.checkpoint, other, model)
+
+
+def test_unreadable_or_foreign_checkpoints_are_clear_errors(tiny_config, tmp_path):
+    cfg = tiny_config()
+    model = trainer.build_model(cfg, torch.device("cpu"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+        load_checkpoint(junk, cfg, model)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt is not a ShiftAdd-GNT checkpoint"):
+        load_checkpoint(foreign, cfg, model)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, monkeypatch):
+    real_step = trainer.training_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(trainer, "training_step", flaky)
+    cfg = tiny_config(name="nan")
+    with pytest.raises(TrainingError, match="loss is nan at step 5.*latest.pt"):
+        train(cfg, progress=False)
+    assert read_checkpoint(trainer.checkpoint_path(cfg))["step"] == 3
+
+
+def test_tensorboard_logs_are_written(tiny_config):
+    cfg = tiny_config("train.steps=3", name="tb")
+    train(cfg, progress=False)
+    files = list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files and files[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(cfg.run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"train/loss", "train/psnr", "lr/transformer", "lr/cnn", "val/psnr"} <= set(acc.Tags()["scalars"])
+    assert "val/render" in acc.Tags()["images"]
