@@ -30,7 +30,7 @@ class ViewAttention(nn.Module):
     """Subtraction-based vector attention of one point's query over its V source views.
 
     logits = attn_mlp(k - q + pos) give one weight per *channel* and view; a softmax over the views (invisible
-    views masked out) mixes the values: out = sum_v softmax_v(logits) * (v + pos).
+    views masked out) mixes the values: out = sum_v softmax_v(logits) * (v + pos); 0 where no view is visible.
     q: [R, S, C], features: [R, S, V, C], ray_diff: [R, S, V, 4], mask: [R, S, V, 1] (1 = visible).
     GNT computes v from the already k-projected features (v_fc(k_fc(x))); here v = v_fc(x), the same function
     class with one fewer matmul.
@@ -56,7 +56,8 @@ class ViewAttention(nn.Module):
         pos = self.pos_fc2(F.relu(self.pos_fc1(ray_diff)))
         logits = self.attn_fc2(F.relu(self.attn_fc1(k - q[:, :, None, :] + pos)))  # [R, S, V, C]
         logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
-        weights = self.dropout(torch.softmax(logits, dim=-2))
+        # x mask: a point no view sees gets no value at all (instead of a uniform mix of zero-padded samples)
+        weights = self.dropout(torch.softmax(logits, dim=-2) * mask)
         out = ((v + pos) * weights).sum(dim=-2)  # [R, S, C]
         return self.dropout(self.out_fc(out))
 
