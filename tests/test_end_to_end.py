@@ -10,9 +10,10 @@ pytestmark = pytest.mark.slow
 
 def test_fern_train_render_eval_beats_nearest_view(fern_dir, tmp_path):
     cfg = load_config(None, [
-        "name=fern_e2e", f"out_dir={tmp_path}", f"data.scene={fern_dir}", "data.factor=8", "data.num_source_views=6",
-        "model.netwidth=32", "model.trans_depth=2", "model.resnet_layers=[2,2,2]", "model.resnet_base_channels=32",
-        "render.n_samples=24", "render.chunk_rays=4096", "train.n_rand=256", "train.steps=400", "train.val_every=0",
+        "name=fern_e2e", f"out_dir={tmp_path}", f"data.scene={fern_dir}", "data.factor=8", "data.num_source_views=5",
+        "model.netwidth=32", "model.trans_depth=2", "model.resnet_layers=[1,1,1]", "model.resnet_base_channels=16",
+        "model.feature_channels=16", "render.n_samples=16", "render.chunk_rays=4096", "train.n_rand=512",
+        "train.steps=300", "train.val_every=0",
         "train.ckpt_every=200", "eval.stride=4", "eval.lpips=false", "video.frames=2", "video.stride=8",
     ])
     summary = run_all(cfg, progress=False)

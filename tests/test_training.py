@@ -46,7 +46,7 @@ def test_checkpoint_from_another_model_configuration_is_refused(tiny_config):
     run = train(tiny_config("train.steps=1", name="small"), progress=False)
     other = tiny_config("model.netwidth=32", name="small")
     model = trainer.build_model(other, torch.device("cpu"))
-    with pytest.raises(CheckpointError, match=r"different model configuration.*model.netwidth: checkpoint has 16, config has 32"):
+    with pytest.raises(CheckpointError, match=r"(?s)different model configuration.*model.netwidth: checkpoint has 16, config has 32"):
         load_checkpoint(run.checkpoint, other, model)
 
 
