@@ -270,8 +270,10 @@ def make_synthetic_scene(out_dir, num_views: int = 20, height: int = 72, width: 
     """
     out = Path(out_dir)
     image_dir, depth_dir = out / f"images_{factor}", out / f"depth_{factor}"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    depth_dir.mkdir(parents=True, exist_ok=True)
+    for folder, pattern in ((image_dir, "image*.png"), (depth_dir, "image*.npy")):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(pattern):  # a rerun with fewer views must not leave extra images behind
+            stale.unlink()
     rng = np.random.default_rng(seed)
     scene = ProceduralScene(seed)
     poses = camera_poses(num_views, rng)

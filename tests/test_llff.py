@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.llff import load_llff_scene, read_poses_bounds
+from data.llff import average_pose, load_llff_scene, read_poses_bounds
 from data.scene import SceneError
 
 
@@ -33,6 +33,8 @@ def test_fern_facts(fern_dir):
     assert np.allclose(scene.c2w[:, :3, 3].mean(axis=0), 0.0, atol=1e-5)
     forward = scene.c2w[:, :3, 2].mean(axis=0)
     assert forward[2] < -0.99
+    opengl = scene.c2w.astype(np.float64) @ np.diag([1.0, -1.0, -1.0, 1.0])
+    np.testing.assert_allclose(average_pose(opengl), np.eye(4), atol=1e-5)  # recentred: average pose = identity
     near, far = scene.depth_range(0)
     assert near == pytest.approx(0.9 * scene.bounds[0, 0]) and far == pytest.approx(1.6 * scene.bounds[0, 1])
 
@@ -77,10 +79,40 @@ def test_tiny_scene_loads_and_resizes_from_full_images(tmp_path):
 
 
 def test_grayscale_is_converted_with_a_warning(tmp_path):
-    with pytest.warns(UserWarning, match="image000.png is grayscale"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         scene = load_llff_scene(_tiny_scene(tmp_path / "g", mode="L"), factor=2)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert [f"image00{i}.png is grayscale" in m for i, m in enumerate(messages)] == [True] * 3  # one per file
     assert scene.images.shape == (3, 8, 12, 3)
     assert np.array_equal(scene.images[0, ..., 0], scene.images[0, ..., 2])
+
+
+def test_sixteen_bit_and_palette_images(tmp_path):
+    root = _tiny_scene(tmp_path / "s")
+    gray16 = np.full((8, 12), 40000, np.uint16)
+    gray16[0, 0] = 65535
+    Image.fromarray(gray16).save(root / "images_2" / "image000.png")  # 16-bit grayscale PNG
+    palette = Image.fromarray(np.full((8, 12, 3), [200, 40, 10], np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.save(root / "images_2" / "image001.png")
+    with pytest.warns(UserWarning, match="image000.png is grayscale"):
+        scene = load_llff_scene(root, factor=2)
+    assert scene.images[0, 1, 1].tolist() == pytest.approx([40000 / 65535] * 3, abs=1e-6)
+    assert scene.images[0, 0, 0].tolist() == pytest.approx([1.0] * 3)
+    assert scene.images[1, 3, 3].tolist() == pytest.approx([200 / 255, 40 / 255, 10 / 255], abs=1e-6)
+    # the same 16-bit image through the resize path (images/ at twice the size, factor 2) keeps its precision
+    full = _tiny_scene(tmp_path / "f", size=(24, 16), folder="images")
+    Image.fromarray(np.full((16, 24), 40000, np.uint16)).save(full / "images" / "image000.png")
+    with pytest.warns(UserWarning, match="grayscale"):
+        resized = load_llff_scene(full, factor=2)
+    assert resized.images.shape == (3, 8, 12, 3)
+    assert resized.images[0].min() == pytest.approx(40000 / 65535, abs=1e-5)
+
+
+def test_factor_1_reads_images_folder(tmp_path):
+    scene = load_llff_scene(_tiny_scene(tmp_path / "one", size=(24, 16), folder="images"), factor=1)
+    assert scene.images.shape == (3, 16, 24, 3) and scene.intrinsics[0, 0, 0] == pytest.approx(10.0)
+    assert scene.name == "one" and scene.image_paths[0].endswith("images/image000.png")
 
 
 def _write_bad(root, what):
@@ -119,7 +151,31 @@ def _write_bad(root, what):
         return root, "image001.png cannot be read as an image"
     if what == "rgba":
         Image.fromarray(np.zeros((8, 12, 4), np.uint8), "RGBA").save(root / "images_2" / "image001.png")
-        return root, "image001.png is RGBA"
+        return root, r"image001.png is RGBA \(4 channels\): flatten the alpha or convert to RGB"
+    if what == "bad_hwf":
+        poses = np.load(root / "poses_bounds.npy")
+        poses[0, 9] = 0.0  # W of view 0
+        np.save(root / "poses_bounds.npy", poses)
+        return root, r"\[H, W, focal\] column must be positive"
+    if what == "text_poses":
+        np.save(root / "poses_bounds.npy", np.full((3, 17), "x"))
+        return root, "poses_bounds.npy holds <U1 values"
+    if what == "empty_folder":
+        for p in (root / "images_2").iterdir():
+            p.unlink()
+        return root, "images_2 contains no .png/.jpg/.jpeg images"
+    if what == "truncated_image":
+        data = (root / "images_2" / "image002.png").read_bytes()
+        (root / "images_2" / "image002.png").write_bytes(data[: len(data) // 2])
+        return root, "image002.png cannot be read as an image"
+    if what == "corrupt_full_image":  # images/ (resize path): the first image's header is already checked
+        (root / "images_2").rename(root / "images")
+        (root / "images" / "image000.png").write_bytes(b"not a png")
+        return root, "image000.png cannot be read as an image"
+    if what == "size_mismatch_full":  # images/ (resize path): sizes are compared before resizing
+        (root / "images_2").rename(root / "images")
+        Image.fromarray(np.zeros((9, 12, 3), np.uint8)).save(root / "images" / "image002.png")
+        return root, "images differ in size.*image002.png is 12x9"
     if what == "size_mismatch":
         Image.fromarray(np.zeros((9, 12, 3), np.uint8)).save(root / "images_2" / "image001.png")
         return root, "images differ in size.*image001.png"
@@ -127,7 +183,9 @@ def _write_bad(root, what):
 
 
 @pytest.mark.parametrize("what", ["missing_folder", "missing_poses", "garbage_poses", "wrong_shape", "nan_poses",
-                                  "bad_bounds", "count_mismatch", "no_images", "corrupt_image", "rgba", "size_mismatch"])
+                                  "bad_bounds", "bad_hwf", "text_poses", "count_mismatch", "no_images",
+                                  "empty_folder", "corrupt_image", "truncated_image", "corrupt_full_image", "rgba",
+                                  "size_mismatch", "size_mismatch_full"])
 def test_bad_scenes_give_clear_errors(tmp_path, what):
     root, message = _write_bad(tmp_path / "scene", what)
     with pytest.raises(SceneError, match=message) as info:

@@ -30,3 +30,21 @@ def test_training_selection_on_fern(fern_dir):
         again = sample_training_source_views(np.random.default_rng(seed), cams[4], cams, 10, exclude=4)
         assert np.array_equal(picked, again)
     assert counts <= set(range(8, 12)) and len(counts) >= 3  # 8..11 views, randomized
+
+
+def test_training_selection_without_real_data():
+    """Random cameras: picks come from the nearest min(10 f, 22) views, 8..11 of them, deterministic per seed."""
+    cams = np.repeat(np.eye(4)[None], 30, axis=0)
+    cams[:, :3, 3] = np.random.default_rng(1).normal(size=(30, 3))
+    order = nearest_views(cams[0], cams, 29, exclude=0)
+    counts = set()
+    for seed in range(40):
+        picked = sample_training_source_views(np.random.default_rng(seed), cams[0], cams, 10, exclude=0)
+        counts.add(len(picked))
+        assert set(picked.tolist()) <= set(order[:22].tolist()) and 0 not in picked
+        assert len(set(picked.tolist())) == len(picked)
+        np.testing.assert_array_equal(picked, sample_training_source_views(np.random.default_rng(seed), cams[0], cams,
+                                                                           10, exclude=0))
+    assert counts == {8, 9, 10, 11}
+    few = sample_training_source_views(np.random.default_rng(0), cams[0], cams[:4], 10, exclude=0)
+    assert sorted(few.tolist()) == [1, 2, 3]  # capped by the pool

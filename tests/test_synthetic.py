@@ -155,6 +155,12 @@ def test_loader_reads_generated_scene(scene_dir):
         assert error < 0.06, f"loaded views {a}->{b}: mean colour difference {error:.3f}"
 
 
+def test_rerun_with_fewer_views_leaves_no_stale_images(tmp_path):
+    make_synthetic_scene(tmp_path / "s", num_views=3, height=12, width=16, factor=2)
+    make_synthetic_scene(tmp_path / "s", num_views=2, height=12, width=16, factor=2)
+    assert len(list((tmp_path / "s" / "images_2").iterdir())) == len(list((tmp_path / "s" / "depth_2").iterdir())) == 2
+
+
 def test_cli(tmp_path):
     from data.synthetic import main
 
