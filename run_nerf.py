@@ -6,6 +6,10 @@
   python run_nerf.py eval  --config configs/fern.yaml [--ckpt CKPT] [key=value ...]
   python run_nerf.py render --config configs/fern.yaml [--ckpt CKPT] [key=value ...]
   python run_nerf.py all   --config configs/fern.yaml [key=value ...]
+  python run_nerf.py finetune --config configs/fern.yaml --config configs/shiftadd/e_moe.yaml \
+      --from outputs/fern_cpu/checkpoints/latest.pt name=fern_e_moe   # convert a trained GNT, fine-tune in stages
+  python run_nerf.py reparam  --config ... --from CKPT name=...     # convert only (no fine-tuning)
+Several --config files are merged in order (later ones win), then the overrides.
 Overrides use dotted keys, e.g. train.steps=500 data.scene=/path/to/scene render.n_samples=32.
 """
 from __future__ import annotations
@@ -22,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for name, help_text in [("train", "train (or resume) a model"), ("eval", "evaluate held-out views"),
-                            ("render", "render a spiral video"), ("all", "train, evaluate and render")]:
+                            ("render", "render a spiral video"), ("all", "train, evaluate and render"),
+                            ("finetune", "convert a trained GNT to a ShiftAdd variant and fine-tune it in stages"),
+                            ("reparam", "convert a trained GNT to a ShiftAdd variant (no fine-tuning)")]:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help=f"YAML file (default: {DEFAULT_CONFIG.name}, or the checkpoint's own config)")
+        p.add_argument("--config", action="append",
+                       help=f"YAML file, repeatable (default: {DEFAULT_CONFIG.name}, or the checkpoint's own config)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "train":
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue the run in the run folder (or from the given checkpoint)")
         if name in ("eval", "render"):
             p.add_argument("--ckpt", help="checkpoint (default: <out_dir>/<name>/checkpoints/latest.pt)")
+        if name in ("finetune", "reparam"):
+            p.add_argument("--from", dest="init_from", required=True, help="checkpoint of the trained model to convert")
     return parser
 
 
@@ -41,7 +50,11 @@ def resolve_config(args):
 
     if args.config is None and getattr(args, "ckpt", None):
         return load_config(None, args.overrides, base=config_of_checkpoint(args.ckpt))
-    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    paths = args.config or [DEFAULT_CONFIG]
+    cfg = None
+    for path in paths[:-1]:
+        cfg = load_config(path, (), base=cfg)
+    return load_config(paths[-1], args.overrides, base=cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.scene import SceneError
     from gnt_shiftadd import workflows
     from gnt_shiftadd.config import ConfigError
+    from gnt_shiftadd.shiftadd.reparameterize import ReparameterizeError
     from gnt_shiftadd.training.checkpoint import CheckpointError
     from gnt_shiftadd.training.trainer import TrainingError
 
@@ -77,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"video: {result['video']} ({result['ms_per_frame']:.0f} ms/frame)")
         elif args.command == "all":
             print(json.dumps(workflows.run_all(cfg, progress=progress), indent=2))
-    except (ConfigError, SceneError, CheckpointError, TrainingError) as err:
+        elif args.command == "finetune":
+            result = workflows.run_finetune(cfg, args.init_from, progress)
+            print(f"fine-tuned to step {result.step}; checkpoint: {result.checkpoint}")
+        elif args.command == "reparam":
+            print(f"converted checkpoint: {workflows.run_reparam(cfg, args.init_from, progress)}")
+    except (ConfigError, SceneError, CheckpointError, TrainingError, ReparameterizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -46,6 +46,26 @@ class ModelConfig:
 
 
 @dataclass
+class ShiftAddConfig:
+    """Which parts of GNT are reparameterized with ShiftAddViT primitives (all "dense" = plain GNT)."""
+
+    ray_attention: str = "dense"  # dense | hash_quadratic | hash_linear | hash_linear_seed
+    attention_linears: str = "dense"  # dense | shift: q/k/v/out (both attentions) + the view attention's pos/attn MLPs
+    ffn: str = "dense"  # dense | shift | moe (Mult/Shift mixture of experts)
+    hash_bits: int = 16
+    shift_exponent_min: int = -14  # 5-bit codes: sign + exponent in [-14, 0], zero allowed (DeepShift-PS)
+    shift_exponent_max: int = 0
+    shift_channel_scale: bool = True  # per-output-channel power-of-two scale
+    shift_fixed_point_bits: int = 0  # 16: 16.16 fixed-point activations into shift layers
+    moe_balance_coef: float = 0.01
+    moe_latency_weighting: bool = True
+    moe_expert_latency: list = field(default_factory=list)  # [mult, shift] per-token latency; empty: measure here
+    moe_noisy: bool = True
+    moe_dispatch: str = "auto"  # sorted (no host sync: torch.compile/CUDA graphs) | gather (eager, cheaper) | auto
+    exclude: list = field(default_factory=list)  # module-name globs kept dense, e.g. ["transformer.view_blocks.0.*"]
+
+
+@dataclass
 class RenderConfig:
     n_samples: int = 64
     chunk_rays: int = 1024  # rays per forward pass when rendering whole images
@@ -64,6 +84,11 @@ class TrainConfig:
     log_every: int = 20  # TensorBoard scalars
     val_every: int = 500  # validation image to TensorBoard (0: never)
     ckpt_every: int = 500
+    init_from: str = ""  # start a fresh run from this checkpoint's weights (converted to this config's shiftadd variant)
+    distill_weight: float = 0.0  # > 0: add weight * MSE to the colours of the teacher checkpoint below
+    distill_from: str = ""
+    stage1_steps: int = 0  # finetune: steps with only attention converted before the FFNs are (0: half of steps)
+    calibration_rays: int = 256  # rays of real data used to fit hash codes when converting attention
     val_stride: int = 4  # render every val_stride-th pixel for the validation image
 
 
@@ -90,6 +115,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    shiftadd: ShiftAddConfig = field(default_factory=ShiftAddConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -208,12 +234,39 @@ def validate(cfg: Config) -> None:
         (cfg.data.factor >= 1, "data.factor must be >= 1"),
         (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.shiftadd.ray_attention in RAY_ATTENTION_CHOICES,
+         f"shiftadd.ray_attention must be one of {', '.join(RAY_ATTENTION_CHOICES)}"),
+        (cfg.shiftadd.attention_linears in ("dense", "shift"), "shiftadd.attention_linears must be dense or shift"),
+        (cfg.shiftadd.ffn in ("dense", "shift", "moe"), "shiftadd.ffn must be dense, shift or moe"),
+        (cfg.shiftadd.hash_bits >= 1, "shiftadd.hash_bits must be >= 1"),
+        (cfg.shiftadd.shift_exponent_min <= cfg.shiftadd.shift_exponent_max,
+         "shiftadd.shift_exponent_min must be <= shiftadd.shift_exponent_max"),
+        (cfg.shiftadd.shift_fixed_point_bits in (0, 8, 16), "shiftadd.shift_fixed_point_bits must be 0, 8 or 16"),
+        (cfg.shiftadd.moe_dispatch in ("auto", "sorted", "gather"), "shiftadd.moe_dispatch must be auto, sorted or gather"),
+        (cfg.shiftadd.moe_balance_coef >= 0, "shiftadd.moe_balance_coef must be >= 0"),
+        (len(cfg.shiftadd.moe_expert_latency) in (0, 2) and all(float(x) > 0 for x in cfg.shiftadd.moe_expert_latency),
+         "shiftadd.moe_expert_latency must be empty (measure) or two positive numbers [mult, shift]"),
+        (cfg.train.distill_weight >= 0, "train.distill_weight must be >= 0"),
+        (not cfg.train.distill_weight or cfg.train.distill_from, "train.distill_weight > 0 needs train.distill_from"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
+RAY_ATTENTION_CHOICES = ("dense", "hash_quadratic", "hash_linear", "hash_linear_seed")
+
+# shiftadd fields that change which modules (and parameters) a model has; the rest only tune training
+_VARIANT_KEYS = ("ray_attention", "attention_linears", "ffn", "hash_bits", "shift_exponent_min", "shift_exponent_max",
+                 "shift_channel_scale", "exclude")
+
+
 def model_signature(cfg: Config) -> dict:
-    """The config fields that define a model's parameter shapes: checkpoints must match on all of them."""
-    return dataclasses.asdict(cfg.model) | {"dropout": None}
+    """The config fields that define a model's modules and parameter shapes: checkpoints must match on all of them."""
+    variant = {f"shiftadd.{k}": getattr(cfg.shiftadd, k) for k in _VARIANT_KEYS}
+    return dataclasses.asdict(cfg.model) | {"dropout": None} | variant
+
+
+def is_dense(cfg: Config) -> bool:
+    s = cfg.shiftadd
+    return s.ray_attention == "dense" and s.attention_linears == "dense" and s.ffn == "dense"

@@ -9,7 +9,7 @@ import torch
 from data.llff import load_llff_scene
 from data.scene import Scene, SceneError
 from data.source_views import nearest_views
-from gnt_shiftadd.config import Config
+from gnt_shiftadd.config import Config, is_dense
 from gnt_shiftadd.models.gnt import GNT
 
 LLFF_DOWNLOAD_HINT = (
@@ -49,8 +49,15 @@ def load_scene(cfg: Config) -> Scene:
 
 
 def build_model(cfg: Config, device: torch.device) -> GNT:
+    """A GNT with the module structure of cfg's variant (a ShiftAdd variant is built unfitted: its weights and
+    hash codes come from a checkpoint, or from `training.warm_start` which converts trained weights)."""
     torch.manual_seed(cfg.train.seed)
-    return GNT(cfg.model).to(device)
+    model = GNT(cfg.model).to(device)
+    if not is_dense(cfg):
+        from gnt_shiftadd.shiftadd.reparameterize import reparameterize
+
+        reparameterize(model, cfg.shiftadd)
+    return model.to(device)
 
 
 class SceneTensors:

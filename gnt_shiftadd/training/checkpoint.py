@@ -76,10 +76,17 @@ def read_checkpoint(path: str | Path) -> dict:
 def check_compatible(payload: dict, cfg: Config, path: str | Path) -> None:
     """Refuse a checkpoint whose model configuration differs from the one being built, naming the keys."""
     expected = model_signature(cfg)
-    found = payload.get("model_signature", {})
-    diffs = [f"model.{k}: checkpoint has {found.get(k)!r}, config has {v!r}" for k, v in expected.items() if found.get(k) != v]
+    # checkpoints written before the shiftadd section existed are dense GNTs
+    found = {k: v for k, v in model_signature(Config()).items() if k.startswith("shiftadd.")}
+    found |= payload.get("model_signature", {})
+    diffs = [f"{_key_name(k)}: checkpoint has {found.get(k)!r}, config has {v!r}"
+             for k, v in expected.items() if found.get(k) != v]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was trained with a different model configuration:\n  " + "\n  ".join(diffs))
+
+
+def _key_name(key: str) -> str:
+    return key if "." in key else f"model.{key}"
 
 
 def load_checkpoint(path, cfg: Config, model, optimizer=None, scheduler=None, restore_rng: bool = False) -> int:

@@ -19,7 +19,9 @@ from gnt_shiftadd.evaluation.metrics import mse_to_psnr, psnr
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resolve_device
 from gnt_shiftadd.training import distributed
 from gnt_shiftadd.training.batch import sample_training_batch, step_rng
+from gnt_shiftadd.shiftadd.moe import MoEFeedForward, total_auxiliary_loss
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from gnt_shiftadd.training.warm_start import load_model_of, source_config, warm_start
 from renderer.render import autocast_context
 from renderer.sampling import sample_inverse_depth
 from renderer.views import render_novel_view
@@ -48,13 +50,35 @@ def make_optimizer(model, cfg: Config):
     return optimizer, scheduler
 
 
-def training_step(model, batch, cfg: Config, generator: torch.Generator) -> torch.Tensor:
-    """Forward + MSE for one RayBatch; `model` may be DDP-wrapped (its forward runs CNN and transformer)."""
+def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher=None,
+                  parts: dict | None = None) -> torch.Tensor:
+    """Loss for one RayBatch: colour MSE + MoE balance loss (if any) + distillation to a teacher (if given).
+
+    `model` may be DDP-wrapped (its forward runs CNN and transformer). `parts`, when given, receives the
+    detached components ("rgb_mse", "balance", "distill") for logging.
+    """
     _, points = sample_inverse_depth(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
                                      stratified=True, generator=generator)
+    inputs = (points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
     with autocast_context(batch.origins.device, cfg.render.autocast):
-        rgb = model(points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
-    return F.mse_loss(rgb.float(), batch.target_rgb)
+        rgb = model(*inputs).float()
+    rgb_mse = F.mse_loss(rgb, batch.target_rgb)
+    loss = rgb_mse
+    if parts is not None:
+        parts["rgb_mse"] = rgb_mse.detach()
+    balance = total_auxiliary_loss(getattr(model, "module", model))
+    if torch.is_tensor(balance):
+        loss = loss + balance
+        if parts is not None:
+            parts["balance"] = balance.detach()
+    if teacher is not None and cfg.train.distill_weight > 0:
+        with torch.no_grad(), autocast_context(batch.origins.device, cfg.render.autocast):
+            teacher_rgb = teacher(*inputs).float()
+        distill = F.mse_loss(rgb, teacher_rgb)
+        loss = loss + cfg.train.distill_weight * distill
+        if parts is not None:
+            parts["distill"] = distill.detach()
+    return loss
 
 
 def _resolve_resume(cfg: Config, resume: str | bool | None) -> Path | None:
@@ -107,7 +131,14 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         raise TrainingError(f"scene {scene.root} has {len(scene.train_ids)} training views; GNT needs at least 2")
     tensors = SceneTensors(scene, device)
 
-    model = build_model(cfg, device)
+    if resume_path is None and cfg.train.init_from:
+        model, _, _ = warm_start(cfg, cfg.train.init_from, tensors, device, progress=progress and info.is_main)
+    else:
+        model = build_model(cfg, device)
+    teacher = None
+    if cfg.train.distill_weight > 0:
+        teacher = load_model_of(cfg.train.distill_from, source_config(cfg, cfg.train.distill_from), device).eval()
+        teacher.requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg)
     start = 0
     if resume_path is not None:
@@ -133,7 +164,8 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         rng = step_rng(cfg.train.seed, step, info.rank)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         batch = sample_training_batch(tensors, rng, cfg.train.n_rand, cfg.data.num_source_views)
-        loss = training_step(train_model, batch, cfg, generator)
+        parts: dict = {}
+        loss = training_step(train_model, batch, cfg, generator, teacher, parts)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss.item()} at step {step} (target view {batch.target_id}); stopping. "
@@ -147,10 +179,16 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         losses[step] = loss_value
         if info.is_main:
             rays_per_s = rays_per_step / max(time.perf_counter() - tic, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{mse_to_psnr(loss_value):.2f}", rays_s=f"{rays_per_s:,.0f}")
+            rgb_mse = float(parts["rgb_mse"])
+            bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{mse_to_psnr(rgb_mse):.2f}", rays_s=f"{rays_per_s:,.0f}")
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/psnr", mse_to_psnr(loss_value), step)
+                writer.add_scalar("train/psnr", mse_to_psnr(rgb_mse), step)
+                for key in ("balance", "distill"):
+                    if key in parts:
+                        writer.add_scalar(f"train/{key}_loss", float(parts[key]), step)
+                for name, moe in named_moe_modules(model):
+                    writer.add_scalar(f"moe/{name}/shift_fraction", float(moe.routing_fractions()[-1]), step)
                 writer.add_scalar("train/rays_per_s", rays_per_s, step)
                 for group in optimizer.param_groups:
                     writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
@@ -165,6 +203,10 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         writer.close()
     distributed.barrier(info)
     return TrainResult(cfg.run_dir, ckpt, max(start, cfg.train.steps), losses, model)
+
+
+def named_moe_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
 
 
 def _log_validation(model, tensors, cfg, writer, step) -> None:

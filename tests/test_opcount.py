@@ -1,0 +1,97 @@
+"""Op counting from the modules themselves, and the unit-energy model."""
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from gnt_shiftadd.config import ShiftAddConfig
+from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
+from gnt_shiftadd.models.transformers import DotProductAttention
+from gnt_shiftadd.shiftadd.opcount import UNIT_ENERGY_PJ, OpCounter, OpCounts, component_of, count_frame_ops
+from gnt_shiftadd.shiftadd.reparameterize import reparameterize
+from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
+from gnt_shiftadd.training.warm_start import calibration_forward
+
+
+def test_linear_and_shift_linear_counts_by_hand():
+    linear = nn.Linear(4, 3)
+    with OpCounter(linear) as counter:
+        linear(torch.randn(5, 4))
+    assert counter.ops.total() == Counter({("mult", "fp32"): 5 * 4 * 3, ("add", "fp32"): 5 * 3 * 3 + 5 * 3})
+
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0, -0.5, 0.25], [0.0, 0.0, 0.0, 2.0 ** -3], [1.0, 1.0, 1.0, 1.0]]))
+    shift = ShiftLinear.from_linear(linear, ShiftSpec(channel_scale=False))
+    assert shift.nonzero_weights() == 8
+    with OpCounter(shift) as counter:
+        shift(torch.randn(2, 7, 4))  # 14 tokens
+    assert counter.ops.total() == Counter({("shift", "int32"): 14 * 8, ("add", "fp32"): 14 * (8 - 3) + 14 * 3})
+
+
+def test_dense_attention_counts_by_hand():
+    core = DotProductAttention()
+    q = torch.randn(2, 3, 5, 4)  # R=2, H=3, S=5, d=4
+    with OpCounter(core) as counter:
+        core(q, q, q)
+    total = counter.ops.total()
+    assert total[("mult", "fp32")] == 2 * 3 * 5 * 5 * (2 * 4 + 1)
+    assert total[("special", "fp32")] == 2 * 2 * 3 * 5 * 5
+
+
+def test_energy_uses_the_stated_table():
+    counts = Counter({("mult", "fp32"): 10, ("add", "fp32"): 100, ("shift", "int32"): 1000})
+    assert OpCounts.energy_pj(counts) == pytest.approx(10 * 3.7 + 100 * 0.9 + 1000 * 0.13)
+    assert UNIT_ENERGY_PJ[("mult", "fp32")] == 3.7
+    with pytest.raises(KeyError, match="no unit energy"):
+        OpCounts.energy_pj(Counter({("mult", "int4"): 1}))
+
+
+def test_component_names():
+    assert component_of("feature_net.layer1.0.conv1") == "cnn"
+    assert component_of("transformer.view_blocks.1.attn.k_fc") == "view_transformer"
+    assert component_of("transformer.ray_blocks.0.attn.core") == "ray_transformer"
+    assert component_of("transformer.ray_blocks.0.ff.experts.1.fc2") == "ffn"
+    assert component_of("transformer.rgb_fc") == "other"
+
+
+def test_frame_ops_of_dense_and_shiftadd_variants(tiny_config):
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    dense = build_model(cfg, torch.device("cpu")).eval()
+    base = count_frame_ops(dense, tensors, cfg, n_rays=32)
+    per_ray, per_frame = base["per_ray"], base["per_frame"]
+    assert per_ray["shifts"] == 0 and per_ray["mults"] > 0
+    pixels = base["resolution"][0] * base["resolution"][1]
+    cnn = per_frame["by_component"]["cnn"]
+    assert per_frame["mults"] == pytest.approx(per_ray["mults"] * pixels + cnn["mult_fp32"])
+    assert {"view_transformer", "ray_transformer", "ffn", "other"} <= set(per_ray["by_component"])
+
+    variant = build_model(cfg, torch.device("cpu")).eval()
+    reparameterize(variant, ShiftAddConfig(ray_attention="hash_linear", hash_bits=8, attention_linears="shift", ffn="shift"),
+                   run_calibration=calibration_forward(variant, tensors, cfg))
+    converted = count_frame_ops(variant, tensors, cfg, n_rays=32)["per_ray"]
+    assert converted["shifts"] > 0
+    norm_mults = 2 * cfg.model.trans_depth * 3 * cfg.model.netwidth * cfg.render.n_samples  # the FFNs' LayerNorms
+    assert converted["by_component"]["ffn"]["mult_fp32"] == pytest.approx(norm_mults)  # every FFN weight is a shift
+    assert converted["mults"] < per_ray["mults"] and converted["energy_pj"] < per_ray["energy_pj"]
+
+
+def test_moe_charges_each_expert_only_for_its_tokens(tiny_config):
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    dense_ffn = count_frame_ops(model, tensors, cfg, n_rays=16)["per_ray"]["by_component"]["ffn"]
+    reparameterize(model, ShiftAddConfig(ffn="moe", moe_noisy=False))
+    moes = [m for m in model.modules() if m.__class__.__name__ == "MoEFeedForward"]
+    with torch.no_grad():
+        for moe in moes:  # everything to the shift expert
+            moe.router.bias.copy_(torch.tensor([-10.0, 10.0]))
+    dispatch = [m.dispatch for m in moes]
+    ffn = count_frame_ops(model, tensors, cfg, n_rays=16)["per_ray"]["by_component"]["ffn"]
+    assert [m.dispatch for m in moes] == dispatch  # restored after counting
+    router_mults = sum(m.router.in_features * m.router.out_features for m in moes) * cfg.render.n_samples
+    gate_mults = sum(m.router.in_features for m in moes) * cfg.render.n_samples
+    norm_mults = 2 * cfg.model.trans_depth * 3 * cfg.model.netwidth * cfg.render.n_samples
+    assert ffn["mult_fp32"] == pytest.approx(router_mults + gate_mults + norm_mults)  # no dense-expert multiplies
+    assert ffn["shift_int32"] > 0 and dense_ffn.get("shift_int32", 0) == 0

@@ -1,0 +1,167 @@
+"""reparameterize(): in-place conversion of GNT, filters, exactness where the math says so, save/load, staging."""
+import copy
+
+import pytest
+import torch
+
+from gnt_shiftadd.config import ConfigError, ShiftAddConfig, load_config
+from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
+from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward
+from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention, HashedLinearAttention
+from gnt_shiftadd.shiftadd.moe import MoEFeedForward
+from gnt_shiftadd.shiftadd.reparameterize import (ReparameterizeError, check_convertible, reparameterize, variant_of)
+from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
+from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gnt_shiftadd.training.warm_start import calibration_forward
+
+
+@pytest.fixture
+def dense(tiny_config):
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    return cfg, model, tensors
+
+
+def _power_of_two_weights(model):
+    """Round every linear weight to +-2^k in [-6, 0] so shift conversion is exact (what the math says)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:
+                w = m.weight
+                m.weight.copy_(torch.sign(w) * torch.exp2(torch.clamp(torch.round(torch.log2(w.abs() + 1e-12)), -6, 0)))
+
+
+def _outputs(model, run):
+    with torch.no_grad():
+        return run()
+
+
+def test_shift_conversion_of_power_of_two_weights_is_exact(dense):
+    cfg, model, tensors = dense
+    _power_of_two_weights(model)
+    run = calibration_forward(model, tensors, cfg)
+    before = _outputs(model, run)
+    report = reparameterize(model, ShiftAddConfig(attention_linears="shift", ffn="shift", shift_channel_scale=False))
+    assert report.shift_linears and len(report.shift_ffns) == 2 * cfg.model.trans_depth
+    assert all(isinstance(m.fc1, ShiftLinear) for m in model.modules() if type(m) is FeedForward)
+    torch.testing.assert_close(_outputs(model, run), before, rtol=1e-5, atol=1e-6)
+    assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift"}
+
+
+def test_moe_starts_as_its_chosen_expert(dense):
+    """Straight-through gate = 1 in forward: routing every token to the mult expert reproduces the dense model."""
+    cfg, model, tensors = dense
+    run = calibration_forward(model, tensors, cfg)
+    before = _outputs(model, run)
+    reparameterize(model, ShiftAddConfig(ffn="moe", moe_noisy=False))
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert len(moes) == 2 * cfg.model.trans_depth
+    with torch.no_grad():
+        for moe in moes:
+            moe.router.bias.copy_(torch.tensor([10.0, -10.0]))
+    torch.testing.assert_close(_outputs(model, run), before, rtol=1e-6, atol=1e-6)
+
+
+def test_hashed_attention_is_fitted_on_real_queries_layer_by_layer(dense):
+    cfg, model, tensors = dense
+    run = calibration_forward(model, tensors, cfg)
+    report = reparameterize(model, ShiftAddConfig(ray_attention="hash_quadratic", hash_bits=8), run_calibration=run)
+    cores = [m.attn.core for m in model.transformer.ray_blocks]
+    assert report.attention_cores == [f"transformer.ray_blocks.{i}.attn.core" for i in range(cfg.model.trans_depth)]
+    assert all(isinstance(c, HashedQuadraticAttention) and bool(c.hasher.fitted) for c in cores)
+    assert torch.isfinite(_outputs(model, run)).all()
+    # idempotent: a second conversion leaves converted cores alone
+    assert reparameterize(model, ShiftAddConfig(ray_attention="hash_quadratic", hash_bits=8)).attention_cores == []
+
+
+def test_filter_by_name_glob_and_by_callable(dense):
+    cfg, model, _ = dense
+    cfg_exclude = ShiftAddConfig(attention_linears="shift", exclude=["transformer.view_blocks.*"])
+    report = reparameterize(model, cfg_exclude, filter_fn=lambda name, m: not name.endswith("out_fc"))
+    assert report.shift_linears and all("ray_blocks" in n and not n.endswith("out_fc") for n in report.shift_linears)
+    assert type(model.transformer.view_blocks[0].attn.q_fc) is torch.nn.Linear
+    assert type(model.transformer.ray_blocks[0].attn.out_fc) is torch.nn.Linear
+    assert isinstance(model.transformer.ray_blocks[0].attn.q_fc, ShiftLinear)
+    assert "transformer.view_blocks.0.attn.q_fc" in report.skipped
+
+
+def test_converted_checkpoint_round_trips_exactly_and_refuses_wrong_variant(dense, tiny_config, tmp_path):
+    cfg, model, tensors = dense
+    variant = tiny_config("model.dropout=0.0", "shiftadd.ray_attention=hash_linear", "shiftadd.hash_bits=12",
+                          "shiftadd.attention_linears=shift", "shiftadd.ffn=moe", "shiftadd.moe_expert_latency=[1.0,0.5]")
+    run = calibration_forward(model, tensors, cfg)
+    reparameterize(model, variant.shiftadd, run_calibration=run)
+    before = _outputs(model, run)
+    path = save_checkpoint(tmp_path / "converted.pt", variant, model, step=0)
+
+    rebuilt = build_model(variant, torch.device("cpu")).eval()
+    load_checkpoint(path, variant, rebuilt)
+    torch.testing.assert_close(_outputs(rebuilt, calibration_forward(rebuilt, tensors, cfg)), before, rtol=0, atol=0)
+    assert isinstance(rebuilt.transformer.ray_blocks[0].attn.core, HashedLinearAttention)
+    assert bool(rebuilt.transformer.ray_blocks[0].attn.core.hasher.fitted)
+    moe = next(m for m in rebuilt.modules() if isinstance(m, MoEFeedForward))
+    assert moe.expert_latency.tolist() == [1.0, 0.5]
+
+    wrong = tiny_config("model.dropout=0.0", "shiftadd.ray_attention=hash_linear", "shiftadd.hash_bits=12",
+                        "shiftadd.attention_linears=shift", "shiftadd.ffn=shift")
+    with pytest.raises(CheckpointError, match="shiftadd.ffn: checkpoint has 'moe', config has 'shift'"):
+        load_checkpoint(path, wrong, build_model(wrong, torch.device("cpu")))
+    with pytest.raises(CheckpointError, match="shiftadd.ray_attention"):
+        load_checkpoint(path, cfg, build_model(cfg, torch.device("cpu")))
+
+
+def test_conversion_only_adds_reparameterizations():
+    check_convertible(ShiftAddConfig(), ShiftAddConfig(ray_attention="hash_linear", ffn="moe"), "ckpt")
+    check_convertible(ShiftAddConfig(ray_attention="hash_linear"), ShiftAddConfig(ray_attention="hash_linear", ffn="moe"), "x")
+    with pytest.raises(ReparameterizeError, match="shiftadd.ray_attention: ckpt has 'hash_linear', cannot convert it to 'dense'"):
+        check_convertible(ShiftAddConfig(ray_attention="hash_linear"), ShiftAddConfig(), "ckpt")
+    with pytest.raises(ReparameterizeError, match="hash_bits"):
+        check_convertible(ShiftAddConfig(ray_attention="hash_linear", hash_bits=8),
+                          ShiftAddConfig(ray_attention="hash_linear", hash_bits=16), "ckpt")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("shiftadd.ray_attention=hashed", "shiftadd.ray_attention must be one of"),
+    ("shiftadd.ffn=mixture", "shiftadd.ffn must be dense, shift or moe"),
+    ("shiftadd.moe_expert_latency=[1.0]", "moe_expert_latency must be empty"),
+    ("shiftadd.shift_exponent_min=3", "shift_exponent_min must be <="),
+    ("shiftadd.hash_bitz=3", "unknown key 'hash_bitz'"),
+    ("train.distill_weight=0.5", "needs train.distill_from"),
+])
+def test_bad_shiftadd_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
+    from gnt_shiftadd import workflows
+    from gnt_shiftadd.training.trainer import train
+
+    dense_cfg = tiny_config("train.steps=3", name="dense")
+    teacher = train(dense_cfg, progress=False).checkpoint
+    variant = tiny_config("train.steps=4", "shiftadd.ray_attention=hash_quadratic", "shiftadd.hash_bits=8",
+                          "shiftadd.ffn=moe", "shiftadd.moe_expert_latency=[1.0,0.5]", "shiftadd.moe_balance_coef=0.1",
+                          "train.distill_weight=0.5", f"train.distill_from={teacher}", name="moe")
+    stages = workflows.finetune_stages(variant, teacher)
+    assert [s.shiftadd.ffn for s in stages] == ["dense", "moe"] and [s.train.steps for s in stages] == [2, 2]
+    result = workflows.run_finetune(variant, teacher, progress=False)
+    assert result.step == 2 and result.checkpoint.exists()
+    model, _, _ = workflows.load_trained(variant)
+    assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe"}
+    stage1_model, _, _ = workflows.load_trained(stages[0])
+    assert variant_of(stage1_model)["ffn"] == "dense"
+    metrics = workflows.run_eval(variant, progress=False)
+    assert metrics["mean"]["psnr"] > 0
+    # rerunning resumes (nothing left to do) instead of refusing or redoing
+    assert workflows.run_finetune(variant, teacher, progress=False).step == 2
+
+    short = copy.deepcopy(variant)
+    short.train.stage1_steps = 4
+    with pytest.raises(ConfigError, match="stage1_steps=4"):
+        workflows.finetune_stages(short, teacher)
+
+
+def test_dense_core_is_the_default(dense):
+    _, model, _ = dense
+    assert all(isinstance(b.attn.core, DotProductAttention) for b in model.transformer.ray_blocks)
