@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from gnt_shiftadd.config import ModelConfig

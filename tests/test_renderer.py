@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from renderer.camera_path import spiral_path

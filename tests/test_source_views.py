@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from data.llff import load_llff_scene
 from data.source_views import nearest_views, sample_training_source_views
