@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue the run in the run folder (or from the given checkpoint)")
         if name in ("eval", "render"):
             p.add_argument("--ckpt", help="checkpoint (default: <out_dir>/<name>/checkpoints/latest.pt)")
+        if name in ("eval", "render", "all"):
+            p.add_argument("--kernels", choices=("torch", "tvm"),
+                           help="inference backend: PyTorch reference modules or compiled TVM kernels "
+                                "(same as render.kernels=...)")
         if name in ("finetune", "reparam"):
             p.add_argument("--from", dest="init_from", required=True, help="checkpoint of the trained model to convert")
     return parser
@@ -48,6 +52,8 @@ def resolve_config(args):
     from gnt_shiftadd.config import load_config
     from gnt_shiftadd.training.checkpoint import config_of_checkpoint
 
+    if getattr(args, "kernels", None):
+        args.overrides = [*args.overrides, f"render.kernels={args.kernels}"]
     if args.config is None and getattr(args, "ckpt", None):
         return load_config(None, args.overrides, base=config_of_checkpoint(args.ckpt))
     paths = args.config or [DEFAULT_CONFIG]

@@ -70,6 +70,7 @@ class RenderConfig:
     n_samples: int = 64
     chunk_rays: int = 1024  # rays per forward pass when rendering whole images
     autocast: str = "none"  # none | bf16 | fp16 (GPU only; ignored on CPU)
+    kernels: str = "torch"  # torch (PyTorch reference modules) | tvm (compiled TVM kernels, kernels/), inference only
 
 
 @dataclass
@@ -230,6 +231,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.trans_depth >= 1, "model.trans_depth must be >= 1"),
         (cfg.render.n_samples >= 2, "render.n_samples must be >= 2"),
         (cfg.render.autocast in ("none", "bf16", "fp16"), "render.autocast must be none, bf16 or fp16"),
+        (cfg.render.kernels in ("torch", "tvm"), "render.kernels must be torch or tvm"),
         (cfg.data.num_source_views >= 1, "data.num_source_views must be >= 1"),
         (cfg.data.factor >= 1, "data.factor must be >= 1"),
         (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),

@@ -19,6 +19,10 @@ def load_trained(cfg: Config, ckpt: str | Path | None = None):
     model = build_model(cfg, device)
     load_checkpoint(path, cfg, model)
     model.eval()
+    if cfg.render.kernels != "torch":
+        from kernels.apply import use_kernels  # imported lazily: TVM is only needed for this backend
+
+        use_kernels(model, cfg.render.kernels)
     return model, SceneTensors(load_scene(cfg), device), path
 
 

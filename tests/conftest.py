@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def tiny_config(tiny_scene, tmp_path):
         return load_config(None, tiny_overrides(tiny_scene, tmp_path / "runs", name) + list(extra))
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_kernel_cache(tmp_path_factory):
+    """Kernels build into a fresh cache directory per session, so a stale cache can never hide a bug."""
+    previous = os.environ.get("SHIFTADD_GNT_KERNEL_CACHE")
+    os.environ["SHIFTADD_GNT_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("tvm_kernel_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SHIFTADD_GNT_KERNEL_CACHE", None)
+    else:
+        os.environ["SHIFTADD_GNT_KERNEL_CACHE"] = previous
+
+
+def pytest_collection_modifyitems(items):
+    """In kernel tests a silent fallback to the reference would hide a broken kernel: make it an error (tests of
+    the fallback itself catch the warning with pytest.warns). One conftest for all tests: a second one in
+    tests/kernels/ would shadow this module for `from conftest import ...`."""
+    for item in items:
+        if "tests/kernels" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.filterwarnings("error:.*falling back.*:RuntimeWarning"))

@@ -21,6 +21,20 @@ def test_train_eval_render_via_cli(tiny_scene, tmp_path, capsys):
     assert len(list((tmp_path / "runs" / "cli" / "video" / "frames").glob("*.png"))) == 2
 
 
+def test_eval_on_tvm_kernels_matches_the_torch_reference(tiny_scene, tmp_path):
+    pytest.importorskip("tvm")
+    overrides = tiny_overrides(tiny_scene, tmp_path / "runs", "kern") + ["train.steps=2", "model.dropout=0.0"]
+    assert run_nerf.main(["train", "--quiet", *overrides]) == 0
+    ckpt = tmp_path / "runs" / "kern" / "checkpoints" / "latest.pt"
+    metrics_path = tmp_path / "runs" / "kern" / "eval" / "metrics.json"
+    psnr = {}
+    for backend in ("torch", "tvm"):
+        assert run_nerf.main(["eval", "--quiet", "--ckpt", str(ckpt), "--kernels", backend]) == 0
+        psnr[backend] = json.loads(metrics_path.read_text())["mean"]["psnr"]
+    assert abs(psnr["tvm"] - psnr["torch"]) < 1e-3, psnr
+    assert run_nerf.main(["eval", "--quiet", "--ckpt", str(ckpt), "render.kernels=cuda"]) == 2
+
+
 def test_cli_errors_are_one_clear_line(tiny_scene, tmp_path, capsys):
     assert run_nerf.main(["train", "train.stepz=3"]) == 2
     assert "unknown key 'stepz'" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""Switch a trained (ShiftAdd-)GNT to the compiled TVM kernels for inference: `use_kernels(model)`.
+
+In place, torchao-style: every transformer block of `model.transformer` is swapped for a kernel-backed block
+that reads the same trained parameters (the original block is kept inside it, so its state_dict keys, op
+counts and training code paths are unchanged); `ShiftLinear`s elsewhere run on MatShift. What runs where:
+
+  view block:  LN + q_fc (torch / MatShift) -> fused view attention (one kernel: k/v projections, pos MLP,
+               attention MLP, masked softmax over views, weighted sum) -> out_fc + residual -> fused FFN sublayer
+  ray block:   LN + q/k/v (torch / MatShift) -> hashed attention (hash+pack, then the fused XOR/popcount
+               softmax kernel or the additive linear form) or torch SDPA when dense -> out_fc -> fused FFN
+  FFN:         LN + FFN (+ in-kernel MoE routing) + residual in one kernel, for dense, shift and MoE FFNs
+
+Every kernel is called through its torch custom op (`kernels/ops.py`), so a kernel-backed model still traces
+with torch.compile (one opaque node per kernel). Inference only (no autograd through the kernels; call
+`model.eval()` first). The CNN, the projection into the source views and the small per-token MLPs stay in
+PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
+from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, \
+    SeedLinearAttention
+from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
+from kernels.backend import resolve_backend, warn_once
+from kernels.ffn import FFNWeights, ffn_weights
+from kernels.ops import ffn_sublayer, hash_pack, linear_attention, mat_shift, quadratic_attention, view_attention
+from kernels.view_attention import PreparedViewWeights, view_attention_weights
+
+__all__ = ["use_kernels", "KernelShiftLinear", "KernelViewBlock", "KernelRayBlock", "kernel_summary"]
+
+
+class KernelShiftLinear(nn.Module):
+    """A ShiftLinear evaluated by the MatShift kernel from its exported codes. x [..., in] -> [..., out]."""
+
+    def __init__(self, source: ShiftLinear):
+        super().__init__()
+        self.source = source
+        device = source.sign_param.device
+        packed = source.export_codes()
+        self.packed = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source.spec.fixed_point_bits:  # the kernel has no fixed-point input path
+            return self.source(x)
+        return mat_shift(x, self.packed)
+
+
+class KernelViewBlock(nn.Module):
+    """ViewTransformerBlock on the fused view-attention and FFN kernels.
+    q [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1] -> [R, S, C]."""
+
+    def __init__(self, block: ViewTransformerBlock):
+        super().__init__()
+        self.block = block
+        self.view_weights = PreparedViewWeights.from_dict(view_attention_weights(block.attn))
+        self.ffn: FFNWeights = ffn_weights(block.ff_norm, block.ff)
+
+    def forward(self, q, features, ray_diff, mask):
+        rays, samples, views, dim = features.shape
+        attn = self.block.attn
+        query = attn.q_fc(self.block.attn_norm(q)).reshape(-1, dim)
+        mixed = view_attention(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
+                               mask.reshape(-1, views), self.view_weights)
+        q = q + attn.out_fc(mixed).reshape(rays, samples, dim)
+        return ffn_sublayer(q, self.ffn)
+
+
+class KernelRayBlock(nn.Module):
+    """RayTransformerBlock with the hashed attention (or SDPA when dense) and the fused FFN kernel.
+    x [R, S, C] -> [R, S, C]."""
+
+    def __init__(self, block: RayTransformerBlock):
+        super().__init__()
+        self.block = block
+        self.ffn: FFNWeights = ffn_weights(block.ff_norm, block.ff)
+
+    def _attention(self, q, k, v):
+        core = self.block.attn.core
+        if isinstance(core, HashedQuadraticAttention):
+            hasher = core.hasher
+            words_q = hash_pack(q, hasher.weight.detach(), hasher.bias.detach())
+            words_k = hash_pack(k, hasher.weight.detach(), hasher.bias.detach())
+            return quadratic_attention(words_q, words_k, v, core.scale.detach(), hasher.n_bits)
+        if isinstance(core, HashedLinearAttention) and not isinstance(core, SeedLinearAttention):
+            hasher = core.hasher
+            words_q = hash_pack(q, hasher.weight.detach(), hasher.bias.detach())
+            words_k = hash_pack(k, hasher.weight.detach(), hasher.bias.detach())
+            return linear_attention(words_q, words_k, v, hasher.n_bits)
+        return core(q, k, v)  # dense SDPA and the seed's linear form (conv branch) stay in PyTorch
+
+    def forward(self, x):
+        attn = self.block.attn
+        normed = self.block.attn_norm(x)
+        q, k, v = (attn._split_heads(fc(normed)).contiguous() for fc in (attn.q_fc, attn.k_fc, attn.v_fc))
+        out = self._attention(q, k, v).transpose(1, 2).flatten(2)
+        return ffn_sublayer(x + attn.out_fc(out), self.ffn)
+
+
+def _swap_shift_linears(module: nn.Module) -> int:
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, ShiftLinear):
+            setattr(module, name, KernelShiftLinear(child))
+            swapped += 1
+        elif not isinstance(child, KernelShiftLinear):
+            swapped += _swap_shift_linears(child)
+    return swapped
+
+
+@torch.no_grad()
+def use_kernels(model: nn.Module, backend: str = "tvm") -> dict:
+    """Swap `model` (a GNT; in eval mode) to kernel-backed blocks in place when backend resolves to "tvm".
+
+    Returns a summary {"backend", "view_blocks", "ray_blocks", "shift_linears"}. With backend "torch" (or when TVM
+    is unavailable, after one warning) the model is left untouched: the PyTorch modules are the reference.
+    """
+    backend = resolve_backend(backend)
+    summary = {"backend": backend, "view_blocks": 0, "ray_blocks": 0, "shift_linears": 0}
+    if backend == "torch":
+        return summary
+    if model.training:
+        raise RuntimeError("use_kernels is for inference: call model.eval() first")
+    transformer = model.transformer
+    for blocks, kind, wrapper in ((transformer.view_blocks, ViewTransformerBlock, KernelViewBlock),
+                                  (transformer.ray_blocks, RayTransformerBlock, KernelRayBlock)):
+        for index, block in enumerate(blocks):
+            if not isinstance(block, kind):
+                continue
+            try:
+                blocks[index] = wrapper(block)
+            except (TypeError, ValueError) as error:  # e.g. fixed-point shift inputs: the block stays in PyTorch
+                warn_once(f"{type(block).__name__} {index} stays on the PyTorch reference: {error}")
+                continue
+            summary["view_blocks" if wrapper is KernelViewBlock else "ray_blocks"] += 1
+    summary["shift_linears"] = _swap_shift_linears(transformer)
+    return summary
+
+
+def kernel_summary(model: nn.Module) -> str:
+    kinds = {}
+    for module in model.modules():
+        if isinstance(module, (KernelViewBlock, KernelRayBlock, KernelShiftLinear)):
+            kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    return ", ".join(f"{count} {name}" for name, count in sorted(kinds.items())) or "no kernels"
+

@@ -1,0 +1,167 @@
+"""The TVM kernels as torch custom ops (`torch.ops.shiftadd_gnt.*`), so models that call them stay traceable.
+
+Each op takes plain tensors and scalars (no Python containers), has a fake (meta) implementation that gives the
+output's shape and dtype without running anything, and runs the kernel (or its PyTorch reference when no
+kernel can be built) in the real implementation. That lets `torch.compile` / `torch.export` treat a kernel as
+one opaque node instead of breaking the graph at it, and `torch.library.opcheck` verify the registrations.
+
+Inference only: the ops have no autograd formula. The convenience wrappers below therefore send a call that
+needs gradients to the differentiable PyTorch reference instead of the op, so training through a
+kernel-backed model is slow but correct, never silently gradient-free.
+
+  op                                  inputs -> output
+  mat_shift                           x [N.., in], codes uint8 [out, in], channel_exponent int32 [out],
+                                      bias [out]? -> [N.., out]
+  ffn_sublayer                        x [N.., C], stacked expert weights (see FFNWeights) -> [N.., C]
+  view_attention                      qp [N.., C], features [N.., V, C], ray_diff [N.., V, 4], mask [N.., V],
+                                      weights in the kernel layout (PreparedViewWeights) -> [N.., C]
+  hash_pack                           x [R, H, S, d], weight [H, d, n], bias [H, n] -> int32 [R, H, S, W]
+  hashed_quadratic / hashed_linear    q_words, k_words int32 [R, H, S, W], v [R, H, S, d] -> [R, H, Sq, d]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels import ffn as _ffn
+from kernels import hashed_attention as _hashed
+from kernels import mat_shift as _mat_shift
+from kernels import view_attention as _view
+
+__all__ = ["mat_shift", "ffn_sublayer", "view_attention", "hash_pack", "quadratic_attention", "linear_attention",
+           "OPS"]
+
+NAMESPACE = "shiftadd_gnt"
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------- MatShift
+
+@torch.library.custom_op(f"{NAMESPACE}::mat_shift", mutates_args=())
+def _mat_shift_op(x: Tensor, codes: Tensor, channel_exponent: Tensor, bias: Optional[Tensor], exponent_min: int,
+                  exponent_max: int, activation: str) -> Tensor:
+    packed = {"codes": codes, "channel_exponent": channel_exponent, "bias": bias, "exponent_min": exponent_min,
+              "exponent_max": exponent_max}
+    return _mat_shift.mat_shift(x, packed, activation)
+
+
+@_mat_shift_op.register_fake
+def _(x, codes, channel_exponent, bias, exponent_min, exponent_max, activation):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def mat_shift(x: Tensor, packed: dict, activation: str = "none") -> Tensor:
+    """`kernels.mat_shift.mat_shift` through the custom op; `packed` = ShiftLinear.export_codes() on x's device."""
+    if _needs_grad(x):
+        return _mat_shift.reference_mat_shift(x, packed, activation)
+    return torch.ops.shiftadd_gnt.mat_shift(x, packed["codes"], packed["channel_exponent"], packed["bias"],
+                                            int(packed["exponent_min"]), int(packed["exponent_max"]), activation)
+
+
+# ------------------------------------------------------------------------------------------------ FFN sublayer
+
+@torch.library.custom_op(f"{NAMESPACE}::ffn_sublayer", mutates_args=())
+def _ffn_sublayer_op(x: Tensor, fc1: Tensor, b1: Tensor, fc2: Tensor, b2: Tensor, router_w: Tensor, router_b: Tensor,
+                     ln_w: Tensor, ln_b: Tensor, eps: float) -> Tensor:
+    weights = _ffn.FFNWeights(fc1=fc1, b1=b1, fc2=fc2, b2=b2, router_w=router_w, router_b=router_b, ln_w=ln_w,
+                              ln_b=ln_b, eps=eps)
+    return _ffn.ffn_sublayer(x, weights)
+
+
+@_ffn_sublayer_op.register_fake
+def _(x, fc1, b1, fc2, b2, router_w, router_b, ln_w, ln_b, eps):
+    return torch.empty_like(x)
+
+
+def ffn_sublayer(x: Tensor, w: "_ffn.FFNWeights") -> Tensor:
+    """x + FFN_e(LN(x)) through the custom op (the reference when gradients are needed)."""
+    if _needs_grad(x):
+        return _ffn.reference_ffn_sublayer(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
+    return torch.ops.shiftadd_gnt.ffn_sublayer(x, w.fc1, w.b1, w.fc2, w.b2, w.router_w, w.router_b, w.ln_w, w.ln_b,
+                                               float(w.eps))
+
+
+# ---------------------------------------------------------------------------------------------- view attention
+
+@torch.library.custom_op(f"{NAMESPACE}::view_attention", mutates_args=())
+def _view_attention_op(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor, kv_t: Tensor, pos1_t: Tensor,
+                       pos1_b: Tensor, pos2_t: Tensor, pos2_b: Tensor, attn1_t: Tensor, attn1_b: Tensor,
+                       attn2_t: Tensor, attn2_b: Tensor) -> Tensor:
+    weights = _view.PreparedViewWeights.from_kernel_arguments(kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t,
+                                                              attn1_b, attn2_t, attn2_b)
+    return _view.view_attention(qp, features, ray_diff, mask, weights)
+
+
+@_view_attention_op.register_fake
+def _(qp, features, ray_diff, mask, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t, attn2_b):
+    return features.new_empty(*features.shape[:-2], kv_t.shape[0])
+
+
+def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
+                   weights: "dict | _view.PreparedViewWeights") -> Tensor:
+    """The fused view attention through the custom op (the reference when gradients are needed)."""
+    if not isinstance(weights, _view.PreparedViewWeights):
+        weights = _view.PreparedViewWeights.from_dict(weights, device=features.device)
+    if _needs_grad(qp, features, ray_diff, mask):
+        return _view.reference_view_attention(qp, features, ray_diff, mask, weights.source)
+    return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
+
+
+# -------------------------------------------------------------------------------------------- hashed attention
+
+@torch.library.custom_op(f"{NAMESPACE}::hash_pack", mutates_args=())
+def _hash_pack_op(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return _hashed.hash_pack(x, weight, bias)
+
+
+@_hash_pack_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], _hashed.num_words(weight.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::hashed_quadratic", mutates_args=())
+def _quadratic_op(q_words: Tensor, k_words: Tensor, v: Tensor, scale: Tensor, n_bits: int) -> Tensor:
+    return _hashed.quadratic_attention(q_words, k_words, v, scale, n_bits)
+
+
+@_quadratic_op.register_fake
+def _(q_words, k_words, v, scale, n_bits):
+    return v.new_empty(*q_words.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::hashed_linear", mutates_args=())
+def _linear_op(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, form: str) -> Tensor:
+    return _hashed.linear_attention(q_words, k_words, v, n_bits, form)
+
+
+@_linear_op.register_fake
+def _(q_words, k_words, v, n_bits, form):
+    return v.new_empty(*q_words.shape[:-1], v.shape[-1])
+
+
+def hash_pack(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Binary codes packed into int32 words (no gradient exists: the codes are a sign)."""
+    return torch.ops.shiftadd_gnt.hash_pack(x.detach(), weight.detach(), bias.detach())
+
+
+def quadratic_attention(q_words: Tensor, k_words: Tensor, v: Tensor, scale: "Tensor | float", n_bits: int) -> Tensor:
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), device=v.device)
+    if _needs_grad(v, scale):
+        return _hashed.reference_quadratic(q_words, k_words, v, scale, n_bits)
+    return torch.ops.shiftadd_gnt.hashed_quadratic(q_words, k_words, v, scale, n_bits)
+
+
+def linear_attention(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, form: str = "hashed") -> Tensor:
+    if _needs_grad(v):
+        return _hashed.reference_linear(q_words, k_words, v, n_bits, form)
+    return torch.ops.shiftadd_gnt.hashed_linear(q_words, k_words, v, n_bits, form)
+
+
+OPS = {"mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+       "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -1,0 +1,497 @@
+"""One fused TVM kernel for GNT's view attention (the per-(token, view) part of a view-transformer layer).
+
+GNT spends most of its time on work done once per token and source view: tokens = rays x samples (tens of
+thousands per chunk), V = 6..10 views, C = netwidth channels. `ViewAttention.forward` in PyTorch materializes
+about ten [tokens, V, C] tensors; this kernel computes everything from the projected query to the attention
+output without any of them reaching main memory (CPU: token by token in L1-sized buffers; CUDA: per tile in
+shared memory):
+
+    k, v   = features @ Wk^T, features @ Wv^T                            [T, V, C]
+    pos    = relu(ray_diff @ Wp1^T + bp1) @ Wp2^T + bp2                   [T, V, C]
+    logits = relu((k - qp + pos) @ Wa1^T + ba1) @ Wa2^T + ba2              [T, V, C]
+    w      = softmax_V(logits with invisible views at finfo.min) * mask   [T, V, C]
+    out    = sum_V w * (v + pos)                                         [T, C] (0 for a token no view sees)
+
+qp = q_fc(LayerNorm(q)) comes in precomputed; out_fc and the residual are applied by the caller. ShiftAdd
+variants pass their decoded shift weights (exact +-2^k in fp32), so the kernel is the same for both.
+
+Kernel layout: tokens are grouped in tiles (`kernel_tile`: 16 on CPU); the number of tiles NT is a symbolic
+leading dimension, so one build serves every chunk size (qp [NT, tile, C], features [NT, tile, V, C], ...; NT is
+never split, which TVM 0.27 cannot compile for symbolic extents). The wrapper `view_attention` runs the
+tile-aligned prefix of the tokens in place and the last partial tile padded with tokens no view sees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.backend import kernel_or_none, warn_once
+from kernels.build import build_kernel, kernel_ready, target_for, tvm_available
+
+__all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
+           "kernel_tile", "make_view_attention", "view_attention_kernel", "view_attention"]
+
+WEIGHT_KEYS = ("k", "v", "pos1_w", "pos1_b", "pos2_w", "pos2_b", "attn1_w", "attn1_b", "attn2_w", "attn2_b")
+TILE = 16  # tokens per tile: the parallel (CPU) / thread-block (CUDA) unit; padding wastes < TILE tokens per call
+_RAY_DIFF_DIM = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def reference_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                             weights: dict) -> torch.Tensor:
+    """ViewAttention.forward (eval mode) after q_fc and before out_fc: the ground truth and fallback.
+
+    qp [..., C], features [..., V, C], ray_diff [..., V, 4], mask [..., V] (or [..., V, 1]; 1 = visible)
+    -> [..., C]. `weights` holds the keys of WEIGHT_KEYS (nn.Linear layout: weight [out, in], bias [out]).
+    """
+    if mask.dim() == features.dim():
+        mask = mask.squeeze(-1)
+    mask = mask.to(features.dtype)[..., None]  # [..., V, 1]
+    k = F.linear(features, weights["k"])
+    v = F.linear(features, weights["v"])
+    pos = F.linear(F.relu(F.linear(ray_diff, weights["pos1_w"], weights["pos1_b"])),
+                   weights["pos2_w"], weights["pos2_b"])
+    hidden = F.relu(F.linear(k - qp[..., None, :] + pos, weights["attn1_w"], weights["attn1_b"]))
+    logits = F.linear(hidden, weights["attn2_w"], weights["attn2_b"])
+    logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
+    attention = torch.softmax(logits, dim=-2) * mask
+    return ((v + pos) * attention).sum(dim=-2)
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense fp32 weight [out, in] of an nn.Linear or a ShiftLinear (decoded shifts: exact +-2^k or 0)."""
+    if hasattr(layer, "effective_weight"):
+        if getattr(getattr(layer, "spec", None), "fixed_point_bits", 0):
+            raise ValueError(f"view attention kernels take float activations; {layer} rounds its inputs to fixed "
+                             f"point (fixed_point_bits > 0), which the kernel does not reproduce")
+        return layer.effective_weight().detach()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach()
+    raise TypeError(f"view attention layers must be nn.Linear or ShiftLinear, got {type(layer).__name__}")
+
+
+def view_attention_weights(module: nn.Module) -> dict:
+    """The weights of a ViewAttention (nn.Linear or ShiftLinear layers) as the dict the kernels take (detached,
+    sharing storage with the module). ValueError for a ShiftLinear with fixed-point activations."""
+    def bias(layer: nn.Module) -> torch.Tensor:
+        if layer.bias is None:
+            return torch.zeros(layer.out_features, device=_linear_weight(layer).device)
+        return layer.bias.detach()
+
+    return {
+        "k": _linear_weight(module.k_fc), "v": _linear_weight(module.v_fc),
+        "pos1_w": _linear_weight(module.pos_fc1), "pos1_b": bias(module.pos_fc1),
+        "pos2_w": _linear_weight(module.pos_fc2), "pos2_b": bias(module.pos_fc2),
+        "attn1_w": _linear_weight(module.attn_fc1), "attn1_b": bias(module.attn_fc1),
+        "attn2_w": _linear_weight(module.attn_fc2), "attn2_b": bias(module.attn_fc2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel weights
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class PreparedViewWeights:
+    """The weights in the kernel's layout, built once per module and device (contiguous fp32, transposed [in, out]).
+
+    kv_t [C, 2C] = [Wk; Wv]^T (one product serves k and v), pos1_t [4, h], pos2_t [h, C], attn1_t [C, h],
+    attn2_t [h, C]; biases pos1_b [h], pos2_b [C], attn1_b [h], attn2_b [C]. `source` keeps the dict (nn.Linear
+    layout) for the reference path. Build it again after changing the module's weights.
+    """
+
+    kv_t: torch.Tensor
+    pos1_t: torch.Tensor
+    pos1_b: torch.Tensor
+    pos2_t: torch.Tensor
+    pos2_b: torch.Tensor
+    attn1_t: torch.Tensor
+    attn1_b: torch.Tensor
+    attn2_t: torch.Tensor
+    attn2_b: torch.Tensor
+    source: dict
+
+    @property
+    def channels(self) -> int:
+        return self.kv_t.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.attn1_t.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_t.device
+
+    @classmethod
+    def from_dict(cls, weights: dict, device: torch.device | str | None = None) -> "PreparedViewWeights":
+        missing = [key for key in WEIGHT_KEYS if key not in weights]
+        if missing:
+            raise ValueError(f"view attention weights are missing {missing} (expected keys {WEIGHT_KEYS})")
+        device = torch.device(device) if device is not None else weights["k"].device
+        # a snapshot: later updates of the module's parameters do not leak into half of the prepared weights
+        source = {key: weights[key].detach().to(device=device, dtype=torch.float32).clone() for key in WEIGHT_KEYS}
+        _check_weight_shapes(source)
+        layout = _kernel_ready
+        return cls(kv_t=layout(torch.cat([source["k"], source["v"]], dim=0).t()),
+                   pos1_t=layout(source["pos1_w"].t()), pos1_b=layout(source["pos1_b"]),
+                   pos2_t=layout(source["pos2_w"].t()), pos2_b=layout(source["pos2_b"]),
+                   attn1_t=layout(source["attn1_w"].t()), attn1_b=layout(source["attn1_b"]),
+                   attn2_t=layout(source["attn2_w"].t()), attn2_b=layout(source["attn2_b"]),
+                   source=source)
+
+    @classmethod
+    def from_kernel_arguments(cls, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t,
+                              attn2_b) -> "PreparedViewWeights":
+        """Inverse of `kernel_arguments` (what the custom op receives): no copies; `source` holds views."""
+        channels = kv_t.shape[0]
+        if kv_t.dim() != 2 or kv_t.shape[1] != 2 * channels:
+            raise ValueError(f"kv_t must be [C, 2C], got {tuple(kv_t.shape)}")
+        source = {"k": kv_t[:, :channels].t(), "v": kv_t[:, channels:].t(), "pos1_w": pos1_t.t(), "pos1_b": pos1_b,
+                  "pos2_w": pos2_t.t(), "pos2_b": pos2_b, "attn1_w": attn1_t.t(), "attn1_b": attn1_b,
+                  "attn2_w": attn2_t.t(), "attn2_b": attn2_b}
+        _check_weight_shapes(source)
+        layout = _kernel_ready
+        return cls(kv_t=layout(kv_t), pos1_t=layout(pos1_t), pos1_b=layout(pos1_b), pos2_t=layout(pos2_t),
+                   pos2_b=layout(pos2_b), attn1_t=layout(attn1_t), attn1_b=layout(attn1_b), attn2_t=layout(attn2_t),
+                   attn2_b=layout(attn2_b), source=source)
+
+    def to(self, device: torch.device | str) -> "PreparedViewWeights":
+        return self if torch.device(device) == self.device else PreparedViewWeights.from_dict(self.source, device)
+
+    def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
+        return (self.kv_t, self.pos1_t, self.pos1_b, self.pos2_t, self.pos2_b,
+                self.attn1_t, self.attn1_b, self.attn2_t, self.attn2_b)
+
+
+def _check_weight_shapes(weights: dict) -> None:
+    channels = weights["k"].shape[0]
+    hidden = weights["pos1_w"].shape[0]
+    expected = {"k": (channels, channels), "v": (channels, channels),
+                "pos1_w": (hidden, _RAY_DIFF_DIM), "pos1_b": (hidden,), "pos2_w": (channels, hidden),
+                "pos2_b": (channels,), "attn1_w": (hidden, channels), "attn1_b": (hidden,),
+                "attn2_w": (channels, hidden), "attn2_b": (channels,)}
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != shape:
+            raise ValueError(f"view attention weight {key!r} has shape {tuple(weights[key].shape)}, expected {shape} "
+                             f"(channels={channels}, hidden={hidden})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TVM kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+def _vector_exp(x):
+    """exp(x) for fp32 as plain arithmetic, so LLVM vectorizes it (llvm.exp becomes one libm call per lane).
+
+    exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-0.35, 0.35] (ln 2 split in two constants so
+    n ln 2 is exact), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9, below fp32 rounding), 2^n
+    built from the exponent bits. x < -87.3 (below the smallest normal float) gives 0; x is clamped at 88.
+    """
+    from tvm import te, tirx
+
+    clamped = te.min(te.max(x, tirx.const(-87.3, "float32")), tirx.const(88.0, "float32"))
+    n = tirx.floor(clamped * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))
+    r = clamped - n * tirx.const(0.693359375, "float32") + n * tirx.const(2.12194440e-4, "float32")
+    poly = tirx.const(1.0 / 5040.0, "float32")
+    for order in range(6, -1, -1):
+        poly = poly * r + tirx.const(1.0 / math.factorial(order), "float32")
+    scale = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, 23))
+    return tirx.if_then_else(x < tirx.const(-87.3, "float32"), tirx.const(0.0, "float32"), poly * scale)
+
+
+def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool):
+    """TE definition; returns the arguments in call order (output last). Shapes in the module docstring."""
+    from tvm import te, tirx
+
+    exp = _vector_exp if fast_exp else tirx.exp
+    num_tiles = te.var("num_tiles")
+    qp = te.placeholder((num_tiles, tile, channels), name="qp")
+    features = te.placeholder((num_tiles, tile, views, channels), name="features")
+    ray_diff = te.placeholder((num_tiles, tile, views, _RAY_DIFF_DIM), name="ray_diff")
+    mask = te.placeholder((num_tiles, tile, views), name="mask")
+    kv_t = te.placeholder((channels, 2 * channels), name="kv_t")
+    pos1_t = te.placeholder((_RAY_DIFF_DIM, hidden), name="pos1_t")
+    pos1_b = te.placeholder((hidden,), name="pos1_b")
+    pos2_t = te.placeholder((hidden, channels), name="pos2_t")
+    pos2_b = te.placeholder((channels,), name="pos2_b")
+    attn1_t = te.placeholder((channels, hidden), name="attn1_t")
+    attn1_b = te.placeholder((hidden,), name="attn1_b")
+    attn2_t = te.placeholder((hidden, channels), name="attn2_t")
+    attn2_b = te.placeholder((channels,), name="attn2_b")
+    zero = tirx.const(0.0, "float32")
+    lowest = tirx.const(float(torch.finfo(torch.float32).min), "float32")
+
+    j = te.reduce_axis((0, channels), name="j")
+    kv = te.compute((num_tiles, tile, views, 2 * channels),
+                    lambda n, t, v, o: te.sum(features[n, t, v, j] * kv_t[j, o], axis=j), name="kv")
+    pos_hidden = te.compute(
+        (num_tiles, tile, views, hidden),
+        lambda n, t, v, h: te.max(pos1_b[h] + sum(ray_diff[n, t, v, i] * pos1_t[i, h] for i in range(_RAY_DIFF_DIM)),
+                                  zero), name="pos_hidden")
+    pos = te.compute((num_tiles, tile, views, channels),
+                     lambda n, t, v, c: pos2_b[c] + sum(pos_hidden[n, t, v, h] * pos2_t[h, c] for h in range(hidden)),
+                     name="pos")
+    attn_in = te.compute((num_tiles, tile, views, channels),
+                         lambda n, t, v, c: kv[n, t, v, c] - qp[n, t, c] + pos[n, t, v, c], name="attn_in")
+    c_in = te.reduce_axis((0, channels), name="c_in")
+    attn_pre = te.compute(
+        (num_tiles, tile, views, hidden),
+        lambda n, t, v, h: te.sum(attn_in[n, t, v, c_in] * attn1_t[c_in, h], axis=c_in), name="attn_pre")
+    attn_hidden = te.compute((num_tiles, tile, views, hidden),
+                             lambda n, t, v, h: te.max(attn_pre[n, t, v, h] + attn1_b[h], zero), name="attn_hidden")
+    logits = te.compute(
+        (num_tiles, tile, views, channels),
+        lambda n, t, v, c: tirx.if_then_else(
+            mask[n, t, v] == zero, lowest,
+            attn2_b[c] + sum(attn_hidden[n, t, v, h] * attn2_t[h, c] for h in range(hidden))), name="logits")
+
+    def over_views(combine, term):
+        value = term(0)
+        for view in range(1, views):
+            value = combine(value, term(view))
+        return value
+
+    peak = te.compute((num_tiles, tile, channels),
+                      lambda n, t, c: over_views(te.max, lambda view: logits[n, t, view, c]), name="peak")
+    exps = te.compute((num_tiles, tile, views, channels),
+                      lambda n, t, v, c: exp(logits[n, t, v, c] - peak[n, t, c]), name="exps")
+    # denominator >= 1 (the peak view contributes exp(0)), so a token no view sees gets 0 * mask = 0, never NaN
+    denominator = te.compute((num_tiles, tile, channels),
+                             lambda n, t, c: over_views(lambda a, b: a + b, lambda view: exps[n, t, view, c]),
+                             name="denominator")
+    out = te.compute(
+        (num_tiles, tile, channels),
+        lambda n, t, c: over_views(
+            lambda a, b: a + b,
+            lambda view: exps[n, t, view, c] / denominator[n, t, c] * mask[n, t, view]
+            * (kv[n, t, view, channels + c] + pos[n, t, view, c])), name="out")
+    arguments = [qp, features, ray_diff, mask, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t,
+                 attn2_b, out]
+    return arguments
+
+
+def _vector_lanes(extent: int) -> int:
+    """The widest chunk (16 fp32 = one AVX-512 register, or less) that divides `extent` evenly."""
+    return next(lanes for lanes in (16, 8, 4, 2, 1) if extent % lanes == 0)
+
+
+# Stages that depend on the whole [V, C] slab of one token, consumers first (the order compute_at needs).
+_PER_TOKEN_STAGES = ("denominator", "exps", "peak", "logits", "attn_hidden", "attn_pre", "attn_in", "pos",
+                     "pos_hidden", "kv")
+
+
+def _schedule_cpu(sch, channels: int) -> None:
+    """Parallel over tiles, then token by token: each token's [V, C] stages live in small L1-resident buffers.
+
+    The k|v product keeps one 16-channel output chunk of all V views in registers while it runs over the input
+    channels (features broadcast from memory); channel loops are vectorized, the small hidden-size loops unrolled.
+    """
+    out = sch.get_sblock("out")
+    n, token, channel = sch.get_loops(out)
+    sch.parallel(n)
+    sch.vectorize(channel)
+    for name in _PER_TOKEN_STAGES:
+        sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
+
+    for name in ("denominator", "peak", "exps", "logits", "attn_in", "pos"):
+        sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])  # over channels
+    for name in ("pos_hidden", "attn_hidden"):
+        sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])  # over hidden
+
+    kv = sch.get_sblock("kv")
+    view, out_channel, j = sch.get_loops(kv)[-3:]
+    chunk, lane = sch.split(out_channel, factors=[None, _vector_lanes(2 * channels)])
+    sch.reorder(chunk, j, view, lane)
+    sch.unroll(view)
+    sch.vectorize(lane)
+    sch.decompose_reduction(kv, j)
+
+    attn_pre = sch.get_sblock("attn_pre")
+    view, unit, c_in = sch.get_loops(attn_pre)[-3:]
+    sch.reorder(c_in, view, unit)
+    sch.unroll(view)
+    sch.vectorize(unit)
+    sch.decompose_reduction(attn_pre, c_in)
+
+
+def _schedule_cuda(sch, threads: int) -> None:
+    """One thread block per tile; each stage spreads its (token, view, channel) outputs over the block's threads.
+
+    [tile, V, C] intermediates live in shared memory (TVM inserts the barriers between stages; reductions
+    accumulate in a register and store once); each output thread computes its (token, channel) softmax max and
+    denominator in registers.
+    """
+    out = sch.get_sblock("out")
+    n, token, channel = sch.get_loops(out)
+    sch.bind(n, "blockIdx.x")
+    _, lane = sch.split(sch.fuse(token, channel), factors=[None, threads])
+    sch.bind(lane, "threadIdx.x")
+    sch.compute_inline(sch.get_sblock("exps"))
+    sch.compute_inline(sch.get_sblock("attn_in"))
+    for name in ("denominator", "peak"):
+        sch.compute_at(sch.get_sblock(name), lane)
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    for name, reduces in (("logits", False), ("attn_hidden", False), ("attn_pre", True), ("pos", False),
+                          ("pos_hidden", False), ("kv", True)):
+        block = sch.get_sblock(name)
+        stage = sch.cache_write(block, 0, "local") if reduces else block
+        sch.compute_at(stage, n)
+        sch.set_scope(stage, 0, "shared")
+        _, lane = sch.split(sch.fuse(*sch.get_loops(stage)[1:]), factors=[None, threads])
+        sch.bind(lane, "threadIdx.x")
+        if reduces:
+            sch.compute_at(block, lane)
+
+
+CUDA_THREADS = 128
+_CUDA_SHARED_BYTES = 40 * 1024  # under the 48 KiB of static shared memory per block
+
+
+def kernel_tile(target_kind: str, views: int, channels: int) -> int:
+    """Tokens per tile: TILE on CPU; on CUDA the largest power of two <= 16 whose shared intermediates fit."""
+    if target_kind != "cuda":
+        return TILE
+    per_token_bytes = 4 * views * 4 * channels  # kv [V, 2C], pos [V, C], logits [V, C] in fp32
+    tile = 16
+    while tile > 1 and tile * per_token_bytes > _CUDA_SHARED_BYTES:
+        tile //= 2
+    return tile
+
+
+def make_view_attention(target: dict, views: int, channels: int, hidden: int):
+    """The scheduled IRModule for one (views, channels, hidden) configuration on `target` (a TVM target dict).
+
+    Arguments of `main`, in order: qp [NT, tile, C], features [NT, tile, V, C], ray_diff [NT, tile, V, 4],
+    mask [NT, tile, V], then PreparedViewWeights.kernel_arguments(), then out [NT, tile, C]; NT is symbolic and
+    tile = kernel_tile(target["kind"], views, channels). All fp32, contiguous, 64-byte aligned.
+    """
+    import tvm
+    from tvm import s_tir, te
+
+    on_cuda = target["kind"] == "cuda"
+    tile = kernel_tile(target["kind"], views, channels)
+    arguments = _view_attention_compute(views, channels, hidden, tile, fast_exp=not on_cuda)
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(arguments)}))
+    if on_cuda:
+        _schedule_cuda(sch, CUDA_THREADS)
+    else:
+        _schedule_cpu(sch, channels)
+    return sch.mod
+
+
+_KERNELS: dict[tuple, Callable | None] = {}
+
+
+def view_attention_kernel(device: torch.device | str, views: int, channels: int, hidden: int) -> Callable | None:
+    """The compiled kernel for `device`, or None (one warning) when TVM is missing or the build fails."""
+    device = torch.device(device)
+    memo = (device.type, device.index, views, channels, hidden, torch.get_num_threads())
+    if memo not in _KERNELS:
+        if not tvm_available():
+            warn_once("view_attention: TVM is not importable (pip install apache-tvm==0.27.0.post1); "
+                      "using the PyTorch reference")
+            kernel = None
+        else:
+            def build() -> Callable:
+                target = target_for(device)
+                key = {"views": views, "channels": channels, "hidden": hidden,
+                       "tile": kernel_tile(target["kind"], views, channels)}
+                return build_kernel("view_attention", key, target,
+                                    lambda target: make_view_attention(target, views, channels, hidden))
+
+            kernel = kernel_or_none(build)
+        _KERNELS[memo] = kernel
+    return _KERNELS[memo]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public wrapper
+# ----------------------------------------------------------------------------------------------------------------
+
+def _kernel_ready(tensor: torch.Tensor) -> torch.Tensor:
+    return kernel_ready(tensor, torch.float32)
+
+
+def _validate(qp, features, ray_diff, mask, channels: int) -> tuple[int, torch.Size]:
+    """Checks shapes and devices; returns (views, leading shape)."""
+    for name, tensor in (("qp", qp), ("features", features), ("ray_diff", ray_diff), ("mask", mask)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"view_attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != features.device:
+            raise ValueError(f"view_attention: {name} is on {tensor.device} but features is on {features.device}")
+    if features.dim() < 3 or features.shape[-1] != channels:
+        raise ValueError(f"view_attention: features must be [..., V, C={channels}], got {tuple(features.shape)}")
+    lead, views = features.shape[:-2], features.shape[-2]
+    if tuple(qp.shape) != (*lead, channels):
+        raise ValueError(f"view_attention: qp must be {(*lead, channels)} to match features "
+                         f"{tuple(features.shape)}, got {tuple(qp.shape)}")
+    if tuple(ray_diff.shape) != (*lead, views, _RAY_DIFF_DIM):
+        raise ValueError(f"view_attention: ray_diff must be {(*lead, views, _RAY_DIFF_DIM)}, "
+                         f"got {tuple(ray_diff.shape)}")
+    if tuple(mask.shape) not in ((*lead, views), (*lead, views, 1)):
+        raise ValueError(f"view_attention: mask must be {(*lead, views)} (or with a trailing 1), "
+                         f"got {tuple(mask.shape)}")
+    for name, tensor in (("qp", qp), ("features", features), ("ray_diff", ray_diff)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"view_attention: {name} must be a floating-point tensor, got {tensor.dtype}")
+    return views, lead
+
+
+def view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                   weights: dict | PreparedViewWeights) -> torch.Tensor:
+    """The fused kernel on torch tensors: same result as reference_view_attention (fp32 rounding aside).
+
+    qp [..., C], features [..., V, C], ray_diff [..., V, 4], mask [..., V] or [..., V, 1] -> [..., C] in
+    features' dtype (computed in fp32). Pass PreparedViewWeights (built once per module) to skip re-laying out
+    the weights on every call. Inference only: when autograd needs gradients of an input, or no kernel can be
+    built (no TVM, an unsupported device, a failed build: one warning), the PyTorch reference runs instead.
+    """
+    if not isinstance(weights, PreparedViewWeights):
+        weights = PreparedViewWeights.from_dict(weights, device=features.device)
+    elif weights.device != features.device:
+        raise ValueError(f"view_attention: weights are on {weights.device} but features is on {features.device}; "
+                         f"use weights.to(device) once")
+    views, lead = _validate(qp, features, ray_diff, mask, weights.channels)
+    channels = weights.channels
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qp, features, ray_diff, mask))
+    kernel = None if needs_grad else view_attention_kernel(features.device, views, channels, weights.hidden)
+    if kernel is None:
+        return reference_view_attention(qp, features, ray_diff, mask, weights.source)
+
+    tokens = math.prod(lead)
+    qp_rows = _kernel_ready(qp.reshape(tokens, channels))
+    feature_rows = _kernel_ready(features.reshape(tokens, views, channels))
+    ray_rows = _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM))
+    mask_rows = _kernel_ready(mask.reshape(tokens, views))
+    out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
+    tile = kernel_tile(features.device.type, views, channels)
+    whole = tokens - tokens % tile
+
+    def run(qp_part, feature_part, ray_part, mask_part, out_part) -> None:
+        kernel(qp_part.view(-1, tile, channels), feature_part.view(-1, tile, views, channels),
+               ray_part.view(-1, tile, views, _RAY_DIFF_DIM), mask_part.view(-1, tile, views),
+               *weights.kernel_arguments(), out_part.view(-1, tile, channels))
+
+    if whole:  # the tile-aligned prefix runs in place, without copies
+        run(qp_rows[:whole], feature_rows[:whole], ray_rows[:whole], mask_rows[:whole], out[:whole])
+    if whole < tokens:  # the last partial tile, padded with tokens no view sees (their output is 0, then dropped)
+        rest = tokens - whole
+
+        def padded(rows: torch.Tensor) -> torch.Tensor:
+            tail = rows.new_zeros((tile, *rows.shape[1:]))
+            tail[:rest] = rows[whole:]
+            return tail
+
+        tail_out = out.new_empty(tile, channels)
+        run(padded(qp_rows), padded(feature_rows), padded(ray_rows), padded(mask_rows), tail_out)
+        out[whole:] = tail_out[:rest]
+    return out.view(*lead, channels).to(features.dtype)

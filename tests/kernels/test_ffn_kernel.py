@@ -1,0 +1,96 @@
+"""Fused FFN sublayer kernel (LN + FFN + residual, MoE routing in-kernel) vs its reference and the modules."""
+import pytest
+import torch
+from torch import nn
+
+tvm = pytest.importorskip("tvm")
+
+from gnt_shiftadd.models.transformers import FeedForward  # noqa: E402
+from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
+from gnt_shiftadd.shiftadd.reparameterize import shift_feedforward  # noqa: E402
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
+from kernels import build  # noqa: E402
+from kernels.ffn import ffn_sublayer, ffn_weights, make_ffn_sublayer, reference_ffn_sublayer, route_tokens  # noqa: E402
+
+
+def _norm(dim, seed=0):
+    torch.manual_seed(seed)
+    norm = nn.LayerNorm(dim, eps=1e-6)
+    nn.init.normal_(norm.weight, 1.0, 0.3)
+    nn.init.normal_(norm.bias, 0.0, 0.3)
+    return norm
+
+
+def _moe(dim, hidden, router_std=1.0, seed=0):
+    torch.manual_seed(seed)
+    dense = FeedForward(dim, hidden)
+    moe = MoEFeedForward([dense, shift_feedforward(dense, ShiftSpec())], dim=dim, dispatch="gather")
+    nn.init.normal_(moe.router.weight, 0.0, router_std)
+    return moe.eval()
+
+
+def _module_output(norm, ff, x):
+    with torch.no_grad():
+        return x + ff(norm(x))
+
+
+@pytest.mark.parametrize("dim,hidden,tokens", [(32, 128, 1000), (32, 128, 1), (16, 64, 13), (24, 40, 9),
+                                               (64, 256, 33), (12, 12, 8)])
+@pytest.mark.parametrize("kind", ["dense", "shift", "moe"])
+def test_matches_reference_and_modules(dim, hidden, tokens, kind):
+    norm = _norm(dim)
+    torch.manual_seed(1)
+    dense = FeedForward(dim, hidden).eval()
+    ff = {"dense": dense, "shift": shift_feedforward(dense, ShiftSpec()).eval(), "moe": _moe(dim, hidden)}[kind]
+    weights = ffn_weights(norm, ff)
+    x = torch.randn(tokens, dim) * 2
+    out = ffn_sublayer(x, weights)
+    torch.testing.assert_close(out, reference_ffn_sublayer(x, weights), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out, _module_output(norm, ff, x), rtol=1e-5, atol=2e-5)
+
+
+def test_moe_routes_both_ways_and_handles_an_empty_expert():
+    dim, hidden = 32, 128
+    norm, moe = _norm(dim), _moe(dim, hidden)
+    x = torch.randn(400, dim)
+    weights = ffn_weights(norm, moe)
+    chosen = route_tokens(x, weights)
+    assert 0 < int(chosen.sum()) < x.shape[0]  # both experts used
+    torch.testing.assert_close(ffn_sublayer(x, weights), _module_output(norm, moe, x), rtol=1e-5, atol=2e-5)
+    for bias in (-100.0, 100.0):  # every token to one expert: the other one is empty
+        with torch.no_grad():
+            moe.router.bias.copy_(torch.tensor([0.0, bias]))
+        weights = ffn_weights(norm, moe)
+        assert int(route_tokens(x, weights).sum()) in (0, x.shape[0])
+        torch.testing.assert_close(ffn_sublayer(x, weights), _module_output(norm, moe, x), rtol=1e-5, atol=2e-5)
+
+
+def test_leading_dims_and_empty_input():
+    norm, ff = _norm(16), FeedForward(16, 32).eval()
+    weights = ffn_weights(norm, ff)
+    x = torch.randn(2, 3, 16)
+    out = ffn_sublayer(x, weights)
+    assert out.shape == (2, 3, 16)
+    torch.testing.assert_close(out, _module_output(norm, ff, x), rtol=1e-5, atol=2e-5)
+    assert ffn_sublayer(torch.randn(0, 16), weights).shape == (0, 16)
+
+
+def test_bad_inputs_and_unsupported_modules():
+    norm, ff = _norm(16), FeedForward(16, 32).eval()
+    weights = ffn_weights(norm, ff)
+    with pytest.raises(ValueError, match="16"):
+        ffn_sublayer(torch.randn(4, 15), weights)
+    with pytest.raises(ValueError, match="float32"):
+        ffn_sublayer(torch.randn(4, 16).half(), weights)
+    with pytest.raises(TypeError, match="unsupported FFN"):
+        ffn_weights(norm, nn.Linear(16, 16))
+    moe = _moe(16, 32)
+    moe.gate_scaling = "probability"
+    with pytest.raises(TypeError, match="straight-through"):
+        ffn_weights(norm, moe)
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+def test_cuda_kernel_builds_without_a_gpu(experts):
+    target = build.cuda_target("sm_90")
+    assert tvm.compile(make_ffn_sublayer(target, 32, 128, experts, 1e-6), target=tvm.target.Target(target))
