@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.training.checkpoint import config_of_checkpoint  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.evaluation.metrics import psnr  # noqa: E402
+from gnt_shiftadd.evaluation.timing import median_seconds, render_heldout, sync  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
@@ -42,26 +42,6 @@ from kernels.ffn import ffn_sublayer, ffn_weights  # noqa: E402
 from kernels.hashed_attention import hash_pack, linear_attention, quadratic_attention  # noqa: E402
 from kernels.mat_shift import mat_shift  # noqa: E402
 from kernels.view_attention import view_attention, view_attention_weights  # noqa: E402
-from renderer.views import render_novel_view  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------- per kernel
@@ -76,7 +56,7 @@ def kernel_benchmarks(cfg, device: torch.device, repeats: int) -> list[dict]:
     rows = []
 
     def row(name, shape, tvm_fn, torch_fn, torch_name):
-        tvm_s, torch_s = timed(tvm_fn, device, repeats), timed(torch_fn, device, repeats)
+        tvm_s, torch_s = median_seconds(tvm_fn, device, repeats), median_seconds(torch_fn, device, repeats)
         rows.append({"kernel": name, "shape": shape, "tvm_ms": tvm_s * 1e3, "torch_ms": torch_s * 1e3,
                      "torch_op": torch_name, "speedup": torch_s / tvm_s})
         print(f"{name:28s} {shape:34s} tvm {tvm_s * 1e3:8.2f} ms  torch {torch_s * 1e3:8.2f} ms  "
@@ -166,12 +146,12 @@ class ComponentTimer:
         kernel_apply.ffn_sublayer = timed_ffn
 
     def _start(self, module, kind):
-        _sync(self.device)
+        sync(self.device)
         self._starts[id(module)] = time.perf_counter()
         self._open_blocks.append(kind)
 
     def _stop(self, module, kind):
-        _sync(self.device)
+        sync(self.device)
         elapsed = time.perf_counter() - self._starts.pop(id(module))
         self._open_blocks.pop()
         self.totals[kind] = self.totals.get(kind, 0.0) + elapsed
@@ -185,14 +165,6 @@ class ComponentTimer:
         kernel_apply.ffn_sublayer = self._original_ffn
 
 
-def render_heldout(model, tensors, cfg, view):
-    scene = tensors.scene
-    near, far = scene.depth_range(view)
-    return render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
-                             cfg.render.n_samples, near, far, stride=cfg.eval.stride, chunk=cfg.render.chunk_rays,
-                             exclude_view=view)
-
-
 @torch.no_grad()
 def end_to_end(label, overrides, ckpt, backend, compile_model, view, repeats):
     """Render held-out `view` with the checkpoint's own model config (+ overrides) on `backend`."""
@@ -202,7 +174,7 @@ def end_to_end(label, overrides, ckpt, backend, compile_model, view, repeats):
         model.transformer = torch.compile(model.transformer, dynamic=False)
     scene = tensors.scene
     image = render_heldout(model, tensors, cfg, view)  # warm-up: builds/loads kernels, compiles
-    seconds = timed(lambda: render_heldout(model, tensors, cfg, view), tensors.device, repeats, warmup=0)
+    seconds = median_seconds(lambda: render_heldout(model, tensors, cfg, view), tensors.device, repeats, warmup=0)
     target = torch.from_numpy(scene.images[view][::cfg.eval.stride, ::cfg.eval.stride]).to(image.device)
     frame_psnr = float(psnr(image.clamp(0, 1), target.float()))
     breakdown = {}
@@ -211,7 +183,7 @@ def end_to_end(label, overrides, ckpt, backend, compile_model, view, repeats):
         try:
             tic = time.perf_counter()
             render_heldout(model, tensors, cfg, view)
-            _sync(tensors.device)
+            sync(tensors.device)
             total = time.perf_counter() - tic
         finally:
             timer.close()

@@ -12,15 +12,11 @@ from tqdm.auto import tqdm
 
 from gnt_shiftadd.config import Config
 from gnt_shiftadd.evaluation.metrics import ImageMetrics, psnr
+from gnt_shiftadd.evaluation.timing import sync
 from gnt_shiftadd.experiment import SceneTensors
 from renderer.camera_path import spiral_path
 from renderer.video import save_png, write_video
 from renderer.views import render_novel_view
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def environment() -> dict:
@@ -43,12 +39,12 @@ def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, pro
     per_view = []
     for view in tqdm([int(v) for v in scene.test_ids], desc="evaluate", disable=not progress):
         near, far = scene.depth_range(view)
-        _sync(tensors.device)
+        sync(tensors.device)
         tic = time.perf_counter()
         image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
                                   cfg.render.n_samples, near, far, stride=stride, chunk=cfg.render.chunk_rays,
                                   autocast=cfg.render.autocast, exclude_view=view)
-        _sync(tensors.device)
+        sync(tensors.device)
         seconds = time.perf_counter() - tic
         target = tensors.images[view][::stride, ::stride]
         nearest = int(tensors.nearest_sources(scene.c2w[view], 1, exclude_view=view)[0])
@@ -81,11 +77,11 @@ def render_spiral_video(model, tensors: SceneTensors, cfg: Config, out_dir: str 
     K = scene.intrinsics[0]
     frames, seconds = [], []
     for index, pose in enumerate(tqdm(poses, desc="render video", disable=not progress)):
-        _sync(tensors.device)
+        sync(tensors.device)
         tic = time.perf_counter()
         frame = render_novel_view(model, tensors, pose, K, cfg.data.num_source_views, cfg.render.n_samples, near, far,
                                   stride=cfg.video.stride, chunk=cfg.render.chunk_rays, autocast=cfg.render.autocast)
-        _sync(tensors.device)
+        sync(tensors.device)
         seconds.append(time.perf_counter() - tic)
         frames.append(frame.cpu())
         save_png(frame, out_dir / "frames" / f"frame{index:04d}.png")
