@@ -9,6 +9,8 @@
   python run_nerf.py finetune --config configs/fern.yaml --config configs/shiftadd/e_moe.yaml \
       --from outputs/fern_cpu/checkpoints/latest.pt name=fern_e_moe   # convert a trained GNT, fine-tune in stages
   python run_nerf.py reparam  --config ... --from CKPT name=...     # convert only (no fine-tuning)
+  python run_nerf.py report --config configs/fern.yaml [--scene PATH] [--teacher CKPT] --out DIR \
+      [report.finetune_steps=200 ...]   # PSNR vs latency vs energy of every variant: table, plots, crops
 Several --config files are merged in order (later ones win), then the overrides.
 Overrides use dotted keys, e.g. train.steps=500 data.scene=/path/to/scene render.n_samples=32.
 """
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("train", "train (or resume) a model"), ("eval", "evaluate held-out views"),
                             ("render", "render a spiral video"), ("all", "train, evaluate and render"),
                             ("finetune", "convert a trained GNT to a ShiftAdd variant and fine-tune it in stages"),
-                            ("reparam", "convert a trained GNT to a ShiftAdd variant (no fine-tuning)")]:
+                            ("reparam", "convert a trained GNT to a ShiftAdd variant (no fine-tuning)"),
+                            ("report", "PSNR vs latency vs energy of every ShiftAdd variant (table, plots, crops)")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", action="append",
                        help=f"YAML file, repeatable (default: {DEFAULT_CONFIG.name}, or the checkpoint's own config)")
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(same as render.kernels=...)")
         if name in ("finetune", "reparam"):
             p.add_argument("--from", dest="init_from", required=True, help="checkpoint of the trained model to convert")
+        if name == "report":
+            p.add_argument("--out", required=True, help="report folder (re-running it reuses finished parts)")
+            p.add_argument("--scene", help="LLFF scene folder (same as data.scene=...)")
+            p.add_argument("--teacher", help="trained dense GNT checkpoint (default: train one for train.steps)")
     return parser
 
 
@@ -52,6 +59,8 @@ def resolve_config(args):
     from gnt_shiftadd.config import load_config
     from gnt_shiftadd.training.checkpoint import config_of_checkpoint
 
+    if getattr(args, "scene", None):
+        args.overrides = [*args.overrides, f"data.scene={args.scene}"]
     if getattr(args, "kernels", None):
         args.overrides = [*args.overrides, f"render.kernels={args.kernels}"]
     if args.config is None and getattr(args, "ckpt", None):
@@ -102,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fine-tuned to step {result.step}; checkpoint: {result.checkpoint}")
         elif args.command == "reparam":
             print(f"converted checkpoint: {workflows.run_reparam(cfg, args.init_from, progress)}")
+        elif args.command == "report":
+            from gnt_shiftadd.report import run_report
+
+            record = run_report(cfg, args.out, teacher=args.teacher, progress=progress)
+            print((Path(args.out) / "report.md").read_text())
+            print(f"report: {Path(args.out) / 'report.json'} (best PSNR per ms: {record.get('best_psnr_per_ms')})")
     except (ConfigError, SceneError, CheckpointError, TrainingError, ReparameterizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

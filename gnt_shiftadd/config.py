@@ -110,6 +110,18 @@ class VideoConfig:
 
 
 @dataclass
+class ReportConfig:
+    """run_nerf.py report: which variants, their fine-tuning budget, and how latency is measured."""
+
+    variants: list = field(default_factory=list)  # names from configs/shiftadd/ (empty: all of them)
+    finetune_steps: int = 200  # extra steps per variant, from the dense teacher
+    latency_repeats: int = 3  # timed renders per variant and backend (median), after one warm-up render
+    view: int = -1  # which held-out view is timed and cropped (index into the held-out views; -1: the middle one)
+    crop: int = 96  # side of the centre crop in crops.png (pixels of the eval-stride image)
+    runs_dir: str = ""  # where the teacher and variant runs live (empty: <report out>/runs)
+
+
+@dataclass
 class Config:
     name: str = "default"
     out_dir: str = "outputs"  # run folder = out_dir/name
@@ -121,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def run_dir(self) -> Path:
