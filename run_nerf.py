@@ -74,6 +74,9 @@ def resolve_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gnt_shiftadd.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # large tensors reuse heap memory instead of page-faulting fresh mmaps (see runtime.py)
     from data.scene import SceneError
     from gnt_shiftadd import workflows
     from gnt_shiftadd.config import ConfigError

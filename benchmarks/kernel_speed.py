@@ -42,6 +42,9 @@ from kernels.ffn import ffn_sublayer, ffn_weights  # noqa: E402
 from kernels.hashed_attention import hash_pack, linear_attention, quadratic_attention  # noqa: E402
 from kernels.mat_shift import mat_shift  # noqa: E402
 from kernels.view_attention import view_attention, view_attention_weights  # noqa: E402
+from kernels.view_features import ViewFeatureWeights, view_features  # noqa: E402
+from gnt_shiftadd.models.gnt import masked_max_over_views  # noqa: E402
+from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------- per kernel
@@ -95,6 +98,21 @@ def kernel_benchmarks(cfg, device: torch.device, repeats: int) -> list[dict]:
         lambda: attention(q_in, features[:, None], ray_diff[:, None], mask[:, None, :, None]),
         "ViewAttention eager (incl. q_fc/out_fc)")
 
+    feat_channels = cfg.model.feature_channels
+    rgb_s = torch.rand(views, 3, tokens, device=device)
+    feat_s = torch.randn(views, feat_channels, tokens, device=device)
+    mask_s = (torch.rand(tokens, views, device=device) > 0.2).float()
+    fc1, fc2 = torch.nn.Linear(3 + feat_channels, dim).to(device), torch.nn.Linear(dim, dim).to(device)
+    front_weights = ViewFeatureWeights.from_linears(fc1, fc2)
+
+    def torch_front():  # what GNT does after grid_sample: concatenate, per-view MLP, max-pool the visible views
+        rgb_feat = torch.cat([rgb_s.permute(2, 0, 1), feat_s.permute(2, 0, 1)], dim=-1)
+        features = fc2(torch.relu(fc1(rgb_feat)))
+        return features, masked_max_over_views(features, mask_s[..., None])
+
+    row("view_features", f"[{tokens},{views},{3 + feat_channels}]->{dim}",
+        lambda: view_features(rgb_s, feat_s, mask_s, front_weights), torch_front, "cat + rgbfeat MLP + max-pool eager")
+
     heads, samples = cfg.model.num_heads, cfg.render.n_samples
     rays = cfg.render.chunk_rays
     head_dim = dim // heads
@@ -135,7 +153,7 @@ class ComponentTimer:
         for module, kind in hooked:
             self.handles.append(module.register_forward_pre_hook(lambda m, a, k=kind: self._start(m, k)))
             self.handles.append(module.register_forward_hook(lambda m, a, o, k=kind: self._stop(m, k)))
-        self._original_ffn = kernel_apply.ffn_sublayer
+        self._original_ffn = kernel_apply.run_ffn
 
         def timed_ffn(*args, **kwargs):
             self._start(timed_ffn, "ffn")
@@ -143,7 +161,7 @@ class ComponentTimer:
             self._stop(timed_ffn, "ffn")
             return out
 
-        kernel_apply.ffn_sublayer = timed_ffn
+        kernel_apply.run_ffn = timed_ffn
 
     def _start(self, module, kind):
         sync(self.device)
@@ -162,7 +180,7 @@ class ComponentTimer:
     def close(self):
         for handle in self.handles:
             handle.remove()
-        kernel_apply.ffn_sublayer = self._original_ffn
+        kernel_apply.run_ffn = self._original_ffn
 
 
 @torch.no_grad()
@@ -211,12 +229,14 @@ def main() -> int:
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile baseline")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    tune_cpu_allocator()
     cfg = load_config(args.config, args.overrides)
     import tvm
 
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "environment": environment() | {"tvm": str(tvm.__version__)}, "device": str(device)}
+              "environment": environment() | {"tvm": str(tvm.__version__), "allocator": allocator_state()},
+              "device": str(device)}
     print("per kernel (one render chunk):")
     record["kernels"] = kernel_benchmarks(cfg, device, args.kernel_repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

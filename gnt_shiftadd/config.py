@@ -119,6 +119,7 @@ class ReportConfig:
     view: int = -1  # which held-out view is timed and cropped (index into the held-out views; -1: the middle one)
     crop: int = 96  # side of the centre crop in crops.png (pixels of the eval-stride image)
     runs_dir: str = ""  # where the teacher and variant runs live (empty: <report out>/runs)
+    remeasure: bool = False  # time every variant again instead of reusing the latencies of an earlier run
 
 
 @dataclass

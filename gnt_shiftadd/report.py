@@ -87,11 +87,14 @@ def _teacher(base: Config, teacher: str | Path | None, progress: bool) -> Path:
 
 
 def _measure(name: str, entry: dict, base: Config, view: int, out_dir: Path, previous: dict | None) -> dict:
-    """Latency of one variant on every backend; reused when the checkpoint and the device are unchanged."""
+    """Latency of one variant on every backend; reused while the checkpoint, the device and the allocator setting
+    are unchanged (report.remeasure=true times again, e.g. after changing a kernel)."""
     ckpt = Path(entry["checkpoint"])
-    stamp, device = _file_stamp(ckpt), environment()["device"]
+    env = environment()
+    stamp, device = _file_stamp(ckpt), [env["device"], env["cpu_allocator_tuned"]]
     backends = _backends()
-    if previous and previous.get("checkpoint_stamp") == stamp and previous.get("device") == device \
+    if previous and not base.report.remeasure and previous.get("checkpoint_stamp") == stamp \
+            and previous.get("device") == device \
             and set(previous.get("ms_per_frame", {})) == set(backends) and previous.get("view") == view \
             and all((out_dir / "renders" / f"{name}_{b}.png").exists() for b in backends) \
             and (out_dir / "renders" / "ground_truth.png").exists():

@@ -24,7 +24,8 @@ from kernels.backend import kernel_or_none
 from kernels.build import build_kernel, kernel_ready, target_for
 from kernels.mat_shift import TILE, pad_to_tiles
 
-__all__ = ["FFNWeights", "ffn_weights", "route_tokens", "reference_ffn_sublayer", "make_ffn_sublayer", "ffn_sublayer"]
+__all__ = ["FFNWeights", "ffn_weights", "route_tokens", "reference_ffn_sublayer", "gemm_ffn_sublayer",
+           "make_ffn_sublayer", "ffn_sublayer"]
 
 
 @dataclass
@@ -105,6 +106,16 @@ def reference_ffn_sublayer(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
     hidden = torch.relu(torch.einsum("nc,nch->nh", normed, w.fc1[chosen]) + w.b1[chosen])
     out = torch.einsum("nh,nhc->nc", hidden, w.fc2[chosen]) + w.b2[chosen]
     return (x.float() + out).to(x.dtype)
+
+
+def gemm_ffn_sublayer(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
+    """x [..., C] -> x + FFN(LN(x)) for one expert with two BLAS GEMMs (the fast path on CPU, see kernels.apply)."""
+    if w.num_experts != 1:
+        raise ValueError(f"gemm_ffn_sublayer takes one expert, got {w.num_experts}")
+    flat = x.reshape(-1, x.shape[-1]).float()
+    normed = F.layer_norm(flat, (flat.shape[-1],), w.ln_w, w.ln_b, w.eps)
+    hidden = torch.relu(torch.addmm(w.b1[0], normed, w.fc1[0]))
+    return torch.addmm(w.b2[0], hidden, w.fc2[0]).add_(flat).to(x.dtype).reshape(x.shape)
 
 
 def make_ffn_sublayer(target: dict, dim: int, hidden: int, experts: int, eps: float):

@@ -15,6 +15,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
   ffn_sublayer                        x [N.., C], stacked expert weights (see FFNWeights) -> [N.., C]
   view_attention                      qp [N.., C], features [N.., V, C], ray_diff [N.., V, 4], mask [N.., V],
                                       weights in the kernel layout (PreparedViewWeights) -> [N.., C]
+  view_features                       rgb [V, 3, N], feat [V, F, N], mask [N, V], per-view MLP weights
+                                      -> features [N, V, C], q0 [N, C]
   hash_pack                           x [R, H, S, d], weight [H, d, n], bias [H, n] -> int32 [R, H, S, W]
   hashed_quadratic / hashed_linear    q_words, k_words int32 [R, H, S, W], v [R, H, S, d] -> [R, H, Sq, d]
 """
@@ -29,9 +31,10 @@ from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import mat_shift as _mat_shift
 from kernels import view_attention as _view
+from kernels import view_features as _features
 
-__all__ = ["mat_shift", "ffn_sublayer", "view_attention", "hash_pack", "quadratic_attention", "linear_attention",
-           "OPS"]
+__all__ = ["mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
+           "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
 
@@ -112,6 +115,28 @@ def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
     return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
 
 
+# ----------------------------------------------------------------------------------------------- view features
+
+@torch.library.custom_op(f"{NAMESPACE}::view_features", mutates_args=())
+def _view_features_op(rgb: Tensor, feat: Tensor, mask: Tensor, w1_rgb: Tensor, w1_feat: Tensor, b1: Tensor,
+                      w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+    weights = _features.ViewFeatureWeights(w1_rgb, w1_feat, b1, w2, b2)
+    return _features.view_features(rgb, feat, mask, weights)
+
+
+@_view_features_op.register_fake
+def _(rgb, feat, mask, w1_rgb, w1_feat, b1, w2, b2):
+    tokens, views = mask.shape
+    return rgb.new_empty(tokens, views, w2.shape[1]), rgb.new_empty(tokens, w2.shape[1])
+
+
+def view_features(rgb: Tensor, feat: Tensor, mask: Tensor, w: "_features.ViewFeatureWeights") -> tuple[Tensor, Tensor]:
+    """Per-view feature MLP + masked max-pool through the custom op (the reference when gradients are needed)."""
+    if _needs_grad(rgb, feat, mask):
+        return _features.reference_view_features(rgb, feat, mask, w)
+    return torch.ops.shiftadd_gnt.view_features(rgb, feat, mask, *w.tensors())
+
+
 # -------------------------------------------------------------------------------------------- hashed attention
 
 @torch.library.custom_op(f"{NAMESPACE}::hash_pack", mutates_args=())
@@ -164,4 +189,5 @@ def linear_attention(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, f
 
 
 OPS = {"mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+       "view_features": _view_features_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -22,6 +22,9 @@ def _report_overrides(tiny_scene, tmp_path):
 
 def test_report_end_to_end_and_incremental_rerun(tiny_scene, tmp_path, monkeypatch):
     pytest.importorskip("tvm")
+    from gnt_shiftadd.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the CLI does, so the CLI re-run below sees the same allocator setting
     out = tmp_path / "report"
     cfg = load_config(None, _report_overrides(tiny_scene, tmp_path))
     record = run_report(cfg, out, progress=False)
@@ -69,6 +72,10 @@ def test_report_end_to_end_and_incremental_rerun(tiny_scene, tmp_path, monkeypat
     monkeypatch.setattr("gnt_shiftadd.report.frame_latency", counting)
     run_report(cfg, out, progress=False)
     assert len(calls) == 2 and (out / "renders" / "c_hash_shift_linears_tvm.png").exists()
+    calls.clear()
+    run_report(load_config(None, _report_overrides(tiny_scene, tmp_path) + ["report.remeasure=true"]), out,
+               progress=False)
+    assert len(calls) == 6  # every variant on both backends
 
 
 def test_bad_report_settings_are_clear_errors(tiny_scene, tmp_path, capsys):

@@ -54,12 +54,19 @@ class GNTTransformer(nn.Module):
         self.rgb_fc = nn.Linear(dim, 3)
 
     def forward(self, rgb_feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
-        dirs = F.normalize(ray_dirs, dim=-1)
-        point_code = self.pos_enc(points)  # [R, S, 3 + 6 Fp]
-        dir_code = self.dir_enc(dirs)[:, None, :].expand(*points.shape[:2], -1)  # [R, S, 3 + 6 Fd]
+        point_code, dir_code = self.encode_points(points, ray_dirs)
 
         features = self.rgbfeat_fc2(F.relu(self.rgbfeat_fc1(rgb_feat)))  # [R, S, V, C]
         q = masked_max_over_views(features, mask)  # [R, S, C]: the query starts as a max-pool over views
+        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code)
+
+    def encode_points(self, points, ray_dirs) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, broadcast [R, S, 3 + 6 Fd]."""
+        dirs = F.normalize(ray_dirs, dim=-1)
+        return self.pos_enc(points), self.dir_enc(dirs)[:, None, :].expand(*points.shape[:2], -1)
+
+    def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code) -> torch.Tensor:
+        """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on."""
         for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
             q = view_block(q, features, ray_diff, mask)
             if layer % 2 == 0:
@@ -83,6 +90,9 @@ class GNT(nn.Module):
             out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
         )
         self.transformer = GNTTransformer(cfg)
+        # Inference hook for kernels.apply.use_kernels: a module (points, target_origin, views) -> (features
+        # [R, S, V, C], q [R, S, C], ray_diff, mask) replacing gather + per-view MLP + max-pool. No parameters.
+        self.front_end: nn.Module | None = None
 
     def encode_sources(self, src_rgb: torch.Tensor, src_K: torch.Tensor, src_c2w: torch.Tensor) -> SourceViews:
         """src_rgb [V, H, W, 3] in [0, 1] -> SourceViews with features [V, F, H/4, W/4]."""
@@ -91,6 +101,10 @@ class GNT(nn.Module):
 
     def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
+        if self.front_end is not None:  # a fused kernel from the grid_sample outputs to the first query
+            features, q, ray_diff, mask = self.front_end(points, target_origin, views)
+            point_code, dir_code = self.transformer.encode_points(points, ray_dirs)
+            return self.transformer.forward_embedded(features, q, ray_diff, mask, point_code, dir_code)
         rgb_feat, ray_diff, mask = gather_from_source_views(points, target_origin, views)
         return self.transformer(rgb_feat, ray_diff, mask, points, ray_dirs)
 

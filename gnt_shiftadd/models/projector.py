@@ -76,14 +76,14 @@ def _sample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def gather_from_source_views(
+def sample_source_views(
     points: torch.Tensor, target_origin: torch.Tensor, views: SourceViews
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every source view sees at every sample point.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every source view sees at every sample point, in grid_sample's own layout (no copies).
 
-    points [R, S, 3], target_origin [3] -> rgb_feat [R, S, V, 3 + C] (colour then CNN features),
-    ray_diff [R, S, V, 4] (see `relative_direction_code`), mask [R, S, V, 1] (1 = in front and inside the image).
-    One grid_sample per tensor with the views as the batch; rgb and features share the normalised coordinates.
+    points [R, S, 3], target_origin [3] -> rgb [V, 3, R, S], feat [V, C, R, S] (bilinear samples of the images
+    and the CNN features), ray_diff [R, S, V, 4] (see `relative_direction_code`), mask [R, S, V, 1]
+    (1 = in front and inside the image). One grid_sample per tensor with the views as the batch.
     """
     height, width = views.image_size
     pixels, depth = project_points(points, views.K, views.c2w)  # [V, R, S, 2], [V, R, S]
@@ -95,8 +95,16 @@ def gather_from_source_views(
     grid = (2.0 * pixels / scale - 1.0).clamp(-3.0, 3.0)
     rgb = _sample(views.rgb.permute(0, 3, 1, 2).to(points), grid)  # [V, 3, R, S]
     feat = _sample(views.features.to(points), grid)  # [V, C, R, S]
-    rgb_feat = torch.cat([rgb.permute(2, 3, 0, 1), feat.permute(2, 3, 0, 1)], dim=-1)
-
     ray_diff = relative_direction_code(points, target_origin, views.c2w[:, :3, 3])
     mask = inside.permute(1, 2, 0)[..., None].to(points.dtype)
+    return rgb, feat, ray_diff, mask
+
+
+def gather_from_source_views(
+    points: torch.Tensor, target_origin: torch.Tensor, views: SourceViews
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_source_views` in the transformer's layout: rgb_feat [R, S, V, 3 + C] (colour then CNN features),
+    ray_diff [R, S, V, 4], mask [R, S, V, 1]."""
+    rgb, feat, ray_diff, mask = sample_source_views(points, target_origin, views)
+    rgb_feat = torch.cat([rgb.permute(2, 3, 0, 1), feat.permute(2, 3, 0, 1)], dim=-1)
     return rgb_feat, ray_diff, mask

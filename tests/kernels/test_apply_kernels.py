@@ -20,8 +20,9 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("gemm", ["tvm", "blas"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_kernels_match_the_reference_model(tiny_config, variant):
+def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     cfg = tiny_config("model.dropout=0.0")
     tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
     model = build_model(cfg, torch.device("cpu")).eval()
@@ -34,7 +35,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant):
     model.eval()
     with torch.no_grad():
         expected = run()
-        summary = use_kernels(model, "tvm")
+        summary = use_kernels(model, "tvm", gemm=gemm)
         got = run()
     assert summary["view_blocks"] == summary["ray_blocks"] == cfg.model.trans_depth
     assert all(isinstance(b, KernelViewBlock) for b in model.transformer.view_blocks)
@@ -54,6 +55,9 @@ def test_torch_backend_leaves_the_model_alone_and_training_mode_is_refused(tiny_
         use_kernels(model.train(), "tvm")
     with pytest.raises(ValueError, match="torch.*tvm|backend"):
         use_kernels(model.eval(), "cuda")
+    with pytest.raises(ValueError, match="gemm"):
+        use_kernels(model.eval(), "tvm", gemm="mkl")
+    assert kernel_summary(model) == "no kernels"  # a refused choice swaps nothing
 
 
 def test_missing_tvm_degrades_to_torch_with_one_warning(tiny_config, monkeypatch):

@@ -16,6 +16,7 @@ from kernels.apply import KernelRayBlock, KernelViewBlock, use_kernels  # noqa: 
 from kernels.ffn import ffn_sublayer as direct_ffn, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
+from kernels.view_features import ViewFeatureWeights  # noqa: E402
 
 DIM, HIDDEN, VIEWS = 16, 32, 5
 
@@ -35,6 +36,11 @@ def _ffn():
 def _view_weights():
     torch.manual_seed(2)
     return PreparedViewWeights.from_dict(view_attention_weights(ViewAttention(DIM).eval()))
+
+
+def _feature_weights():
+    torch.manual_seed(6)
+    return ViewFeatureWeights.from_linears(torch.nn.Linear(3 + 8, DIM), torch.nn.Linear(DIM, DIM))
 
 
 def _view_inputs(tokens=13):
@@ -62,6 +68,8 @@ def _op_cases():
         "ffn_sublayer": (torch.randn(3, 7, DIM), w.fc1, w.b1, w.fc2, w.b2, w.router_w, w.router_b, w.ln_w, w.ln_b,
                          float(w.eps)),
         "view_attention": (*_view_inputs(), *vw.kernel_arguments()),
+        "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
+                          (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),
         "hash_pack": (x, hw, hb),
         "hashed_quadratic": (words, words.flip(2).contiguous(), v, torch.full((2,), 0.3), 16),
         "hashed_linear": (words, words.flip(2).contiguous(), v, 16, "hashed"),

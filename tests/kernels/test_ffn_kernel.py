@@ -94,3 +94,18 @@ def test_bad_inputs_and_unsupported_modules():
 def test_cuda_kernel_builds_without_a_gpu(experts):
     target = build.cuda_target("sm_90")
     assert tvm.compile(make_ffn_sublayer(target, 32, 128, experts, 1e-6), target=tvm.target.Target(target))
+
+
+def test_gemm_path_matches_reference_and_refuses_moe():
+    from kernels.ffn import gemm_ffn_sublayer
+
+    dim, hidden = 24, 40
+    norm = _norm(dim)
+    dense = FeedForward(dim, hidden).eval()
+    x = torch.randn(3, 11, dim)
+    for ff in (dense, shift_feedforward(dense, ShiftSpec()).eval()):
+        w = ffn_weights(norm, ff)
+        torch.testing.assert_close(gemm_ffn_sublayer(x, w), reference_ffn_sublayer(x.reshape(-1, dim), w).reshape(x.shape),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one expert"):
+        gemm_ffn_sublayer(x, ffn_weights(norm, _moe(dim, hidden)))

@@ -1,0 +1,233 @@
+"""Fused per-view feature MLP and masked max-pool: the front of GNT's transformer, straight from grid_sample.
+
+After the samples are projected into the source views, PyTorch concatenates the bilinear RGB and CNN samples
+into rgb_feat [T, V, 3 + F] (a permuted copy), runs `rgbfeat_fc2(relu(rgbfeat_fc1(.)))` on every (token, view)
+and max-pools the visible views into the first query. This kernel reads the grid_sample outputs where they
+lie ([V, 3, N] and [V, F, N], token index last) and writes only what the transformer needs next:
+
+    hidden   = relu(rgb @ W1[:, :3]^T + feat @ W1[:, 3:]^T + b1)     (per token and view, never stored)
+    features = hidden @ W2^T + b2                                      [T, V, C]  (read by every view block)
+    q0       = max over visible views of features, 0 if none         [T, C]
+
+Layout: rgb [V, 3, N], feat [V, F, N] with N >= NT * tile tokens (N symbolic); the kernel covers the first
+NT * tile tokens (NT symbolic, never split); the wrapper computes the last partial tile with the reference.
+mask [N, V] (1 = visible); outputs features [NT, tile, V, C] and q0 [NT, tile, C], all fp32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import kernel_or_none
+from kernels.build import build_kernel, kernel_ready, target_for, tvm_available
+
+__all__ = ["TILE", "ViewFeatureWeights", "reference_view_features", "make_view_features", "view_features"]
+
+TILE = 16  # tokens per tile (CPU parallel unit / CUDA thread block)
+_NEG = -3.0e38  # below any finite feature, above -inf (so "no visible view" is a plain comparison)
+
+
+class ViewFeatureWeights:
+    """rgbfeat_fc1 / rgbfeat_fc2 in the kernel layout: w1_rgb [3, H], w1_feat [F, H], b1 [H], w2 [H, C], b2 [C]."""
+
+    def __init__(self, w1_rgb, w1_feat, b1, w2, b2):
+        self.w1_rgb, self.w1_feat, self.b1, self.w2, self.b2 = (
+            kernel_ready(t.detach(), torch.float32) for t in (w1_rgb, w1_feat, b1, w2, b2))
+        feat_channels, hidden = self.w1_feat.shape
+        if self.w1_rgb.shape != (3, hidden) or self.b1.shape != (hidden,) or self.w2.shape[0] != hidden \
+                or self.b2.shape != (self.w2.shape[1],):
+            raise ValueError(f"view feature weights do not fit together: w1_rgb {tuple(self.w1_rgb.shape)}, w1_feat "
+                             f"{tuple(self.w1_feat.shape)}, b1 {tuple(self.b1.shape)}, w2 {tuple(self.w2.shape)}, "
+                             f"b2 {tuple(self.b2.shape)}")
+
+    @classmethod
+    def from_linears(cls, fc1: torch.nn.Linear, fc2: torch.nn.Linear, rgb_channels: int = 3) -> "ViewFeatureWeights":
+        if not (isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)):
+            raise TypeError(f"the view feature MLP must be two nn.Linear layers, got {type(fc1).__name__}, "
+                            f"{type(fc2).__name__}")
+        w1 = fc1.weight.detach().float()
+        return cls(w1[:, :rgb_channels].t(), w1[:, rgb_channels:].t(), fc1.bias, fc2.weight.detach().float().t(),
+                   fc2.bias)
+
+    @property
+    def shapes(self) -> tuple[int, int, int]:
+        """(feature channels F, hidden H, out channels C)."""
+        return self.w1_feat.shape[0], self.w1_feat.shape[1], self.w2.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.w1_rgb, self.w1_feat, self.b1, self.w2, self.b2
+
+
+def reference_view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
+                            w: ViewFeatureWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """rgb [V, 3, N], feat [V, F, N], mask [N, V] -> (features [N, V, C], q0 [N, C]); GNTTransformer's math."""
+    rgb_feat = torch.cat([rgb, feat], dim=1).permute(2, 0, 1)  # [N, V, 3 + F]
+    w1 = torch.cat([w.w1_rgb, w.w1_feat], dim=0)  # [3 + F, H]
+    features = F.relu(rgb_feat @ w1 + w.b1) @ w.w2 + w.b2
+    visible = mask[..., None] > 0
+    pooled = features.masked_fill(~visible, torch.finfo(features.dtype).min).max(dim=1).values
+    q0 = torch.where(visible.any(dim=1), pooled, torch.zeros_like(pooled))
+    return features, q0
+
+
+def make_view_features(target: dict, views: int, feat_channels: int, hidden: int, channels: int):
+    """IRModule "main"(rgb [V, 3, N], feat [V, F, N], mask [N, V], w1_rgb, w1_feat, b1, w2, b2,
+    features [NT, TILE, V, C], q0 [NT, TILE, C])."""
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    n, tiles = te.var("n"), te.var("tiles")
+    rgb = te.placeholder((views, 3, n), "float32", name="rgb")
+    feat = te.placeholder((views, feat_channels, n), "float32", name="feat")
+    mask = te.placeholder((n, views), "float32", name="mask")
+    w1_rgb = te.placeholder((3, hidden), "float32", name="w1_rgb")
+    w1_feat = te.placeholder((feat_channels, hidden), "float32", name="w1_feat")
+    b1 = te.placeholder((hidden,), "float32", name="b1")
+    w2 = te.placeholder((hidden, channels), "float32", name="w2")
+    b2 = te.placeholder((channels,), "float32", name="b2")
+
+    def token(t, i):
+        return t * TILE + i
+
+    # intermediates keep the TILE tokens of a tile last, so CPU vectors run over tokens: the inputs' token
+    # index is contiguous, and every weight becomes a broadcast scalar
+    f = te.reduce_axis((0, feat_channels), "f")
+    pre = te.compute((tiles, views, hidden, TILE),
+                     lambda t, v, h, i: te.sum(feat[v, f, token(t, i)] * w1_feat[f, h], axis=f), name="pre")
+    act = te.compute((tiles, views, hidden, TILE), lambda t, v, h, i: te.max(
+        pre[t, v, h, i] + b1[h] + rgb[v, 0, token(t, i)] * w1_rgb[0, h] + rgb[v, 1, token(t, i)] * w1_rgb[1, h]
+        + rgb[v, 2, token(t, i)] * w1_rgb[2, h], tirx.const(0.0, "float32")), name="act")
+    r = te.reduce_axis((0, hidden), "r")
+    proj = te.compute((tiles, TILE, views, channels),
+                      lambda t, i, v, c: te.sum(act[t, v, r, i] * w2[r, c], axis=r), name="proj")
+    features = te.compute((tiles, TILE, views, channels), lambda t, i, v, c: proj[t, i, v, c] + b2[c],
+                          name="features")
+    vv = te.reduce_axis((0, views), "vv")
+    peak = te.compute((tiles, TILE, channels), lambda t, i, c: te.max(tirx.if_then_else(
+        mask[token(t, i), vv] > tirx.const(0.0, "float32"), features[t, i, vv, c], tirx.const(_NEG, "float32")),
+        axis=vv), name="peak")
+    q0 = te.compute((tiles, TILE, channels), lambda t, i, c: tirx.if_then_else(
+        peak[t, i, c] > tirx.const(_NEG, "float32"), peak[t, i, c], tirx.const(0.0, "float32")), name="q0")
+    func = te.create_prim_func([rgb, feat, mask, w1_rgb, w1_feat, b1, w2, b2, features, q0])
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    if target["kind"] == "cuda":
+        _schedule_cuda(sch)
+    else:
+        _schedule_cpu(sch, hidden, channels)
+    return sch.mod
+
+
+def _lanes(extent: int) -> int:
+    for width in (16, 8, 4, 2):
+        if extent % width == 0:
+            return width
+    return 1
+
+
+def _accumulate_in_registers(sch, block, order, outer, k, unrolled, lane) -> None:
+    """Reorder a product's loops to `order`, unroll/vectorize the innermost two, and keep its accumulators in a
+    local buffer per `outer` iteration (registers) that is stored once after the k loop."""
+    sch.reorder(*order)
+    sch.unroll(unrolled)
+    sch.vectorize(lane)
+    copy = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(copy, outer, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(copy)[-1])
+    sch.decompose_reduction(block, k)
+
+
+def _schedule_cpu(sch, hidden: int, channels: int) -> None:
+    """Parallel over tiles; a tile's [V, H, TILE] hidden activations stay in L1. The first product runs with the
+    TILE tokens as vector lanes (its input's token index is contiguous), the second with the output channels as
+    lanes (so it writes features in their final layout); both accumulate in registers."""
+    features = sch.get_sblock("features")
+    tile = sch.get_loops(features)[0]
+    sch.parallel(tile)
+    for name in ("proj", "act", "pre"):
+        sch.compute_at(sch.get_sblock(name), tile, preserve_unit_loops=True)
+    for name in ("peak", "q0"):
+        sch.reverse_compute_at(sch.get_sblock(name), tile, preserve_unit_loops=True)
+    pre = sch.get_sblock("pre")  # [V, H, TILE]: tokens are the vector lanes, 8 hidden units accumulate at once
+    _, out, lane, k = sch.get_loops(pre)[-4:]
+    outer, inner = sch.split(out, [None, next(u for u in (8, 4, 2, 1) if hidden % u == 0)])
+    _accumulate_in_registers(sch, pre, [outer, k, inner, lane], outer, k, unrolled=inner, lane=lane)
+    proj = sch.get_sblock("proj")  # [TILE, V, C]: channels are the vector lanes, the V views accumulate at once
+    _, token, view, out, k = sch.get_loops(proj)[-5:]
+    outer, lane = sch.split(out, [None, _lanes(channels)])
+    _accumulate_in_registers(sch, proj, [token, outer, k, view, lane], outer, k, unrolled=view, lane=lane)
+    sch.reverse_compute_inline(features)  # + b2 on the way out of the registers
+    sch.reverse_compute_inline(sch.get_sblock("act"))  # relu(pre + rgb terms) written straight from registers
+    peak = sch.get_sblock("peak")
+    lane, view = sch.get_loops(peak)[-2:]
+    sch.reorder(view, lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(peak, view)
+    sch.unroll(sch.get_loops(peak)[-2])
+    sch.vectorize(sch.get_loops(sch.get_sblock("q0"))[-1])
+
+
+def _schedule_cuda(sch, threads: int = 128) -> None:
+    """One block per tile; hidden activations in shared memory, every stage's outputs spread over the threads."""
+    features = sch.get_sblock("features")
+    tile = sch.get_loops(features)[0]
+    sch.bind(tile, "blockIdx.x")
+    _, lane = sch.split(sch.fuse(*sch.get_loops(features)[1:]), [None, threads])
+    sch.bind(lane, "threadIdx.x")
+    for name, reduces in (("proj", True), ("act", False), ("pre", True)):
+        block = sch.get_sblock(name)
+        stage = sch.cache_write(block, 0, "local") if reduces else block
+        sch.compute_at(stage, tile)
+        sch.set_scope(stage, 0, "shared")
+        _, lane = sch.split(sch.fuse(*sch.get_loops(stage)[1:]), [None, threads])
+        sch.bind(lane, "threadIdx.x")
+        if reduces:
+            sch.compute_at(block, lane)
+    q0 = sch.get_sblock("q0")
+    tile = sch.get_loops(q0)[0]
+    sch.bind(tile, "blockIdx.x")
+    _, lane = sch.split(sch.fuse(*sch.get_loops(q0)[1:]), [None, threads])
+    sch.bind(lane, "threadIdx.x")
+    sch.compute_at(sch.get_sblock("peak"), lane)
+    sch.set_scope(sch.get_sblock("peak"), 0, "local")
+
+
+_KERNELS: dict[tuple, Callable | None] = {}
+
+
+def _kernel(device: torch.device, views: int, feat_channels: int, hidden: int, channels: int) -> Callable | None:
+    memo = (device.type, device.index, views, feat_channels, hidden, channels, torch.get_num_threads())
+    if memo not in _KERNELS:
+        if not tvm_available():
+            _KERNELS[memo] = None
+        else:
+            key = {"views": views, "feat": feat_channels, "hidden": hidden, "channels": channels, "tile": TILE}
+            _KERNELS[memo] = kernel_or_none(lambda: build_kernel(
+                "view_features", key, target_for(device),
+                lambda target: make_view_features(target, views, feat_channels, hidden, channels)))
+    return _KERNELS[memo]
+
+
+def view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
+                  w: ViewFeatureWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """rgb [V, 3, N], feat [V, F, N], mask [N, V] -> (features [N, V, C], q0 [N, C]) fp32 on the kernel (the
+    reference when TVM is unavailable, gradients are needed, or for the last N mod TILE tokens)."""
+    views, rgb_channels, tokens = rgb.shape
+    feat_channels, hidden, channels = w.shapes
+    if rgb_channels != 3 or tuple(feat.shape) != (views, feat_channels, tokens) or tuple(mask.shape) != (tokens, views):
+        raise ValueError(f"view_features: expected rgb [V, 3, N], feat [V, {feat_channels}, N], mask [N, V]; got "
+                         f"{tuple(rgb.shape)}, {tuple(feat.shape)}, {tuple(mask.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rgb, feat, mask))
+    kernel = None if needs_grad else _kernel(rgb.device, views, feat_channels, hidden, channels)
+    whole = tokens - tokens % TILE
+    if kernel is None or whole == 0:
+        return reference_view_features(rgb, feat, mask, w)
+    rgb, feat, mask = (kernel_ready(t, torch.float32) for t in (rgb, feat, mask))
+    features = torch.empty(tokens, views, channels, device=rgb.device)
+    q0 = torch.empty(tokens, channels, device=rgb.device)
+    kernel(rgb, feat, mask, *w.tensors(), features[:whole].view(-1, TILE, views, channels),
+           q0[:whole].view(-1, TILE, channels))
+    if whole < tokens:
+        features[whole:], q0[whole:] = reference_view_features(rgb[..., whole:], feat[..., whole:], mask[whole:], w)
+    return features, q0
