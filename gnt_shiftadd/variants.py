@@ -69,6 +69,29 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
     return record
 
 
+def conversion_quality(base: Config, teacher: str | Path, out_dir: str | Path, only: list[str] | None = None,
+                       progress: bool = True) -> dict:
+    """Held-out quality of every variant right after conversion from `teacher`, before any fine-tuning: how much
+    ShiftAddViT's brief fine-tuning has to recover. {name: heldout mean metrics}; images under out_dir/<name>."""
+    import torch
+
+    from gnt_shiftadd.evaluation.evaluate import evaluate
+    from gnt_shiftadd.experiment import SceneTensors, load_scene, resolve_device
+    from gnt_shiftadd.training.warm_start import warm_start
+
+    device = resolve_device(base.device)
+    tensors = SceneTensors(load_scene(base), device)
+    results = {}
+    for name, path in variant_configs().items():
+        if only and name not in only:
+            continue
+        cfg = variant_config(base, name, path, steps=0)
+        torch.manual_seed(cfg.train.seed)  # the MoE router's initialisation
+        model, _, _ = warm_start(cfg, teacher, tensors, device, progress=progress)
+        results[name] = evaluate(model.eval(), tensors, cfg, Path(out_dir) / name, progress=progress)["mean"]
+    return results
+
+
 def _write(record: dict, out_json: Path) -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     variants = record["variants"]
