@@ -114,7 +114,7 @@ def gemm_ffn_sublayer(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
         raise ValueError(f"gemm_ffn_sublayer takes one expert, got {w.num_experts}")
     flat = x.reshape(-1, x.shape[-1]).float()
     normed = F.layer_norm(flat, (flat.shape[-1],), w.ln_w, w.ln_b, w.eps)
-    hidden = torch.relu(torch.addmm(w.b1[0], normed, w.fc1[0]))
+    hidden = torch.addmm(w.b1[0], normed, w.fc1[0]).relu_()
     return torch.addmm(w.b2[0], hidden, w.fc2[0]).add_(flat).to(x.dtype).reshape(x.shape)
 
 
