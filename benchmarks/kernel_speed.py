@@ -246,6 +246,10 @@ def main() -> int:
     rows = [end_to_end("dense GNT, torch eager fp32", o, args.dense, "torch", False, view, repeats)]
     if not args.skip_compile:
         rows.append(end_to_end("dense GNT, torch.compile", o, args.dense, "torch", True, view, repeats))
+    if device.type == "cuda":  # the GPU's own fast baselines: half-precision autocast
+        for precision in ("bf16", "fp16"):
+            rows.append(end_to_end(f"dense GNT, torch eager {precision} autocast", [*o, f"render.autocast={precision}"],
+                                   args.dense, "torch", False, view, repeats))
     rows.append(end_to_end("dense GNT, TVM kernels", o, args.dense, "tvm", False, view, repeats))
     for spec in args.shiftadd:
         name, ckpt = spec.split("=", 1)
