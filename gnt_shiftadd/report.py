@@ -67,6 +67,25 @@ def _prepare(cfg: Config, out_dir: Path) -> Config:
     return base
 
 
+def _check_same_scene(grid_json: Path, base: Config) -> None:
+    """A report folder belongs to one scene and model: reusing its runs for another would mix them silently."""
+    if not grid_json.exists():
+        return
+    try:
+        earlier = json.loads(grid_json.read_text()).get("base_config", {})
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{grid_json} is not valid JSON ({error}); delete it to start the report afresh") from None
+    for key in ("data", "model"):
+        if earlier.get(key) is not None and earlier[key] != base.to_dict()[key]:
+            raise ConfigError(f"{grid_json.parent} holds a report for another {key} setting "
+                              f"(earlier: {_differences(earlier[key], base.to_dict()[key])}); use another --out")
+
+
+def _differences(earlier: dict, now: dict) -> str:
+    return ", ".join(f"{k}={earlier.get(k)!r} now {now.get(k)!r}" for k in sorted(set(earlier) | set(now))
+                     if earlier.get(k) != now.get(k))
+
+
 def _teacher(base: Config, teacher: str | Path | None, progress: bool) -> Path:
     if teacher is not None:
         teacher = Path(teacher)
@@ -188,6 +207,7 @@ def run_report(cfg: Config, out_dir: str | Path, teacher: str | Path | None = No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = _prepare(cfg, out_dir)
+    _check_same_scene(out_dir / "grid.json", base)
     view = _report_view(base)
     teacher_ckpt = _teacher(base, teacher, progress)
     grid = run_variant_grid(base, teacher_ckpt, base.report.finetune_steps, out_dir / "grid.json",

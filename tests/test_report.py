@@ -26,7 +26,10 @@ def test_report_end_to_end_and_incremental_rerun(tiny_scene, tmp_path, monkeypat
 
     tune_cpu_allocator()  # as the CLI does, so the CLI re-run below sees the same allocator setting
     out = tmp_path / "report"
-    cfg = load_config(None, _report_overrides(tiny_scene, tmp_path))
+    def config(*extra):  # what the CLI builds (configs/default.yaml + overrides), so the CLI re-run below matches
+        return load_config(run_nerf.DEFAULT_CONFIG, _report_overrides(tiny_scene, tmp_path) + list(extra))
+
+    cfg = config()
     record = run_report(cfg, out, progress=False)
 
     assert [r["variant"] for r in record["rows"]] == ["a_dense", "c_hash_shift_linears", "f_moe_unweighted"]
@@ -73,8 +76,7 @@ def test_report_end_to_end_and_incremental_rerun(tiny_scene, tmp_path, monkeypat
     run_report(cfg, out, progress=False)
     assert len(calls) == 2 and (out / "renders" / "c_hash_shift_linears_tvm.png").exists()
     calls.clear()
-    run_report(load_config(None, _report_overrides(tiny_scene, tmp_path) + ["report.remeasure=true"]), out,
-               progress=False)
+    run_report(config("report.remeasure=true"), out, progress=False)
     assert len(calls) == 6  # every variant on both backends
 
 
@@ -84,6 +86,12 @@ def test_bad_report_settings_are_clear_errors(tiny_scene, tmp_path, capsys):
         run_report(load_config(None, base + ["report.variants=[a_dense,z_nope]"]), tmp_path / "r1", progress=False)
     with pytest.raises(ConfigError, match="report.view=7"):
         run_report(load_config(None, base + ["report.view=7"]), tmp_path / "r2", progress=False)
+    # a report folder made for one scene refuses another (its runs would be mixed up)
+    grid = tmp_path / "r4" / "grid.json"
+    grid.parent.mkdir()
+    grid.write_text(json.dumps({"base_config": {"data": {"scene": "/elsewhere/fern"}}, "variants": {}}))
+    with pytest.raises(ConfigError, match="scene='/elsewhere/fern'"):
+        run_report(load_config(None, base), tmp_path / "r4", progress=False)
     missing = tmp_path / "nothing.pt"
     assert run_nerf.main(["report", "--out", str(tmp_path / "r3"), "--teacher", str(missing), *base]) == 2
     assert str(missing) in capsys.readouterr().err
