@@ -41,12 +41,16 @@ __all__ = ["use_kernels", "KernelFrontEnd", "KernelShiftLinear", "KernelViewBloc
 GEMM_CHOICES = ("auto", "tvm", "blas")
 
 
-def _gemm_on_tvm(gemm: str, device: torch.device) -> bool:
-    """Where dense-shaped products (shift linears, one-expert FFNs) run. "auto": the TVM kernels on CUDA, the
-    platform BLAS on CPU, where MKL's GEMM on the decoded +-2^k weights (bit-identical math) beat MatShift and the
-    fused FFN in the same-run benchmark (results/kernels_cpu.json): a CPU has no cheaper fp32 shift-multiply."""
+def _check_gemm(gemm: str) -> None:
     if gemm not in GEMM_CHOICES:
         raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+
+
+def _gemm_on_tvm(gemm: str, device: torch.device) -> bool:
+    """Where dense-shaped products (shift linears, one-expert FFNs) run. "auto": the TVM kernels on CUDA, the
+    platform BLAS on CPU, where MKL's GEMM on the decoded +-2^k weights (same math) was as fast or faster than
+    MatShift and the fused FFN (results/gemm_choice_cpu.json): a CPU has no cheaper fp32 shift-multiply."""
+    _check_gemm(gemm)
     return gemm == "tvm" or (gemm == "auto" and device.type == "cuda")
 
 
@@ -177,7 +181,7 @@ def use_kernels(model: nn.Module, backend: str = "tvm", gemm: str = "auto") -> d
         return summary
     if model.training:
         raise RuntimeError("use_kernels is for inference: call model.eval() first")
-    _gemm_on_tvm(gemm, torch.device("cpu"))  # validates the choice before anything is swapped
+    _check_gemm(gemm)  # before anything is swapped
     transformer = model.transformer
     for blocks, kind, wrapper in ((transformer.view_blocks, ViewTransformerBlock, KernelViewBlock),
                                   (transformer.ray_blocks, RayTransformerBlock, KernelRayBlock)):

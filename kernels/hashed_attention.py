@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kernels.backend import kernel_or_none, resolve_backend, warn_once
 from kernels.build import KernelBuildError, build_kernel, cache_dir, target_for
+from kernels.te_math import vector_exp
 
 __all__ = ["reference_hash_pack", "reference_quadratic", "reference_linear", "make_hash_pack", "make_quadratic",
            "make_linear", "hash_pack", "quadratic_attention", "linear_attention", "num_words", "LINEAR_FORMS"]
@@ -139,35 +140,22 @@ def _hash_pack_compute(heads: int, samples: int, head_dim: int, n_bits: int):
     return [x, weight, bias, packed]
 
 
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 (a logit minus its row max) as vectorisable float32 arithmetic, relative error ~2e-7.
+def _attention_placeholders(heads: int, queries: int, keys: int, head_dim: int, n_bits: int):
+    """q_words [R, H, Sq, W], k_words [R, H, Sk, W] int32 and v [R, H, Sk, d] fp32, R symbolic."""
+    from tvm import te
 
-    LLVM lowers tirx.exp to one libm expf call per element, which dominated the CPU kernel. Here
-    exp(x) = 2^k * exp(r) with k = round(x log2 e), r = x - k ln 2 in [-ln2/2, ln2/2] (a degree-7 Taylor polynomial,
-    remainder < 1e-8), and 2^k built in the exponent field. x is clamped at -87 (exp = 1.6e-38, still normal): below
-    that the true value is smaller than any softmax weight can matter.
-    """
-    from tvm import tirx
-
-    x = tirx.max(x, tirx.const(-87.0, "float32"))
-    k = tirx.floor(x * tirx.const(1.0 / math.log(2.0), "float32") + tirx.const(0.5, "float32"))
-    r = x - k * tirx.const(math.log(2.0), "float32")
-    poly = tirx.const(1.0 / math.factorial(7), "float32")
-    for power in range(6, -1, -1):
-        poly = poly * r + tirx.const(1.0 / math.factorial(power), "float32")
-    exponent = tirx.shift_left(tirx.Cast("int32", k) + 127, tirx.const(23, "int32"))
-    return poly * tirx.reinterpret("float32", exponent)
+    rays, words = te.var("rays"), num_words(n_bits)
+    return (te.placeholder((rays, heads, queries, words), "int32", name="q_words"),
+            te.placeholder((rays, heads, keys, words), "int32", name="k_words"),
+            te.placeholder((rays, heads, keys, head_dim), "float32", name="v"))
 
 
 def _quadratic_compute(heads: int, queries: int, keys: int, head_dim: int, n_bits: int, fast_exp: bool):
     """TE tensors [q_words, k_words, v, scale, out]: logits -> row max -> exp -> row sum -> weighted v / sum."""
     from tvm import te, tirx
 
-    rays = te.var("rays")
-    words = num_words(n_bits)
-    q = te.placeholder((rays, heads, queries, words), "int32", name="q_words")
-    k = te.placeholder((rays, heads, keys, words), "int32", name="k_words")
-    v = te.placeholder((rays, heads, keys, head_dim), "float32", name="v")
+    q, k, v = _attention_placeholders(heads, queries, keys, head_dim, n_bits)
+    rays, words = q.shape[0], num_words(n_bits)
     scale = te.placeholder((heads,), "float32", name="scale")
 
     def differing_bits(r, h, i, j, w):  # popcount on uint32: CUDA lowers only unsigned popcount (to __popc)
@@ -186,7 +174,7 @@ def _quadratic_compute(heads: int, queries: int, keys: int, head_dim: int, n_bit
     j_max = te.reduce_axis((0, keys), name="j_max")
     row_max = te.compute((rays, heads, queries), lambda r, h, i: te.max(logits[r, h, i, j_max], axis=j_max),
                          name="row_max")
-    exp = _exp_nonpositive if fast_exp else tirx.exp
+    exp = vector_exp if fast_exp else tirx.exp
     exps = te.compute((rays, heads, queries, keys), lambda r, h, i, j: exp(logits[r, h, i, j] - row_max[r, h, i]),
                       name="exps")
     j_sum = te.reduce_axis((0, keys), name="j_sum")
@@ -205,11 +193,8 @@ def _linear_compute(heads: int, queries: int, keys: int, head_dim: int, n_bits: 
     """TE tensors [q_words, k_words, v, out]: per-bit sums of v and key counts, then per-query select-adds of them."""
     from tvm import te, tirx
 
-    rays = te.var("rays")
-    words = num_words(n_bits)
-    q = te.placeholder((rays, heads, queries, words), "int32", name="q_words")
-    k = te.placeholder((rays, heads, keys, words), "int32", name="k_words")
-    v = te.placeholder((rays, heads, keys, head_dim), "float32", name="v")
+    q, k, v = _attention_placeholders(heads, queries, keys, head_dim, n_bits)
+    rays = q.shape[0]
     zero = tirx.const(0.0, "float32")
 
     # Select (both operands evaluated, a blend) rather than if_then_else (a branch, mispredicted half the time)

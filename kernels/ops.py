@@ -154,9 +154,14 @@ def _quadratic_op(q_words: Tensor, k_words: Tensor, v: Tensor, scale: Tensor, n_
     return _hashed.quadratic_attention(q_words, k_words, v, scale, n_bits)
 
 
+def _attention_output(q_words: Tensor, v: Tensor) -> Tensor:
+    """[R, H, Sq, d]: one value vector per query."""
+    return v.new_empty(*q_words.shape[:-1], v.shape[-1])
+
+
 @_quadratic_op.register_fake
 def _(q_words, k_words, v, scale, n_bits):
-    return v.new_empty(*q_words.shape[:-1], v.shape[-1])
+    return _attention_output(q_words, v)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::hashed_linear", mutates_args=())
@@ -166,7 +171,7 @@ def _linear_op(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, form: s
 
 @_linear_op.register_fake
 def _(q_words, k_words, v, n_bits, form):
-    return v.new_empty(*q_words.shape[:-1], v.shape[-1])
+    return _attention_output(q_words, v)
 
 
 def hash_pack(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

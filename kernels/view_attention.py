@@ -32,6 +32,7 @@ from torch import nn
 
 from kernels.backend import kernel_or_none, warn_once
 from kernels.build import build_kernel, kernel_ready, target_for, tvm_available
+from kernels.te_math import vector_exp
 
 __all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
            "kernel_tile", "make_view_attention", "view_attention_kernel", "view_attention"]
@@ -189,30 +190,11 @@ def _check_weight_shapes(weights: dict) -> None:
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-def _vector_exp(x):
-    """exp(x) for fp32 as plain arithmetic, so LLVM vectorizes it (llvm.exp becomes one libm call per lane).
-
-    exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-0.35, 0.35] (ln 2 split in two constants so
-    n ln 2 is exact), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9, below fp32 rounding), 2^n
-    built from the exponent bits. x < -87.3 (below the smallest normal float) gives 0; x is clamped at 88.
-    """
-    from tvm import te, tirx
-
-    clamped = te.min(te.max(x, tirx.const(-87.3, "float32")), tirx.const(88.0, "float32"))
-    n = tirx.floor(clamped * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))
-    r = clamped - n * tirx.const(0.693359375, "float32") + n * tirx.const(2.12194440e-4, "float32")
-    poly = tirx.const(1.0 / 5040.0, "float32")
-    for order in range(6, -1, -1):
-        poly = poly * r + tirx.const(1.0 / math.factorial(order), "float32")
-    scale = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, 23))
-    return tirx.if_then_else(x < tirx.const(-87.3, "float32"), tirx.const(0.0, "float32"), poly * scale)
-
-
 def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool):
     """TE definition; returns the arguments in call order (output last). Shapes in the module docstring."""
     from tvm import te, tirx
 
-    exp = _vector_exp if fast_exp else tirx.exp
+    exp = vector_exp if fast_exp else tirx.exp
     num_tiles = te.var("num_tiles")
     qp = te.placeholder((num_tiles, tile, channels), name="qp")
     features = te.placeholder((num_tiles, tile, views, channels), name="features")

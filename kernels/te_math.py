@@ -1,0 +1,25 @@
+"""Scalar math for TE kernels that LLVM can vectorize (TVM lowers tirx.exp to one libm call per lane on CPU)."""
+from __future__ import annotations
+
+import math
+
+__all__ = ["vector_exp"]
+
+
+def vector_exp(x):
+    """exp(x) for fp32 as plain arithmetic, so LLVM vectorizes it.
+
+    exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-0.35, 0.35] (ln 2 split in two constants so
+    n ln 2 is exact), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9, below fp32 rounding), 2^n
+    built from the exponent bits. x < -87.3 (below the smallest normal float) gives 0; x is clamped at 88.
+    """
+    from tvm import te, tirx
+
+    clamped = te.min(te.max(x, tirx.const(-87.3, "float32")), tirx.const(88.0, "float32"))
+    n = tirx.floor(clamped * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))
+    r = clamped - n * tirx.const(0.693359375, "float32") + n * tirx.const(2.12194440e-4, "float32")
+    poly = tirx.const(1.0 / 5040.0, "float32")
+    for order in range(6, -1, -1):
+        poly = poly * r + tirx.const(1.0 / math.factorial(order), "float32")
+    scale = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, 23))
+    return tirx.if_then_else(x < tirx.const(-87.3, "float32"), tirx.const(0.0, "float32"), poly * scale)
