@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.training.trainer import train  # noqa: E402
 from gnt_shiftadd.workflows import run_eval, run_render  # noqa: E402
 
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="JSON file to write (e.g. results/fern_cpu.json)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    tune_cpu_allocator()  # as run_nerf.py does
     cfg = load_config(args.config, args.overrides)
 
     tic = time.perf_counter()
