@@ -24,6 +24,7 @@ class DataConfig:
     scene: str = "outputs/synthetic_scene"  # folder in LLFF format (poses_bounds.npy + images_<factor>/)
     make_synthetic: bool = False  # generate the procedural scene at `scene` when it does not exist yet
     factor: int = 4  # which images_<factor>/ folder to read
+    format: str = "auto"  # auto (detected from the folder) | llff | colmap | transforms | blender (data/formats.py)
     llffhold: int = 8  # every llffhold-th view is held out for evaluation (0: none)
     num_source_views: int = 10
     synthetic_height: int = 72  # size of a generated synthetic scene (only with make_synthetic)
@@ -43,6 +44,9 @@ class ModelConfig:
     pos_freqs: int = 10  # NeRF positional-encoding frequencies for points
     dir_freqs: int = 10  # ... and for view directions
     dropout: float = 0.0  # GNT uses 0.1 in attention and FFN
+    # how the final tokens become a colour: "regress" (GNT: linear head on the mean over samples) or "blend"
+    # (per-sample blend of the source views' colours, then a learned weighting of the samples; see models/heads.py)
+    color_head: str = "regress"
 
 
 @dataclass
@@ -248,8 +252,10 @@ def validate(cfg: Config) -> None:
         (cfg.render.kernels in ("torch", "tvm"), "render.kernels must be torch or tvm"),
         (cfg.data.num_source_views >= 1, "data.num_source_views must be >= 1"),
         (cfg.data.factor >= 1, "data.factor must be >= 1"),
+        (cfg.data.format in DATA_FORMAT_CHOICES, f"data.format must be one of {', '.join(DATA_FORMAT_CHOICES)}"),
         (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.color_head in COLOR_HEAD_CHOICES, f"model.color_head must be one of {', '.join(COLOR_HEAD_CHOICES)}"),
         (cfg.shiftadd.ray_attention in RAY_ATTENTION_CHOICES,
          f"shiftadd.ray_attention must be one of {', '.join(RAY_ATTENTION_CHOICES)}"),
         (cfg.shiftadd.attention_linears in ("dense", "shift"), "shiftadd.attention_linears must be dense or shift"),
@@ -270,7 +276,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
+COLOR_HEAD_CHOICES = ("regress", "blend")
 RAY_ATTENTION_CHOICES = ("dense", "hash_quadratic", "hash_linear", "hash_linear_seed")
+DATA_FORMAT_CHOICES = ("auto", "llff", "colmap", "transforms", "blender")
 
 # shiftadd fields that change which modules (and parameters) a model has; the rest only tune training
 _VARIANT_KEYS = ("ray_attention", "attention_linears", "ffn", "hash_bits", "shift_exponent_min", "shift_exponent_max",

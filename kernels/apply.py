@@ -85,7 +85,8 @@ class KernelShiftLinear(nn.Module):
 
 class KernelFrontEnd(nn.Module):
     """GNT.front_end on the view-features kernel: (points [R, S, 3], target_origin [3], views) -> (features
-    [R, S, V, C], q [R, S, C], ray_diff [R, S, V, 4], mask [R, S, V, 1]), as the transformer's own front."""
+    [R, S, V, C], q [R, S, C], ray_diff [R, S, V, 4], mask [R, S, V, 1], colors [R, S, V, 3]), as the
+    transformer's own front."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -98,8 +99,9 @@ class KernelFrontEnd(nn.Module):
         features, q = view_features(rgb.reshape(num_views, 3, -1), feat.reshape(num_views, feat.shape[1], -1),
                                     tokens_mask, self.weights)
         channels = q.shape[-1]
+        colors = rgb.permute(2, 3, 0, 1)  # [R, S, V, 3], a view: only the blend colour head reads it
         return (features.view(rays, samples, num_views, channels), q.view(rays, samples, channels), ray_diff,
-                tokens_mask.view(rays, samples, num_views, 1))
+                tokens_mask.view(rays, samples, num_views, 1), colors)
 
 
 class KernelViewBlock(nn.Module):

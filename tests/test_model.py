@@ -121,3 +121,38 @@ def test_full_model_forward_backward_through_cnn():
     groups = model.parameter_groups(5e-4, 1e-3)
     assert [g["name"] for g in groups] == ["transformer", "cnn"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_blend_head_outputs_a_convex_mix_of_source_colours():
+    """Every blended colour lies inside the range of the colours the visible views see on that ray."""
+    model = GNTTransformer(ModelConfig(**SMALL, color_head="blend"))
+    rgb_feat, ray_diff, mask, points, dirs = _inputs()
+    rgb_feat[..., :3] = torch.rand(rgb_feat.shape[:-1] + (3,))
+    mask[0] = 0  # ray 0: no view sees any sample -> black
+    rgb = model(rgb_feat, ray_diff, mask, points, dirs)
+    assert rgb.shape == (5, 3)
+    assert torch.equal(rgb[0], torch.zeros(3))
+    colors = rgb_feat[..., :3].masked_fill(mask == 0, float("nan"))
+    lo = colors.flatten(1, 2).nan_to_num(2.0).amin(dim=1)
+    hi = colors.flatten(1, 2).nan_to_num(-1.0).amax(dim=1)
+    assert (rgb[1:] >= lo[1:] - 1e-5).all() and (rgb[1:] <= hi[1:] + 1e-5).all()
+    rgb.sum().backward()  # every head parameter is reached by the gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+
+
+def test_blend_head_ignores_invisible_views():
+    """Changing what an invisible view 'sees' (zero-padded samples) never changes the colour."""
+    model = GNTTransformer(ModelConfig(**SMALL, color_head="blend"))
+    rgb_feat, ray_diff, mask, points, dirs = _inputs()
+    mask[:, :, 1] = 0
+    other = rgb_feat.clone()
+    other[:, :, 1] = torch.randn_like(other[:, :, 1])
+    assert torch.allclose(model(rgb_feat, ray_diff, mask, points, dirs), model(other, ray_diff, mask, points, dirs))
+
+
+def test_old_checkpoint_head_keys_are_renamed():
+    from gnt_shiftadd.training.checkpoint import _renamed_head_keys
+
+    state = {"transformer.norm.weight": 1, "transformer.rgb_fc.bias": 2, "transformer.pos_fuse.0.0.weight": 3}
+    assert _renamed_head_keys(state) == {"transformer.head.norm.weight": 1, "transformer.head.rgb_fc.bias": 2,
+                                         "transformer.pos_fuse.0.0.weight": 3}

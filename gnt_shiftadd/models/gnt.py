@@ -2,7 +2,8 @@
 
 A CNN encodes the source views once per target; each target ray's samples are projected into every source view,
 and `trans_depth` pairs of (view transformer, ray transformer) turn the gathered features into the pixel colour
-directly, with no volume rendering: colour = linear head on the mean over the ray's samples.
+directly, with no volume rendering: colour = linear head on the mean over the ray's samples (GNT's head), or,
+with `model.color_head=blend`, a learned blend of the source views' colours (models/heads.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from gnt_shiftadd.config import ModelConfig
 from gnt_shiftadd.models.encodings import PositionalEncoding
+from gnt_shiftadd.models.heads import make_color_head
 from gnt_shiftadd.models.projector import SourceViews, gather_from_source_views
 from gnt_shiftadd.models.resunet import ResUNet
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
@@ -50,29 +52,31 @@ class GNTTransformer(nn.Module):
             if layer % 2 == 0:
                 in_dim = dim + self.pos_enc.out_dim + self.dir_enc.out_dim
                 self.pos_fuse.append(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim)))
-        self.norm = nn.LayerNorm(dim)
-        self.rgb_fc = nn.Linear(dim, 3)
+        self.head = make_color_head(cfg.color_head, dim)
 
     def forward(self, rgb_feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
         point_code, dir_code = self.encode_points(points, ray_dirs)
 
         features = self.rgbfeat_fc2(F.relu(self.rgbfeat_fc1(rgb_feat)))  # [R, S, V, C]
         q = masked_max_over_views(features, mask)  # [R, S, C]: the query starts as a max-pool over views
-        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code)
+        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=rgb_feat[..., :3])
 
     def encode_points(self, points, ray_dirs) -> tuple[torch.Tensor, torch.Tensor]:
         """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, broadcast [R, S, 3 + 6 Fd]."""
         dirs = F.normalize(ray_dirs, dim=-1)
         return self.pos_enc(points), self.dir_enc(dirs)[:, None, :].expand(*points.shape[:2], -1)
 
-    def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code) -> torch.Tensor:
-        """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on."""
+    def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code, colors=None) -> torch.Tensor:
+        """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on.
+        colors [R, S, V, 3] (what each view sees at each sample) is needed by the blend head only."""
         for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
             q = view_block(q, features, ray_diff, mask)
             if layer % 2 == 0:
                 q = self.pos_fuse[layer // 2](torch.cat([q, point_code, dir_code], dim=-1))
             q = ray_block(q)
-        return self.rgb_fc(self.norm(q).mean(dim=1))
+        if self.head.needs_colors and colors is None:
+            raise ValueError("the blend colour head needs the source colours at the samples (colors [R, S, V, 3])")
+        return self.head(q, features, colors, ray_diff, mask)
 
 
 class GNT(nn.Module):
@@ -102,9 +106,9 @@ class GNT(nn.Module):
     def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
         if self.front_end is not None:  # a fused kernel from the grid_sample outputs to the first query
-            features, q, ray_diff, mask = self.front_end(points, target_origin, views)
+            features, q, ray_diff, mask, colors = self.front_end(points, target_origin, views)
             point_code, dir_code = self.transformer.encode_points(points, ray_dirs)
-            return self.transformer.forward_embedded(features, q, ray_diff, mask, point_code, dir_code)
+            return self.transformer.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors)
         rgb_feat, ray_diff, mask = gather_from_source_views(points, target_origin, views)
         return self.transformer(rgb_feat, ray_diff, mask, points, ray_dirs)
 

@@ -70,7 +70,17 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a ShiftAdd-GNT checkpoint (expected format {FORMAT!r})")
+    payload["model"] = _renamed_head_keys(payload["model"])
     return payload
+
+
+def _renamed_head_keys(state: dict) -> dict:
+    """Checkpoints written before the colour head became its own module (models/heads.py) kept its layers as
+    transformer.norm / transformer.rgb_fc: map them to transformer.head.* so those runs still load."""
+    old = ("transformer.norm.", "transformer.rgb_fc.")
+    if not any(k.startswith(old) for k in state):
+        return state
+    return {("transformer.head." + k[len("transformer."):] if k.startswith(old) else k): v for k, v in state.items()}
 
 
 def check_compatible(payload: dict, cfg: Config, path: str | Path) -> None:
