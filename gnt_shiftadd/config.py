@@ -47,6 +47,9 @@ class ModelConfig:
     # how the final tokens become a colour: "regress" (GNT: linear head on the mean over samples) or "blend"
     # (per-sample blend of the source views' colours, then a learned weighting of the samples; see models/heads.py)
     color_head: str = "regress"
+    # source-view feature CNN: "resunet" (GNT's, trained from scratch) or "alexnet" (ImageNet-trained AlexNet
+    # conv1+conv2, frozen, + a trained 1x1 projection; see models/pretrained_features.py)
+    feature_extractor: str = "resunet"
 
 
 @dataclass
@@ -256,6 +259,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.color_head in COLOR_HEAD_CHOICES, f"model.color_head must be one of {', '.join(COLOR_HEAD_CHOICES)}"),
+        (cfg.model.feature_extractor in FEATURE_EXTRACTOR_CHOICES,
+         f"model.feature_extractor must be one of {', '.join(FEATURE_EXTRACTOR_CHOICES)}"),
         (cfg.shiftadd.ray_attention in RAY_ATTENTION_CHOICES,
          f"shiftadd.ray_attention must be one of {', '.join(RAY_ATTENTION_CHOICES)}"),
         (cfg.shiftadd.attention_linears in ("dense", "shift"), "shiftadd.attention_linears must be dense or shift"),
@@ -277,6 +282,7 @@ def validate(cfg: Config) -> None:
 
 
 COLOR_HEAD_CHOICES = ("regress", "blend")
+FEATURE_EXTRACTOR_CHOICES = ("resunet", "alexnet")
 RAY_ATTENTION_CHOICES = ("dense", "hash_quadratic", "hash_linear", "hash_linear_seed")
 DATA_FORMAT_CHOICES = ("auto", "llff", "colmap", "transforms", "blender")
 

@@ -14,7 +14,8 @@ from torch import nn
 from gnt_shiftadd.config import ModelConfig
 from gnt_shiftadd.models.encodings import PositionalEncoding
 from gnt_shiftadd.models.heads import make_color_head
-from gnt_shiftadd.models.projector import SourceViews, gather_from_source_views
+from gnt_shiftadd.models.pretrained_features import AlexNetFeatures
+from gnt_shiftadd.models.projector import SourceViews, sample_source_views
 from gnt_shiftadd.models.resunet import ResUNet
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
 
@@ -29,11 +30,25 @@ def masked_max_over_views(features: torch.Tensor, mask: torch.Tensor) -> torch.T
     return torch.where(mask.any(dim=2), pooled, torch.zeros_like(pooled))
 
 
-class GNTTransformer(nn.Module):
-    """From gathered source-view features to colours.
+class ViewEmbedding(nn.Module):
+    """GNT's front end as a swappable leaf: the per-view MLP on [colour, CNN feature] and the masked max-pool over
+    views that gives the first query. Straight from grid_sample's layout: rgb [V, 3, R, S], feat [V, F, R, S],
+    mask [R, S, V, 1] -> features [R, S, V, C], q [R, S, C]. No parameters of its own: the transformer owns
+    rgbfeat_fc1/rgbfeat_fc2 (state_dict keys unchanged) and passes them in; kernels.apply swaps this leaf for the
+    fused view-features kernel."""
 
-    rgb_feat [R, S, V, 3 + F], ray_diff [R, S, V, 4], mask [R, S, V, 1], points [R, S, 3], ray_dirs [R, 3]
-    -> rgb [R, 3] (unbounded, as in GNT; clamp for display).
+    def forward(self, rgb, feat, mask, fc1: nn.Module, fc2: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb_feat = torch.cat([rgb.permute(2, 3, 0, 1), feat.permute(2, 3, 0, 1)], dim=-1)  # [R, S, V, 3 + F]
+        features = fc2(F.relu(fc1(rgb_feat)))  # [R, S, V, C]
+        return features, masked_max_over_views(features, mask)  # the query starts as a max-pool over views
+
+
+class GNTTransformer(nn.Module):
+    """From what the source views see at the samples to colours.
+
+    rgb [V, 3, R, S], feat [V, F, R, S] (grid_sample's layout, see projector.sample_source_views), ray_diff
+    [R, S, V, 4], mask [R, S, V, 1], points [R, S, 3], ray_dirs [R, 3] -> rgb [R, 3] (unbounded, as in GNT; clamp
+    for display).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -43,6 +58,7 @@ class GNTTransformer(nn.Module):
         self.dir_enc = PositionalEncoding(3, cfg.dir_freqs)
         self.rgbfeat_fc1 = nn.Linear(cfg.feature_channels + 3, dim)
         self.rgbfeat_fc2 = nn.Linear(dim, dim)
+        self.view_embedding = ViewEmbedding()
         self.view_blocks = nn.ModuleList()
         self.ray_blocks = nn.ModuleList()
         self.pos_fuse = nn.ModuleList()  # at even layers: inject point/direction encodings into the query
@@ -54,12 +70,11 @@ class GNTTransformer(nn.Module):
                 self.pos_fuse.append(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim)))
         self.head = make_color_head(cfg.color_head, dim)
 
-    def forward(self, rgb_feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
+    def forward(self, rgb, feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
         point_code, dir_code = self.encode_points(points, ray_dirs)
-
-        features = self.rgbfeat_fc2(F.relu(self.rgbfeat_fc1(rgb_feat)))  # [R, S, V, C]
-        q = masked_max_over_views(features, mask)  # [R, S, C]: the query starts as a max-pool over views
-        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=rgb_feat[..., :3])
+        features, q = self.view_embedding(rgb, feat, mask, self.rgbfeat_fc1, self.rgbfeat_fc2)
+        colors = rgb.permute(2, 3, 0, 1)  # [R, S, V, 3], a view: only the blend colour head reads it
+        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=colors)
 
     def encode_points(self, points, ray_dirs) -> tuple[torch.Tensor, torch.Tensor]:
         """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, broadcast [R, S, 3 + 6 Fd]."""
@@ -90,13 +105,13 @@ class GNT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.feature_net = ResUNet(
-            out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
-        )
+        if cfg.feature_extractor == "alexnet":
+            self.feature_net = AlexNetFeatures(cfg.feature_channels)
+        else:
+            self.feature_net = ResUNet(
+                out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
+            )
         self.transformer = GNTTransformer(cfg)
-        # Inference hook for kernels.apply.use_kernels: a module (points, target_origin, views) -> (features
-        # [R, S, V, C], q [R, S, C], ray_diff, mask) replacing gather + per-view MLP + max-pool. No parameters.
-        self.front_end: nn.Module | None = None
 
     def encode_sources(self, src_rgb: torch.Tensor, src_K: torch.Tensor, src_c2w: torch.Tensor) -> SourceViews:
         """src_rgb [V, H, W, 3] in [0, 1] -> SourceViews with features [V, F, H/4, W/4]."""
@@ -105,19 +120,21 @@ class GNT(nn.Module):
 
     def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
-        if self.front_end is not None:  # a fused kernel from the grid_sample outputs to the first query
-            features, q, ray_diff, mask, colors = self.front_end(points, target_origin, views)
-            point_code, dir_code = self.transformer.encode_points(points, ray_dirs)
-            return self.transformer.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors)
-        rgb_feat, ray_diff, mask = gather_from_source_views(points, target_origin, views)
-        return self.transformer(rgb_feat, ray_diff, mask, points, ray_dirs)
+        rgb, feat, ray_diff, mask = sample_source_views(points, target_origin, views)
+        return self.transformer(rgb, feat, ray_diff, mask, points, ray_dirs)
 
     def forward(self, points, ray_dirs, target_origin, src_rgb, src_K, src_c2w) -> torch.Tensor:
         return self.render_points(points, ray_dirs, target_origin, self.encode_sources(src_rgb, src_K, src_c2w))
 
+    def init_pretrained_parts(self) -> None:
+        """Load the ImageNet weights of a pretrained feature extractor (a fresh model only; checkpoints carry them)."""
+        if isinstance(self.feature_net, AlexNetFeatures):
+            self.feature_net.load_imagenet_weights()
+
     def parameter_groups(self, lr_transformer: float, lr_cnn: float) -> list[dict]:
-        """GNT's two Adam groups: the transformer and the feature CNN learn at different rates."""
+        """GNT's two Adam groups: the transformer and the feature CNN learn at different rates (frozen CNN
+        weights are left out)."""
         return [
             {"params": list(self.transformer.parameters()), "lr": lr_transformer, "name": "transformer"},
-            {"params": list(self.feature_net.parameters()), "lr": lr_cnn, "name": "cnn"},
+            {"params": [p for p in self.feature_net.parameters() if p.requires_grad], "lr": lr_cnn, "name": "cnn"},
         ]

@@ -23,7 +23,7 @@ from gnt_shiftadd.shiftadd.moe import MoEFeedForward, total_auxiliary_loss
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from gnt_shiftadd.training.warm_start import load_model_of, source_config, warm_start
 from renderer.render import autocast_context
-from renderer.sampling import sample_inverse_depth
+from renderer.sampling import sample_along_rays
 from renderer.views import render_novel_view
 
 
@@ -57,8 +57,8 @@ def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher
     `model` may be DDP-wrapped (its forward runs CNN and transformer). `parts`, when given, receives the
     detached components ("rgb_mse", "balance", "distill") for logging.
     """
-    _, points = sample_inverse_depth(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
-                                     stratified=True, generator=generator)
+    _, points = sample_along_rays(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
+                                  stratified=True, generator=generator, kind=batch.kind)
     inputs = (points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
     with autocast_context(batch.origins.device, cfg.render.autocast):
         rgb = model(*inputs).float()
@@ -135,6 +135,8 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         model, _, _ = warm_start(cfg, cfg.train.init_from, tensors, device, progress=progress and info.is_main)
     else:
         model = build_model(cfg, device)
+        if resume_path is None:
+            model.init_pretrained_parts()
     teacher = None
     if cfg.train.distill_weight > 0:
         teacher = load_model_of(cfg.train.distill_from, source_config(cfg, cfg.train.distill_from), device).eval()
