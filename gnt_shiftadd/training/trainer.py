@@ -20,6 +20,7 @@ from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resol
 from gnt_shiftadd.training import distributed
 from gnt_shiftadd.training.batch import sample_training_batch, step_rng
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward, total_auxiliary_loss
+from gnt_shiftadd.training.multiscene import load_training_scenes, pick_scene
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from gnt_shiftadd.training.warm_start import load_model_of, source_config, warm_start
 from renderer.render import autocast_context
@@ -127,9 +128,10 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
     scene = load_scene(cfg) if info.is_main else None
     distributed.barrier(info)  # rank 0 may have generated the synthetic scene
     scene = scene or load_scene(cfg)
-    if len(scene.train_ids) < 2:
+    if len(scene.train_ids) < 2 and not cfg.data.train_scenes:
         raise TrainingError(f"scene {scene.root} has {len(scene.train_ids)} training views; GNT needs at least 2")
     tensors = SceneTensors(scene, device)
+    training_scenes = load_training_scenes(cfg, tensors, device)
 
     if resume_path is None and cfg.train.init_from:
         model, _, _ = warm_start(cfg, cfg.train.init_from, tensors, device, progress=progress and info.is_main)
@@ -165,7 +167,7 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         tic = time.perf_counter()
         rng = step_rng(cfg.train.seed, step, info.rank)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = sample_training_batch(tensors, rng, cfg.train.n_rand, cfg.data.num_source_views)
+        batch = sample_training_batch(pick_scene(training_scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views)
         parts: dict = {}
         loss = training_step(train_model, batch, cfg, generator, teacher, parts)
         if not torch.isfinite(loss):
