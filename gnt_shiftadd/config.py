@@ -30,6 +30,10 @@ class DataConfig:
     synthetic_height: int = 72  # size of a generated synthetic scene (only with make_synthetic)
     synthetic_width: int = 96
     synthetic_views: int = 20
+    # cross-scene (generalizable) training: when non-empty, every training step draws its target from one of
+    # these scenes (all their views; uniform over scenes) and `scene` is only evaluated/validated, never trained
+    # on. Entries: a folder, or {scene: folder, factor: N} for a scene that needs its own image factor.
+    train_scenes: list = field(default_factory=list)
 
 
 @dataclass
