@@ -24,6 +24,7 @@ class RayBatch:
     src_c2w: torch.Tensor
     near: float
     far: float
+    kind: str = "forward_facing"  # Scene.kind: how points are sampled along the rays
 
 
 def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
@@ -48,4 +49,4 @@ def sample_training_batch(tensors, rng: np.random.Generator, n_rand: int, num_so
     target_rgb = tensors.images[target][torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)]
     src_rgb, src_K, src_c2w = tensors.source_inputs(source_ids)
     near, far = scene.depth_range(target)
-    return RayBatch(target, source_ids, origins, directions, target_rgb, src_rgb, src_K, src_c2w, near, far)
+    return RayBatch(target, source_ids, origins, directions, target_rgb, src_rgb, src_K, src_c2w, near, far, scene.kind)
