@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("eval", "render"):
             p.add_argument("--ckpt", help="checkpoint (default: <out_dir>/<name>/checkpoints/latest.pt)")
         if name in ("eval", "render", "all"):
-            p.add_argument("--kernels", choices=("torch", "tvm"),
-                           help="inference backend: PyTorch reference modules or compiled TVM kernels "
-                                "(same as render.kernels=...)")
+            p.add_argument("--kernels", choices=("auto", "torch", "tvm"),
+                           help="inference backend: compiled TVM kernels where they build (auto, the default), "
+                                "always (tvm) or the PyTorch reference modules (torch); same as render.kernels=...")
         if name in ("finetune", "reparam"):
             p.add_argument("--from", dest="init_from", required=True, help="checkpoint of the trained model to convert")
         if name == "report":

@@ -147,21 +147,12 @@ class ComponentTimer:
         transformer = model.transformer
         hooked = [(model.feature_net, "cnn")]
         for block in transformer.view_blocks:
-            hooked += [(block, "view_attention")] + ([(block.ff, "ffn")] if hasattr(block, "ff") else [])
+            hooked += [(block, "view_attention"), (block.ffn, "ffn")]
         for block in transformer.ray_blocks:
-            hooked += [(block, "ray_attention")] + ([(block.ff, "ffn")] if hasattr(block, "ff") else [])
+            hooked += [(block, "ray_attention"), (block.ffn, "ffn")]
         for module, kind in hooked:
             self.handles.append(module.register_forward_pre_hook(lambda m, a, k=kind: self._start(m, k)))
             self.handles.append(module.register_forward_hook(lambda m, a, o, k=kind: self._stop(m, k)))
-        self._original_ffn = kernel_apply.run_ffn
-
-        def timed_ffn(*args, **kwargs):
-            self._start(timed_ffn, "ffn")
-            out = self._original_ffn(*args, **kwargs)
-            self._stop(timed_ffn, "ffn")
-            return out
-
-        kernel_apply.run_ffn = timed_ffn
 
     def _start(self, module, kind):
         sync(self.device)
@@ -180,7 +171,6 @@ class ComponentTimer:
     def close(self):
         for handle in self.handles:
             handle.remove()
-        kernel_apply.run_ffn = self._original_ffn
 
 
 @torch.no_grad()

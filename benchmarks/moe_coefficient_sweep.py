@@ -48,7 +48,7 @@ def main() -> int:
         cfg.shiftadd.moe_balance_coef, cfg.shiftadd.moe_expert_latency = coef, list(args.latency)
         result = train(cfg, resume="auto")
         metrics = run_eval(cfg, result.checkpoint)
-        model, tensors, _ = load_trained(cfg, result.checkpoint)
+        model, tensors, _ = load_trained(cfg, result.checkpoint, backend="torch")  # op counts hook the modules
         ops = count_frame_ops(model, tensors, cfg)  # its forward also records the routing of held-out rays
         shares = [float(m.routing_fractions()[-1]) for m in model.modules() if isinstance(m, MoEFeedForward)]
         record["runs"].append({"balance_coef": coef, "shift_share_heldout": sum(shares) / len(shares),

@@ -81,7 +81,10 @@ class RenderConfig:
     n_samples: int = 64
     chunk_rays: int = 1024  # rays per forward pass when rendering whole images
     autocast: str = "none"  # none | bf16 | fp16 (GPU only; ignored on CPU)
-    kernels: str = "torch"  # torch (PyTorch reference modules) | tvm (compiled TVM kernels, kernels/), inference only
+    # inference backend for eval/render/all/report (training always uses the PyTorch modules): auto (the compiled
+    # TVM kernels where they build or load, else the PyTorch reference with one warning) | tvm | torch
+    kernels: str = "auto"
+    gemm: str = "auto"  # dense-shaped products on the kernels: auto (TVM on CUDA, BLAS on CPU) | tvm | blas
 
 
 @dataclass
@@ -256,7 +259,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.trans_depth >= 1, "model.trans_depth must be >= 1"),
         (cfg.render.n_samples >= 2, "render.n_samples must be >= 2"),
         (cfg.render.autocast in ("none", "bf16", "fp16"), "render.autocast must be none, bf16 or fp16"),
-        (cfg.render.kernels in ("torch", "tvm"), "render.kernels must be torch or tvm"),
+        (cfg.render.kernels in ("auto", "torch", "tvm"), "render.kernels must be auto, torch or tvm"),
+        (cfg.render.gemm in ("auto", "tvm", "blas"), "render.gemm must be auto, tvm or blas"),
         (cfg.data.num_source_views >= 1, "data.num_source_views must be >= 1"),
         (cfg.data.factor >= 1, "data.factor must be >= 1"),
         (cfg.data.format in DATA_FORMAT_CHOICES, f"data.format must be one of {', '.join(DATA_FORMAT_CHOICES)}"),

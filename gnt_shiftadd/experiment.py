@@ -9,8 +9,10 @@ import torch
 from data.llff import load_llff_scene
 from data.scene import Scene, SceneError
 from data.source_views import nearest_views
+from data.synthetic import make_synthetic_scene
 from gnt_shiftadd.config import Config, is_dense
 from gnt_shiftadd.models.gnt import GNT
+from gnt_shiftadd.shiftadd.reparameterize import reparameterize
 
 LLFF_DOWNLOAD_HINT = (
     "Real LLFF scenes (fern, flower, ...) are in 'nerf_llff_data' from the NeRF authors' release; "
@@ -31,7 +33,6 @@ def load_scene(cfg: Config) -> Scene:
     """Load cfg.data.scene; with data.make_synthetic, generate the procedural scene there first if missing."""
     root = Path(cfg.data.scene)
     if cfg.data.make_synthetic and not (root / "poses_bounds.npy").exists():
-        from data.synthetic import make_synthetic_scene
 
         make_synthetic_scene(
             root,
@@ -54,7 +55,6 @@ def build_model(cfg: Config, device: torch.device) -> GNT:
     torch.manual_seed(cfg.train.seed)
     model = GNT(cfg.model).to(device)
     if not is_dense(cfg):
-        from gnt_shiftadd.shiftadd.reparameterize import reparameterize
 
         reparameterize(model, cfg.shiftadd)
     return model.to(device)

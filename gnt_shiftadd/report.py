@@ -25,18 +25,21 @@ from tqdm.auto import tqdm
 from gnt_shiftadd.config import Config, ConfigError
 from gnt_shiftadd.evaluation.evaluate import environment
 from gnt_shiftadd.evaluation.metrics import psnr
+from gnt_shiftadd.evaluation.report_plots import plot_crops, plot_psnr_vs
 from gnt_shiftadd.evaluation.timing import frame_latency
 from gnt_shiftadd.experiment import load_scene
+from gnt_shiftadd.training.checkpoint import CheckpointError, read_checkpoint
+from gnt_shiftadd.training.trainer import checkpoint_path, train
 from gnt_shiftadd.variants import run_variant_grid, variant_config, variant_configs
 from gnt_shiftadd.workflows import load_trained
+from kernels.apply import use_kernels
+from kernels.build import tvm_available, tvm_version
 from renderer.video import save_png
 
 __all__ = ["run_report", "report_markdown", "best_psnr_per_ms", "pareto_front"]
 
 
 def _backends() -> list[str]:
-    from kernels.build import tvm_available
-
     return ["torch", "tvm"] if tvm_available() else ["torch"]
 
 
@@ -90,13 +93,8 @@ def _teacher(base: Config, teacher: str | Path | None, progress: bool) -> Path:
     if teacher is not None:
         teacher = Path(teacher)
         if not teacher.is_file():
-            from gnt_shiftadd.training.checkpoint import CheckpointError
-
             raise CheckpointError(f"report: teacher checkpoint {teacher} does not exist")
         return teacher
-    from gnt_shiftadd.training.checkpoint import read_checkpoint
-    from gnt_shiftadd.training.trainer import checkpoint_path, train
-
     dense = copy.deepcopy(base)
     dense.name = f"{base.name}_teacher"
     finished = checkpoint_path(dense)
@@ -118,7 +116,8 @@ def _measure(name: str, entry: dict, base: Config, view: int, out_dir: Path, pre
             and all((out_dir / "renders" / f"{name}_{b}.png").exists() for b in backends) \
             and (out_dir / "renders" / "ground_truth.png").exists():
         return previous
-    result = {"checkpoint_stamp": stamp, "device": device, "view": view, "ms_per_frame": {}, "frame_psnr": {}}
+    result = {"checkpoint_stamp": stamp, "device": device, "view": view, "ms_per_frame": {}, "frame_psnr": {},
+              "kernels_ran": {}}
     cfg = variant_config(base, name, Path(entry["config"]), base.report.finetune_steps)
     cfg.render.kernels = "torch"
     reference, tensors, _ = load_trained(cfg, ckpt)  # checkpoint and scene read once for every backend
@@ -127,11 +126,12 @@ def _measure(name: str, entry: dict, base: Config, view: int, out_dir: Path, pre
     for backend in backends:
         model = reference
         if backend != "torch":
-            from kernels.apply import use_kernels
-
             model = copy.deepcopy(reference)
-            use_kernels(model, backend)
-        seconds, image = frame_latency(model, tensors, cfg, view, base.report.latency_repeats)
+            use_kernels(model, backend, cfg.render.gemm)
+        # a "tvm" row fails (KernelFallbackError) if any module fell back to the reference, and records what ran
+        seconds, image, ran = frame_latency(model, tensors, cfg, view, base.report.latency_repeats,
+                                            require_kernels=backend != "torch")
+        result["kernels_ran"][backend] = ran
         result["ms_per_frame"][backend] = seconds * 1e3
         result["frame_psnr"][backend] = float(psnr(image.clamp(0, 1), target))
         save_png(image, out_dir / "renders" / f"{name}_{backend}.png")
@@ -205,8 +205,6 @@ def report_markdown(record: dict) -> str:
 
 def run_report(cfg: Config, out_dir: str | Path, teacher: str | Path | None = None, progress: bool = True) -> dict:
     """Build (or bring up to date) the report in `out_dir`; returns the record written to report.json."""
-    from gnt_shiftadd.evaluation.report_plots import plot_crops, plot_psnr_vs
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = _prepare(cfg, out_dir)
@@ -218,12 +216,8 @@ def run_report(cfg: Config, out_dir: str | Path, teacher: str | Path | None = No
     report_path = out_dir / "report.json"
     previous = json.loads(report_path.read_text()) if report_path.exists() else {}
     env = environment()
-    try:
-        import tvm
-
-        env["tvm"] = str(tvm.__version__)
-    except ImportError:
-        pass
+    if tvm_available():
+        env["tvm"] = tvm_version()
     record = {"scene": str(base.data.scene), "teacher": str(teacher_ckpt), "view": view, "environment": env,
               "finetune_steps": base.report.finetune_steps, "eval_stride": base.eval.stride, "variants": {}}
     names = [n for n in grid["variants"] if not base.report.variants or n in base.report.variants]

@@ -7,11 +7,15 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
 from gnt_shiftadd.config import Config, load_config
-from gnt_shiftadd.evaluation.evaluate import environment
+from gnt_shiftadd.evaluation.evaluate import environment, evaluate
+from gnt_shiftadd.experiment import SceneTensors, load_scene, resolve_device
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.opcount import count_frame_ops
 from gnt_shiftadd.training.trainer import checkpoint_path
+from gnt_shiftadd.training.warm_start import warm_start
 from gnt_shiftadd.workflows import load_trained, run_eval, run_finetune
 
 VARIANT_DIR = Path(__file__).resolve().parents[1] / "configs" / "shiftadd"
@@ -59,7 +63,7 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
             continue  # finished earlier
         result = run_finetune(cfg, teacher, progress=progress)
         metrics = run_eval(cfg, result.checkpoint, progress=progress)
-        model, tensors, _ = load_trained(cfg, result.checkpoint)
+        model, tensors, _ = load_trained(cfg, result.checkpoint, backend="torch")  # op counts hook the modules
         ops = count_frame_ops(model, tensors, cfg)
         record["variants"][name] = {"config": str(path), "shiftadd": copy.deepcopy(cfg.to_dict()["shiftadd"]),
                                     "steps": steps, "checkpoint": str(result.checkpoint), "heldout_mean": metrics["mean"],
@@ -73,11 +77,6 @@ def conversion_quality(base: Config, teacher: str | Path, out_dir: str | Path, o
                        progress: bool = True) -> dict:
     """Held-out quality of every variant right after conversion from `teacher`, before any fine-tuning: how much
     ShiftAddViT's brief fine-tuning has to recover. {name: heldout mean metrics}; images under out_dir/<name>."""
-    import torch
-
-    from gnt_shiftadd.evaluation.evaluate import evaluate
-    from gnt_shiftadd.experiment import SceneTensors, load_scene, resolve_device
-    from gnt_shiftadd.training.warm_start import warm_start
 
     device = resolve_device(base.device)
     tensors = SceneTensors(load_scene(base), device)

@@ -8,21 +8,22 @@ from pathlib import Path
 from gnt_shiftadd.config import Config, ConfigError
 from gnt_shiftadd.evaluation.evaluate import evaluate, render_spiral_video
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resolve_device
-from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint
+from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gnt_shiftadd.training.trainer import TrainResult, checkpoint_path, train
+from gnt_shiftadd.training.warm_start import warm_start
+from kernels.apply import use_kernels
 
 
-def load_trained(cfg: Config, ckpt: str | Path | None = None):
-    """(model in eval mode, SceneTensors, checkpoint path) for a finished or partial run."""
+def load_trained(cfg: Config, ckpt: str | Path | None = None, backend: str | None = None):
+    """(model in eval mode, SceneTensors, checkpoint path) for a finished or partial run, its leaves swapped to the
+    kernels per `backend` (default cfg.render.kernels; "torch" for anything that hooks the PyTorch modules, e.g.
+    op counts)."""
     path = Path(ckpt) if ckpt else checkpoint_path(cfg)
     device = resolve_device(cfg.device)
     model = build_model(cfg, device)
     load_checkpoint(path, cfg, model)
     model.eval()
-    if cfg.render.kernels != "torch":
-        from kernels.apply import use_kernels  # imported lazily: TVM is only needed for this backend
-
-        use_kernels(model, cfg.render.kernels)
+    use_kernels(model, backend or cfg.render.kernels, cfg.render.gemm)  # "torch" leaves the model alone
     return model, SceneTensors(load_scene(cfg), device), path
 
 
@@ -81,9 +82,6 @@ def run_finetune(cfg: Config, init_from: str | Path, progress: bool = True) -> T
 
 def run_reparam(cfg: Config, init_from: str | Path, progress: bool = True) -> Path:
     """Convert without fine-tuning; writes <run>/checkpoints/converted.pt (evaluate it with --ckpt)."""
-    from gnt_shiftadd.training.checkpoint import save_checkpoint
-    from gnt_shiftadd.training.warm_start import warm_start
-
     device = resolve_device(cfg.device)
     tensors = SceneTensors(load_scene(cfg), device)
     model, _, _ = warm_start(cfg, init_from, tensors, device, progress=progress)

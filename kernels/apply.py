@@ -1,215 +1,275 @@
-"""Switch a trained (ShiftAdd-)GNT to the compiled TVM kernels for inference: `use_kernels(model)`.
+"""Switch a trained (ShiftAdd-)GNT to the compiled TVM kernels for inference by swapping leaves, torchao-style.
 
-In place, torchao-style: every transformer block of `model.transformer` is swapped for a kernel-backed block
-that reads the same trained parameters (the original block is kept inside it, so its state_dict keys, op
-counts and training code paths are unchanged); `ShiftLinear`s elsewhere run on MatShift. What runs where:
+    summary = use_kernels_(model, KernelConfig(backend="tvm", gemm="auto"), filter_fn=None)
 
-  front end:   grid_sample outputs -> per-view feature MLP + masked max-pool over views in one kernel (no
-               [rays, samples, views, 3 + F] concatenation)
-  view block:  LN + q_fc (torch / MatShift) -> fused view attention (one kernel: k/v projections, pos MLP,
-               attention MLP, masked softmax over views, weighted sum) -> out_fc + residual -> fused FFN sublayer
-  ray block:   LN + q/k/v (torch / MatShift) -> hashed attention (hash+pack, then the fused XOR/popcount
-               softmax kernel or the additive linear form) or torch SDPA when dense -> out_fc -> fused FFN
-  FFN:         LN + FFN (+ in-kernel MoE routing) + residual in one kernel, for dense, shift and MoE FFNs
+The model's forwards stay as they are; only its swappable leaves are replaced (in place) by kernel-backed modules
+with the same call signature, chosen by a handler registered per module type (`register_kernel_handler`):
 
-Every kernel is called through its torch custom op (`kernels/ops.py`), so a kernel-backed model still traces
-with torch.compile (one opaque node per kernel). Inference only (no autograd through the kernels; call
-`model.eval()` first). The CNN, the projection into the source views and the small per-token MLPs stay in
-PyTorch.
+  ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
+                      feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
+  ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
+                      projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc
+  HashedQuadratic/LinearAttention (ray_blocks.i.attn.core) -> KernelHashedAttention: hash + pack, then the
+                      XOR/popcount softmax kernel or the additive linear form (dense SDPA and the seed form stay)
+  PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
+                      residual in one kernel, for dense, shift and MoE FFNs
+  ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
+
+`filter_fn(module, fqn) -> bool` keeps chosen leaves on PyTorch. A leaf no kernel covers (e.g. shift layers with
+fixed-point inputs) stays on the reference with one warning and is listed in `model.kernel_skipped`. Dense-shaped
+products (shift linears, one-expert FFNs) run on the kernels on CUDA but as BLAS GEMMs on the decoded +-2^k
+weights on CPU with gemm="auto" (results/gemm_choice_cpu.json); "tvm" or "blas" force one side.
+
+Every kernel leaf records what it ran (kernels.dispatch.KernelLeaf): `kernel_map(model)` says which module ran
+on which kernel, `require_all_kernels(model)` raises if anything fell back to the reference. Every kernel is
+called through its torch custom op (kernels/ops.py), so a kernel-backed model still traces with torch.compile.
+Inference only (call model.eval() first): training always uses the differentiable PyTorch modules.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
-from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, \
-    SeedLinearAttention
+from gnt_shiftadd.models.gnt import ViewEmbedding
+from gnt_shiftadd.models.transformers import PreNormFeedForward, ViewAttention
+from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
-from kernels.backend import resolve_backend, warn_once
+from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, note_kernel, resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
-from gnt_shiftadd.models.projector import sample_source_views
 from kernels.ops import ffn_sublayer, hash_pack, linear_attention, mat_shift, quadratic_attention, view_attention, \
     view_features
-from kernels.view_features import ViewFeatureWeights
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
+from kernels.view_features import ViewFeatureWeights
 
-__all__ = ["use_kernels", "KernelFrontEnd", "KernelShiftLinear", "KernelViewBlock", "KernelRayBlock", "kernel_summary"]
-
+__all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
+           "KernelViewEmbedding", "KernelViewAttention", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelShiftLinear", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
 
 
-def _check_gemm(gemm: str) -> None:
-    if gemm not in GEMM_CHOICES:
-        raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+@dataclass(frozen=True)
+class KernelConfig:
+    """backend: "tvm" (the compiled kernels), "auto" (tvm when TVM is importable, else the reference with one
+    warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc)."""
+
+    backend: str = "tvm"
+    gemm: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {self.backend!r}")
+        if self.gemm not in GEMM_CHOICES:
+            raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
+
+    def gemm_on_tvm(self, device: torch.device) -> bool:
+        """Dense-shaped products on the kernels: always with "tvm", on CUDA with "auto" (a CPU has no cheaper
+        fp32 shift-multiply than MKL's FMA on the decoded weights)."""
+        return self.gemm == "tvm" or (self.gemm == "auto" and device.type == "cuda")
 
 
-def _gemm_on_tvm(gemm: str, device: torch.device) -> bool:
-    """Where dense-shaped products (shift linears, one-expert FFNs) run. "auto": the TVM kernels on CUDA, the
-    platform BLAS on CPU, where MKL's GEMM on the decoded +-2^k weights (same math) was as fast or faster than
-    MatShift and the fused FFN (results/gemm_choice_cpu.json): a CPU has no cheaper fp32 shift-multiply."""
-    _check_gemm(gemm)
-    return gemm == "tvm" or (gemm == "auto" and device.type == "cuda")
+# ------------------------------------------------------------------------------------------------- kernel leaves
 
+class KernelShiftLinear(KernelLeaf):
+    """A ShiftLinear evaluated from its exported codes: MatShift, or a BLAS GEMM on the decoded weight.
+    x [..., in] -> [..., out]. ValueError for fixed-point inputs (no kernel rounds them)."""
 
-def run_ffn(x: torch.Tensor, w: FFNWeights, on_tvm: bool) -> torch.Tensor:
-    """x + FFN(LN(x)): the fused kernel (always for MoE: routing without host sync) or two BLAS GEMMs."""
-    if on_tvm or w.num_experts > 1:
-        return ffn_sublayer(x, w)
-    return gemm_ffn_sublayer(x, w)
-
-
-class KernelShiftLinear(nn.Module):
-    """A ShiftLinear evaluated from its exported codes: the MatShift kernel, or a BLAS GEMM on the decoded
-    weight (see `_gemm_on_tvm`). x [..., in] -> [..., out]."""
-
-    def __init__(self, source: ShiftLinear, gemm: str = "auto"):
+    def __init__(self, source: ShiftLinear, cfg: KernelConfig):
         super().__init__()
+        if source.spec.fixed_point_bits:
+            raise ValueError(f"{source} rounds its inputs to fixed point (fixed_point_bits="
+                             f"{source.spec.fixed_point_bits}), which MatShift does not reproduce")
         self.source = source
         device = source.sign_param.device
-        self.on_tvm = _gemm_on_tvm(gemm, device)
+        self.on_tvm = cfg.gemm_on_tvm(device)
         packed = source.export_codes()
         self.packed = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
         self.weight = decode_shift_codes(packed).to(device)  # exact +-2^k (or 0), for the BLAS path
         self.bias = packed["bias"].to(device) if packed["bias"] is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source.spec.fixed_point_bits:  # no kernel has the fixed-point input path
-            return self.source(x)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_tvm:
             return mat_shift(x, self.packed)
+        note_kernel("mat_shift", "blas")
         return F.linear(x, self.weight, self.bias)
 
 
-class KernelFrontEnd(nn.Module):
-    """GNT.front_end on the view-features kernel: (points [R, S, 3], target_origin [3], views) -> (features
-    [R, S, V, C], q [R, S, C], ray_diff [R, S, V, 4], mask [R, S, V, 1], colors [R, S, V, 3]), as the
-    transformer's own front."""
+class KernelViewEmbedding(KernelLeaf):
+    """ViewEmbedding on the view-features kernel: (rgb [V, 3, R, S], feat [V, F, R, S], mask [R, S, V, 1], fc1,
+    fc2) -> (features [R, S, V, C], q [R, S, C]); fc1/fc2 must be the layers it was built from."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module):
         super().__init__()
-        self.weights = ViewFeatureWeights.from_linears(transformer.rgbfeat_fc1, transformer.rgbfeat_fc2)
+        self.weights = ViewFeatureWeights.from_linears(fc1, fc2)
+        self._layer_ids = (id(fc1), id(fc2))
 
-    def forward(self, points, target_origin, views):
-        rgb, feat, ray_diff, mask = sample_source_views(points, target_origin, views)
-        num_views, rays, samples = rgb.shape[0], points.shape[0], points.shape[1]
+    def run(self, rgb, feat, mask, fc1, fc2):
+        _check_same_layers(self, (fc1, fc2))
+        num_views, _, rays, samples = rgb.shape
         tokens_mask = mask.reshape(rays * samples, num_views)
         features, q = view_features(rgb.reshape(num_views, 3, -1), feat.reshape(num_views, feat.shape[1], -1),
                                     tokens_mask, self.weights)
         channels = q.shape[-1]
-        colors = rgb.permute(2, 3, 0, 1)  # [R, S, V, 3], a view: only the blend colour head reads it
-        return (features.view(rays, samples, num_views, channels), q.view(rays, samples, channels), ray_diff,
-                tokens_mask.view(rays, samples, num_views, 1), colors)
+        return features.view(rays, samples, num_views, channels), q.view(rays, samples, channels)
 
 
-class KernelViewBlock(nn.Module):
-    """ViewTransformerBlock on the fused view-attention and FFN kernels.
-    q [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1] -> [R, S, C]."""
+class KernelViewAttention(KernelLeaf):
+    """ViewAttention with everything between q_fc and out_fc in the fused kernel. Same call as ViewAttention:
+    q [R, S, C] (already normed), features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1] -> [R, S, C]."""
 
-    def __init__(self, block: ViewTransformerBlock, gemm: str = "auto"):
+    def __init__(self, source: ViewAttention):
         super().__init__()
-        self.block = block
-        self.ffn_on_tvm = _gemm_on_tvm(gemm, block.ff_norm.weight.device)
-        self.view_weights = PreparedViewWeights.from_dict(view_attention_weights(block.attn))
-        self.ffn: FFNWeights = ffn_weights(block.ff_norm, block.ff)
+        self.source = source
+        self.weights = PreparedViewWeights.from_dict(view_attention_weights(source))
 
-    def forward(self, q, features, ray_diff, mask):
+    def run(self, q, features, ray_diff, mask):
         rays, samples, views, dim = features.shape
-        attn = self.block.attn
-        query = attn.q_fc(self.block.attn_norm(q)).reshape(-1, dim)
+        query = self.source.q_fc(q).reshape(-1, dim)
         mixed = view_attention(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
-                               mask.reshape(-1, views), self.view_weights)
-        q = q + attn.out_fc(mixed).reshape(rays, samples, dim)
-        return run_ffn(q, self.ffn, self.ffn_on_tvm)
+                               mask.reshape(-1, views), self.weights)
+        return self.source.out_fc(mixed).reshape(rays, samples, dim)
 
 
-class KernelRayBlock(nn.Module):
-    """RayTransformerBlock with the hashed attention (or SDPA when dense) and the fused FFN kernel.
-    x [R, S, C] -> [R, S, C]."""
+class KernelHashedAttention(KernelLeaf):
+    """A hashed ray-attention core on the MatAdd kernels: q, k, v [R, H, S, d] -> [R, H, S, d]."""
 
-    def __init__(self, block: RayTransformerBlock, gemm: str = "auto"):
+    def __init__(self, source: nn.Module):
         super().__init__()
-        self.block = block
-        self.ffn_on_tvm = _gemm_on_tvm(gemm, block.ff_norm.weight.device)
-        self.ffn: FFNWeights = ffn_weights(block.ff_norm, block.ff)
+        if type(source) not in (HashedQuadraticAttention, HashedLinearAttention):
+            raise TypeError(f"no hashed attention kernel for {type(source).__name__}")
+        self.source = source
 
-    def _attention(self, q, k, v):
-        core = self.block.attn.core
-        if isinstance(core, HashedQuadraticAttention):
-            hasher = core.hasher
-            words_q = hash_pack(q, hasher.weight.detach(), hasher.bias.detach())
-            words_k = hash_pack(k, hasher.weight.detach(), hasher.bias.detach())
-            return quadratic_attention(words_q, words_k, v, core.scale.detach(), hasher.n_bits)
-        if isinstance(core, HashedLinearAttention) and not isinstance(core, SeedLinearAttention):
-            hasher = core.hasher
-            words_q = hash_pack(q, hasher.weight.detach(), hasher.bias.detach())
-            words_k = hash_pack(k, hasher.weight.detach(), hasher.bias.detach())
-            return linear_attention(words_q, words_k, v, hasher.n_bits)
-        return core(q, k, v)  # dense SDPA and the seed's linear form (conv branch) stay in PyTorch
-
-    def forward(self, x):
-        attn = self.block.attn
-        normed = self.block.attn_norm(x)
-        q, k, v = (attn._split_heads(fc(normed)).contiguous() for fc in (attn.q_fc, attn.k_fc, attn.v_fc))
-        out = self._attention(q, k, v).transpose(1, 2).flatten(2)
-        return run_ffn(x + attn.out_fc(out), self.ffn, self.ffn_on_tvm)
+    def run(self, q, k, v):
+        hasher = self.source.hasher
+        weight, bias = hasher.weight.detach(), hasher.bias.detach()
+        words_q, words_k = hash_pack(q, weight, bias), hash_pack(k, weight, bias)
+        if isinstance(self.source, HashedQuadraticAttention):
+            return quadratic_attention(words_q, words_k, v, self.source.scale.detach(), hasher.n_bits)
+        return linear_attention(words_q, words_k, v, hasher.n_bits)
 
 
-def _swap_shift_linears(module: nn.Module, gemm: str) -> int:
-    swapped = 0
-    for name, child in module.named_children():
-        if isinstance(child, ShiftLinear):
-            setattr(module, name, KernelShiftLinear(child, gemm))
-            swapped += 1
-        elif not isinstance(child, KernelShiftLinear):
-            swapped += _swap_shift_linears(child, gemm)
-    return swapped
+class KernelFFNSublayer(KernelLeaf):
+    """PreNormFeedForward on the fused FFN kernel (always for MoE: routing without host sync) or two BLAS GEMMs.
+    Same call: (x [..., C], norm, ff) -> x + ff(norm(x)); norm/ff must be the modules it was built from."""
+
+    def __init__(self, norm: nn.LayerNorm, ff: nn.Module, cfg: KernelConfig):
+        super().__init__()
+        self.weights: FFNWeights = ffn_weights(norm, ff)
+        self.on_tvm = cfg.gemm_on_tvm(norm.weight.device)
+        self._layer_ids = (id(norm), id(ff))
+
+    def run(self, x, norm, ff):
+        _check_same_layers(self, (norm, ff))
+        if self.on_tvm or self.weights.num_experts > 1:
+            return ffn_sublayer(x, self.weights)
+        note_kernel("ffn_sublayer", "blas")
+        return gemm_ffn_sublayer(x, self.weights)
+
+
+def _check_same_layers(leaf: nn.Module, layers: tuple) -> None:
+    if tuple(id(layer) for layer in layers) != leaf._layer_ids:
+        raise RuntimeError(f"{type(leaf).__name__}: the model's layers were replaced after the kernels were swapped "
+                           "in (its prepared weights are stale); call use_kernels_ again")
+
+
+# ---------------------------------------------------------------------------------------------------- handlers
+
+Handler = Callable[[nn.Module, nn.Module, KernelConfig], nn.Module]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
+    """Decorator: handler(module, parent, cfg) -> its kernel-backed replacement, for modules of exactly
+    `module_type`; raise TypeError/ValueError to leave that module on the reference (with one warning)."""
+    def register(handler: Handler) -> Handler:
+        _HANDLERS[module_type] = handler
+        return handler
+    return register
+
+
+@register_kernel_handler(ViewEmbedding)
+def _view_embedding(module, parent, cfg):
+    return KernelViewEmbedding(parent.rgbfeat_fc1, parent.rgbfeat_fc2)
+
+
+@register_kernel_handler(ViewAttention)
+def _view_attention(module, parent, cfg):
+    return KernelViewAttention(module)
+
+
+@register_kernel_handler(HashedQuadraticAttention)
+@register_kernel_handler(HashedLinearAttention)
+def _hashed_attention(module, parent, cfg):
+    return KernelHashedAttention(module)
+
+
+@register_kernel_handler(PreNormFeedForward)
+def _ffn_sublayer(module, parent, cfg):
+    return KernelFFNSublayer(parent.ff_norm, parent.ff, cfg)
+
+
+@register_kernel_handler(ShiftLinear)
+def _shift_linear(module, parent, cfg):
+    return KernelShiftLinear(module, cfg)
+
+
+def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary: dict, skipped: list,
+          inside_leaf: bool) -> None:
+    """Depth first. Inside a kernel leaf only shift linears are swapped (e.g. the view attention's q_fc/out_fc,
+    which it still calls), so a second use_kernels_ never wraps a leaf twice."""
+    for name, child in list(parent.named_children()):
+        fqn = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, KernelShiftLinear):
+            continue
+        handler = _HANDLERS.get(type(child))
+        if handler is not None and (not inside_leaf or type(child) is ShiftLinear) \
+                and (filter_fn is None or filter_fn(child, fqn)):
+            try:
+                replacement = handler(child, parent, cfg)
+            except (TypeError, ValueError) as error:
+                warn_once(f"{fqn} ({type(child).__name__}) stays on the PyTorch reference: {error}")
+                skipped.append(fqn)
+            else:
+                setattr(parent, name, replacement)
+                summary[type(replacement).__name__] = summary.get(type(replacement).__name__, 0) + 1
+                child = replacement
+        _swap(child, fqn, cfg, filter_fn, summary, skipped, inside_leaf or isinstance(child, KernelLeaf))
 
 
 @torch.no_grad()
-def use_kernels(model: nn.Module, backend: str = "tvm", gemm: str = "auto") -> dict:
-    """Swap `model` (a GNT; in eval mode) to kernel-backed blocks in place when backend resolves to "tvm".
+def use_kernels_(model: nn.Module, cfg: KernelConfig = KernelConfig(),
+                 filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict:
+    """Swap `model`'s leaves (a GNT in eval mode) to the kernels in place; see the module doc.
 
-    `gemm` picks where dense-shaped products run ("auto": TVM on CUDA, BLAS on CPU; "tvm" or "blas" to force).
-
-    Returns a summary {"backend", "view_blocks", "ray_blocks", "shift_linears"}. With backend "torch" (or when TVM
-    is unavailable, after one warning) the model is left untouched: the PyTorch modules are the reference.
+    Returns {"backend": "tvm" | "torch", <kernel leaf type>: count, ..., "skipped": [fqn, ...]}. With backend
+    "torch" (or "tvm"/"auto" without TVM, after one warning) the model is left untouched.
     """
-    backend = resolve_backend(backend)
-    summary = {"backend": backend, "view_blocks": 0, "ray_blocks": 0, "shift_linears": 0, "front_end": 0}
+    backend = resolve_backend(cfg.backend)
+    summary: dict = {"backend": backend}
     if backend == "torch":
         return summary
     if model.training:
-        raise RuntimeError("use_kernels is for inference: call model.eval() first")
-    _check_gemm(gemm)  # before anything is swapped
-    transformer = model.transformer
-    for blocks, kind, wrapper in ((transformer.view_blocks, ViewTransformerBlock, KernelViewBlock),
-                                  (transformer.ray_blocks, RayTransformerBlock, KernelRayBlock)):
-        for index, block in enumerate(blocks):
-            if not isinstance(block, kind):
-                continue
-            try:
-                blocks[index] = wrapper(block, gemm)
-            except (TypeError, ValueError) as error:  # e.g. fixed-point shift inputs: the block stays in PyTorch
-                warn_once(f"{type(block).__name__} {index} stays on the PyTorch reference: {error}")
-                continue
-            summary["view_blocks" if wrapper is KernelViewBlock else "ray_blocks"] += 1
-    summary["shift_linears"] = _swap_shift_linears(transformer, gemm)
-    if hasattr(model, "front_end"):
-        try:
-            model.front_end = KernelFrontEnd(transformer)
-            summary["front_end"] = 1
-        except (TypeError, ValueError) as error:
-            warn_once(f"the view-feature front end stays on the PyTorch reference: {error}")
+        raise RuntimeError("use_kernels_ is for inference: call model.eval() first")
+    skipped: list[str] = list(getattr(model, "kernel_skipped", []))
+    _swap(model, "", cfg, filter_fn, summary, skipped, inside_leaf=False)
+    model.kernel_skipped = sorted(set(skipped))
+    summary["skipped"] = model.kernel_skipped
     return summary
 
 
+def use_kernels(model: nn.Module, backend: str = "tvm", gemm: str = "auto",
+                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict:
+    """use_kernels_ with the config given as strings (what the CLI and the config's render.kernels hold)."""
+    return use_kernels_(model, KernelConfig(backend=backend, gemm=gemm), filter_fn)
+
+
 def kernel_summary(model: nn.Module) -> str:
-    kinds = {}
+    kinds: dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, (KernelFrontEnd, KernelViewBlock, KernelRayBlock, KernelShiftLinear)):
+        if isinstance(module, KernelLeaf):
             kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
     return ", ".join(f"{count} {name}" for name, count in sorted(kinds.items())) or "no kernels"
-

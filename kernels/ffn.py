@@ -7,7 +7,8 @@ With E stacked experts, a router computed in the kernel picks each token's exper
 and there is no host synchronisation, no sort and no data-dependent shape. Shift experts arrive as their
 decoded weights (exact +-2^k, see kernels/mat_shift.py for why that is the fast form on CPU/GPU).
 
-Layout: x [tiles, TILE, C] fp32 with a symbolic tile count (the wrapper pads).
+Layout: x [tiles, TILE, C] fp32 with a symbolic tile count (the last partial tile follows the facade's tail
+rule, kernels.dispatch.run_tiled).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from torch import nn
 from gnt_shiftadd.models.transformers import FeedForward
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
-from kernels.backend import kernel_or_none
-from kernels.build import build_kernel, kernel_ready, target_for
-from kernels.mat_shift import TILE, pad_to_tiles
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, linear_weight, run_tiled
+from kernels.mat_shift import TILE
 
 __all__ = ["FFNWeights", "ffn_weights", "route_tokens", "reference_ffn_sublayer", "gemm_ffn_sublayer",
            "make_ffn_sublayer", "ffn_sublayer"]
@@ -51,21 +52,14 @@ class FFNWeights:
         return self.fc1.shape[0]
 
 
-def _linear_weight(linear: nn.Module) -> torch.Tensor:
-    if isinstance(linear, ShiftLinear):
-        return linear.effective_weight().detach()
-    if isinstance(linear, nn.Linear):
-        return linear.weight.detach()
-    raise TypeError(f"unsupported linear layer {type(linear).__name__}")
-
-
 def _bias(linear: nn.Module, size: int, like: torch.Tensor) -> torch.Tensor:
     return linear.bias.detach() if linear.bias is not None else like.new_zeros(size)
 
 
 def ffn_weights(norm: nn.LayerNorm, ff: nn.Module) -> FFNWeights:
     """From a block's ff_norm and ff (FeedForward with nn.Linear or ShiftLinear layers, or MoEFeedForward of such
-    FeedForwards with the straight-through gate). Raises TypeError for anything else."""
+    FeedForwards with the straight-through gate). Raises TypeError for anything else, ValueError for fixed-point
+    shift layers (their input rounding is not in the kernel)."""
     if isinstance(ff, MoEFeedForward):
         if ff.gate_scaling != "straight_through":
             raise TypeError("the fused FFN kernel supports the straight-through MoE gate only")
@@ -79,8 +73,8 @@ def ffn_weights(norm: nn.LayerNorm, ff: nn.Module) -> FFNWeights:
     if not all(isinstance(e, FeedForward) for e in experts):
         raise TypeError("every MoE expert must be a FeedForward")
     hidden, dim = experts[0].fc1.out_features, experts[0].fc1.in_features
-    fc1 = torch.stack([_linear_weight(e.fc1).t() for e in experts])
-    fc2 = torch.stack([_linear_weight(e.fc2).t() for e in experts])
+    fc1 = torch.stack([linear_weight(e.fc1).t() for e in experts])
+    fc2 = torch.stack([linear_weight(e.fc2).t() for e in experts])
     b1 = torch.stack([_bias(e.fc1, hidden, fc1) for e in experts])
     b2 = torch.stack([_bias(e.fc2, dim, fc2) for e in experts])
     if router_w is None:
@@ -122,8 +116,8 @@ def make_ffn_sublayer(target: dict, dim: int, hidden: int, experts: int, eps: fl
     """IRModule "main"(x [tiles, TILE, C], ln_w [C], ln_b [C], router_w [E, C], router_b [E], fc1 [E, C, H],
     b1 [E, H], fc2 [E, H, C], b2 [E, C], out [tiles, TILE, C]); eps is baked in. The routing decision stays
     inside the kernel (a second output would have to leave the tile loop); `route_tokens` gives it when needed."""
-    import tvm
-    from tvm import s_tir, te, tirx
+    import tvm  # lazy: TVM is optional (the references run without it)
+    from tvm import s_tir, te, tirx  # lazy: TVM is optional (the references run without it)
 
     tiles = te.var("tiles")
     x = te.placeholder((tiles, TILE, dim), "float32", name="x")
@@ -241,14 +235,16 @@ def ffn_sublayer(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
         raise ValueError(f"ffn_sublayer: x must be float32, got {x.dtype}")
     lead = x.shape[:-1]
     flat = x.reshape(-1, dim)
-    target = target_for(x.device)
     key = {"dim": dim, "hidden": hidden, "experts": experts, "eps": w.eps}
-    kernel = kernel_or_none(lambda: build_kernel("ffn_sublayer", key, target,
-                                                 lambda t: make_ffn_sublayer(t, dim, hidden, experts, w.eps)))
+    kernel = get_kernel("ffn_sublayer", key, x.device, lambda t: make_ffn_sublayer(t, dim, hidden, experts, w.eps))
     if kernel is None:
         return reference_ffn_sublayer(flat, w).reshape(*lead, dim)
-    tiles, tokens = pad_to_tiles(kernel_ready(flat))
-    out = torch.empty_like(tiles)
-    if tiles.shape[0]:
-        kernel(tiles, w.ln_w, w.ln_b, w.router_w, w.router_b, w.fc1, w.b1, w.fc2, w.b2, out)
-    return out.reshape(-1, dim)[:tokens].reshape(*lead, dim)
+    rows = kernel_ready(flat)
+    out = torch.empty_like(rows)
+
+    def launch(inputs, outputs):
+        kernel(inputs[0].view(-1, TILE, dim), w.ln_w, w.ln_b, w.router_w, w.router_b, w.fc1, w.b1, w.fc2, w.b2,
+               outputs[0].view(-1, TILE, dim))
+
+    run_tiled(launch, TILE, rows.shape[0], [rows], [out])
+    return out.reshape(*lead, dim)

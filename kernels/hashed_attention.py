@@ -22,15 +22,14 @@ The wrappers are for inference: inputs are detached (no autograd through the ker
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from kernels.backend import kernel_or_none, resolve_backend, warn_once
-from kernels.build import KernelBuildError, build_kernel, cache_dir, target_for
+from gnt_shiftadd.shiftadd.hashed_attention import _compute_dtype, pack_bits
+from kernels.dispatch import get_kernel, note_kernel
 from kernels.te_math import vector_exp
 
 __all__ = ["reference_hash_pack", "reference_quadratic", "reference_linear", "make_hash_pack", "make_quadratic",
@@ -54,8 +53,6 @@ def reference_hash_pack(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     Bit-identical to pack_bits(BinaryHasher.codes(x)): the same einsum in the same dtype, and the same threshold
     (a projection of exactly 0 gives bit 1, as sign_ste maps 0 to +1).
     """
-    from gnt_shiftadd.shiftadd.hashed_attention import _compute_dtype, pack_bits  # lazy: no import cycle
-
     dtype = _compute_dtype(x, weight)
     projection = torch.einsum("rhsd,hdn->rhsn", x.to(dtype), weight.to(dtype)) + bias.to(dtype)[None, :, None, :]
     return pack_bits((projection >= 0).to(torch.int64))
@@ -107,14 +104,14 @@ def reference_linear(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, f
 def _bit(word, bit):
     """Bit `bit` (an int32 expression in 0..31) of an int32 word, as int32 0/1 (an arithmetic shift is fine: only
     bit 0 of the shifted word is kept)."""
-    from tvm import tirx
+    from tvm import tirx  # lazy: TVM is optional (the references run without it)
 
     return tirx.bitwise_and(tirx.shift_right(word, bit), tirx.const(1, "int32"))
 
 
 def _hash_pack_compute(heads: int, samples: int, head_dim: int, n_bits: int):
     """TE tensors [x, weight, bias, words]: projection (a reduction over d) then an OR-reduction of shifted bits."""
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     rays = te.var("rays")
     words = num_words(n_bits)
@@ -142,7 +139,7 @@ def _hash_pack_compute(heads: int, samples: int, head_dim: int, n_bits: int):
 
 def _attention_placeholders(heads: int, queries: int, keys: int, head_dim: int, n_bits: int):
     """q_words [R, H, Sq, W], k_words [R, H, Sk, W] int32 and v [R, H, Sk, d] fp32, R symbolic."""
-    from tvm import te
+    from tvm import te  # lazy: TVM is optional (the references run without it)
 
     rays, words = te.var("rays"), num_words(n_bits)
     return (te.placeholder((rays, heads, queries, words), "int32", name="q_words"),
@@ -152,7 +149,7 @@ def _attention_placeholders(heads: int, queries: int, keys: int, head_dim: int, 
 
 def _quadratic_compute(heads: int, queries: int, keys: int, head_dim: int, n_bits: int, fast_exp: bool):
     """TE tensors [q_words, k_words, v, scale, out]: logits -> row max -> exp -> row sum -> weighted v / sum."""
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     q, k, v = _attention_placeholders(heads, queries, keys, head_dim, n_bits)
     rays, words = q.shape[0], num_words(n_bits)
@@ -191,7 +188,7 @@ def _quadratic_compute(heads: int, queries: int, keys: int, head_dim: int, n_bit
 
 def _linear_compute(heads: int, queries: int, keys: int, head_dim: int, n_bits: int, form: str):
     """TE tensors [q_words, k_words, v, out]: per-bit sums of v and key counts, then per-query select-adds of them."""
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     q, k, v = _attention_placeholders(heads, queries, keys, head_dim, n_bits)
     rays = q.shape[0]
@@ -239,8 +236,8 @@ def _linear_compute(heads: int, queries: int, keys: int, head_dim: int, n_bits: 
 
 def _schedule(tensors):
     """A tvm.s_tir.Schedule of the prim func made from TE tensors (inputs first, output last)."""
-    import tvm
-    from tvm import s_tir, te
+    import tvm  # lazy: TVM is optional (the references run without it)
+    from tvm import s_tir, te  # lazy: TVM is optional (the references run without it)
 
     return s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(tensors)}))
 
@@ -423,25 +420,9 @@ def make_linear(target: dict, heads: int, queries: int, keys: int, head_dim: int
 
 # -------------------------------------------------------------------------------------------------------- wrappers
 
-_FUNCTIONS: dict[tuple, Callable | None] = {}
-
-
 def _compiled(name: str, key: dict, device: torch.device, make: Callable) -> Callable | None:
-    """The built kernel for (name, key, device's target), or None (one warning) when TVM or the build fails.
-
-    Memoised per process and cache dir, so a forward pass does not re-hash the module source on every chunk.
-    """
-    if resolve_backend("tvm") != "tvm":
-        return None
-    try:
-        target = target_for(device)
-    except KernelBuildError as error:  # a device with no TVM target (e.g. mps): the reference runs there
-        warn_once(f"{error}; using the PyTorch reference for {name}")
-        return None
-    memo = (name, json.dumps(key, sort_keys=True), json.dumps(target, sort_keys=True), str(cache_dir()))
-    if memo not in _FUNCTIONS:
-        _FUNCTIONS[memo] = kernel_or_none(lambda: build_kernel(name, key, target, lambda t: make(t, **key)))
-    return _FUNCTIONS[memo]
+    """The built kernel for (name, key) on `device` through the facade (kernels.dispatch.get_kernel), or None."""
+    return get_kernel(name, key, device, lambda target: make(target, **key))
 
 
 def _check_words(name: str, words: Tensor, n_bits: int) -> None:
@@ -502,6 +483,8 @@ def hash_pack(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if not (x.device == weight.device == bias.device):
         raise ValueError(f"inputs on different devices: {x.device}, {weight.device}, {bias.device}")
     if torch.float64 in (x.dtype, weight.dtype, bias.dtype) or rays == 0:
+        if rays:  # an empty input computes nothing: neither a kernel run nor a fallback
+            note_kernel("hash_pack", "reference")
         return reference_hash_pack(x, weight, bias)
     key = {"heads": heads, "samples": samples, "head_dim": head_dim, "n_bits": n_bits}
     kernel = _compiled("hash_pack", key, x.device, make_hash_pack)
@@ -524,6 +507,8 @@ def quadratic_attention(q_words: Tensor, k_words: Tensor, v: Tensor, scale: Tens
         raise ValueError(f"scale must be a float or a [{heads}] tensor, got shape {tuple(scale.shape)}")
     scale = scale.expand(heads).contiguous()
     if rays == 0 or keys == 0 or v.dtype == torch.float64:
+        if v.dtype == torch.float64:  # the kernel would round it; an empty input computes nothing
+            note_kernel("hashed_quadratic", "reference")
         return reference_quadratic(q_words, k_words, v, scale, n_bits)
     key = {"heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim, "n_bits": n_bits}
     kernel = _compiled("hashed_quadratic", key, v.device, make_quadratic)
@@ -549,6 +534,8 @@ def linear_attention(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, f
     if form == "seed" and queries != keys:
         raise ValueError(f"the seed form needs as many queries as keys, got {queries} and {keys}")
     if rays == 0 or keys == 0 or v.dtype == torch.float64:
+        if v.dtype == torch.float64:  # the kernel would round it; an empty input computes nothing
+            note_kernel("hashed_linear", "reference")
         return reference_linear(q_words, k_words, v, n_bits, form)
     key = {"heads": heads, "queries": queries, "keys": keys, "head_dim": head_dim, "n_bits": n_bits, "form": form}
     kernel = _compiled("hashed_linear", key, v.device, make_linear)

@@ -8,7 +8,7 @@ these machines the speed comes from the fusion (bias and activation in the same 
 weights. Activations fp32 or fp16 (accumulation in fp32).
 
 Layout: tokens arrive in tiles, x [tiles, TILE, in] with the tile count symbolic, so one build serves any
-number of tokens (the wrapper pads to a whole tile).
+number of tokens (the last partial tile follows the facade's tail rule, kernels.dispatch.run_tiled).
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec, decode_shift_codes
-from kernels.backend import kernel_or_none
-from kernels.build import build_kernel, kernel_ready, target_for
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, run_tiled
 
-__all__ = ["TILE", "ACTIVATIONS", "reference_mat_shift", "make_mat_shift", "mat_shift", "pad_to_tiles",
-           "decode_codes_te"]
+__all__ = ["TILE", "ACTIVATIONS", "reference_mat_shift", "make_mat_shift", "mat_shift", "decode_codes_te"]
 
 TILE = 8  # tokens per tile: the unit of parallel work on CPU and of a thread block row on CUDA
 ACTIVATIONS = ("none", "relu")
@@ -37,7 +36,7 @@ def reference_mat_shift(x: torch.Tensor, packed: dict, activation: str = "none")
 def decode_codes_te(codes, channel_exponent, spec: ShiftSpec, name: str = "weight"):
     """TE stage: uint8 codes [out, in] + int32 channel exponents [out] -> fp32 weight [in, out] (transposed for
     contiguous vector loads over the outputs). Zero code -> 0; else +-2^(field + exponent_min + c[out])."""
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     out_features, in_features = codes.shape
     sign_bit = spec.code_bits - 1
@@ -57,8 +56,8 @@ def make_mat_shift(target: dict, in_features: int, out_features: int, spec: Shif
                    dtype: str = "float32"):
     """IRModule "main"(x [tiles, TILE, in] dtype, codes uint8 [out, in], channel_exponent int32 [out],
     bias fp32 [out], y [tiles, TILE, out] dtype)."""
-    import tvm
-    from tvm import s_tir, te, tirx
+    import tvm  # lazy: TVM is optional (the references run without it)
+    from tvm import s_tir, te, tirx  # lazy: TVM is optional (the references run without it)
 
     tiles = te.var("tiles")
     x = te.placeholder((tiles, TILE, in_features), dtype, name="x")
@@ -138,15 +137,6 @@ def _schedule_cuda(sch, out_features: int) -> None:
     sch.set_scope(acc_block, 0, "local")
 
 
-def pad_to_tiles(x: torch.Tensor, tile: int = TILE) -> tuple[torch.Tensor, int]:
-    """[N, C] -> ([ceil(N / tile), tile, C] zero-padded, N)."""
-    tokens = x.shape[0]
-    padded = -(-tokens // tile) * tile
-    if padded != tokens:
-        x = F.pad(x, (0, 0, 0, padded - tokens))
-    return x.reshape(padded // tile, tile, x.shape[-1]), tokens
-
-
 def mat_shift(x: torch.Tensor, packed: dict, activation: str = "none") -> torch.Tensor:
     """x [..., in] (fp32/fp16, CPU or CUDA) -> act(x W^T + b) [..., out] on the TVM kernel (reference if it
     cannot be built). `packed` = ShiftLinear.export_codes() with its tensors on x's device."""
@@ -160,19 +150,20 @@ def mat_shift(x: torch.Tensor, packed: dict, activation: str = "none") -> torch.
         raise ValueError(f"mat_shift: x must be float32 or float16, got {x.dtype}")
     spec = ShiftSpec(exponent_min=int(packed["exponent_min"]), exponent_max=int(packed["exponent_max"]))
     dtype = "float32" if x.dtype == torch.float32 else "float16"
-    target = target_for(x.device)
     key = {"in": in_features, "out": out_features, "exponents": [spec.exponent_min, spec.exponent_max],
            "activation": activation, "dtype": dtype}
-    kernel = kernel_or_none(lambda: build_kernel(
-        "mat_shift", key, target,
-        lambda t: make_mat_shift(t, in_features, out_features, spec, activation, dtype)))
+    kernel = get_kernel("mat_shift", key, x.device,
+                        lambda t: make_mat_shift(t, in_features, out_features, spec, activation, dtype))
     if kernel is None:
         return reference_mat_shift(x, packed, activation)
     lead = x.shape[:-1]
-    tiles, tokens = pad_to_tiles(kernel_ready(x.reshape(-1, in_features)))
+    rows = kernel_ready(x.reshape(-1, in_features))
     bias = packed["bias"] if packed["bias"] is not None else torch.zeros(out_features, device=x.device)
-    out = torch.empty(tiles.shape[0], TILE, out_features, device=x.device, dtype=x.dtype)
-    if tiles.shape[0]:
-        kernel(tiles, kernel_ready(codes), kernel_ready(packed["channel_exponent"]), kernel_ready(bias, torch.float32),
-               out)
-    return out.reshape(-1, out_features)[:tokens].reshape(*lead, out_features)
+    weights = (kernel_ready(codes), kernel_ready(packed["channel_exponent"]), kernel_ready(bias, torch.float32))
+    out = torch.empty(rows.shape[0], out_features, device=x.device, dtype=x.dtype)
+
+    def launch(inputs, outputs):
+        kernel(inputs[0].view(-1, TILE, in_features), *weights, outputs[0].view(-1, TILE, out_features))
+
+    run_tiled(launch, TILE, rows.shape[0], [rows], [out])
+    return out.reshape(*lead, out_features)

@@ -32,6 +32,7 @@ from kernels import hashed_attention as _hashed
 from kernels import mat_shift as _mat_shift
 from kernels import view_attention as _view
 from kernels import view_features as _features
+from kernels.dispatch import needs_grad, note_kernel
 
 __all__ = ["mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
@@ -39,8 +40,12 @@ __all__ = ["mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash
 NAMESPACE = "shiftadd_gnt"
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(name: str, *tensors: Optional[Tensor]) -> bool:
+    """kernels.dispatch.needs_grad, noting that kernel `name` then runs on the reference."""
+    if needs_grad(*tensors):
+        note_kernel(name, "reference")
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------- MatShift
@@ -60,7 +65,7 @@ def _(x, codes, channel_exponent, bias, exponent_min, exponent_max, activation):
 
 def mat_shift(x: Tensor, packed: dict, activation: str = "none") -> Tensor:
     """`kernels.mat_shift.mat_shift` through the custom op; `packed` = ShiftLinear.export_codes() on x's device."""
-    if _needs_grad(x):
+    if _needs_grad("mat_shift", x):
         return _mat_shift.reference_mat_shift(x, packed, activation)
     return torch.ops.shiftadd_gnt.mat_shift(x, packed["codes"], packed["channel_exponent"], packed["bias"],
                                             int(packed["exponent_min"]), int(packed["exponent_max"]), activation)
@@ -83,7 +88,7 @@ def _(x, fc1, b1, fc2, b2, router_w, router_b, ln_w, ln_b, eps):
 
 def ffn_sublayer(x: Tensor, w: "_ffn.FFNWeights") -> Tensor:
     """x + FFN_e(LN(x)) through the custom op (the reference when gradients are needed)."""
-    if _needs_grad(x):
+    if _needs_grad("ffn_sublayer", x):
         return _ffn.reference_ffn_sublayer(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
     return torch.ops.shiftadd_gnt.ffn_sublayer(x, w.fc1, w.b1, w.fc2, w.b2, w.router_w, w.router_b, w.ln_w, w.ln_b,
                                                float(w.eps))
@@ -110,7 +115,7 @@ def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
     """The fused view attention through the custom op (the reference when gradients are needed)."""
     if not isinstance(weights, _view.PreparedViewWeights):
         weights = _view.PreparedViewWeights.from_dict(weights, device=features.device)
-    if _needs_grad(qp, features, ray_diff, mask):
+    if _needs_grad("view_attention", qp, features, ray_diff, mask):
         return _view.reference_view_attention(qp, features, ray_diff, mask, weights.source)
     return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
 
@@ -132,7 +137,7 @@ def _(rgb, feat, mask, w1_rgb, w1_feat, b1, w2, b2):
 
 def view_features(rgb: Tensor, feat: Tensor, mask: Tensor, w: "_features.ViewFeatureWeights") -> tuple[Tensor, Tensor]:
     """Per-view feature MLP + masked max-pool through the custom op (the reference when gradients are needed)."""
-    if _needs_grad(rgb, feat, mask):
+    if _needs_grad("view_features", rgb, feat, mask):
         return _features.reference_view_features(rgb, feat, mask, w)
     return torch.ops.shiftadd_gnt.view_features(rgb, feat, mask, *w.tensors())
 
@@ -182,13 +187,13 @@ def hash_pack(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def quadratic_attention(q_words: Tensor, k_words: Tensor, v: Tensor, scale: "Tensor | float", n_bits: int) -> Tensor:
     if not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=v.device)
-    if _needs_grad(v, scale):
+    if _needs_grad("hashed_quadratic", v, scale):
         return _hashed.reference_quadratic(q_words, k_words, v, scale, n_bits)
     return torch.ops.shiftadd_gnt.hashed_quadratic(q_words, k_words, v, scale, n_bits)
 
 
 def linear_attention(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, form: str = "hashed") -> Tensor:
-    if _needs_grad(v):
+    if _needs_grad("hashed_linear", v):
         return _hashed.reference_linear(q_words, k_words, v, n_bits, form)
     return torch.ops.shiftadd_gnt.hashed_linear(q_words, k_words, v, n_bits, form)
 

@@ -13,7 +13,7 @@ def vector_exp(x):
     n ln 2 is exact), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9, below fp32 rounding), 2^n
     built from the exponent bits. x < -87.3 (below the smallest normal float) gives 0; x is clamped at 88.
     """
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     clamped = te.min(te.max(x, tirx.const(-87.3, "float32")), tirx.const(88.0, "float32"))
     n = tirx.floor(clamped * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))

@@ -17,8 +17,9 @@ variants pass their decoded shift weights (exact +-2^k in fp32), so the kernel i
 
 Kernel layout: tokens are grouped in tiles (`kernel_tile`: 16 on CPU); the number of tiles NT is a symbolic
 leading dimension, so one build serves every chunk size (qp [NT, tile, C], features [NT, tile, V, C], ...; NT is
-never split, which TVM 0.27 cannot compile for symbolic extents). The wrapper `view_attention` runs the
-tile-aligned prefix of the tokens in place and the last partial tile padded with tokens no view sees.
+never split, which TVM 0.27 cannot compile for symbolic extents). The wrapper `view_attention` follows the
+facade's tail rule (kernels.dispatch.run_tiled): the tile-aligned prefix runs in place, the last partial tile
+padded with tokens no view sees.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backend import kernel_or_none, warn_once
-from kernels.build import build_kernel, kernel_ready, target_for, tvm_available
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel, run_tiled
 from kernels.te_math import vector_exp
 
 __all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
@@ -67,32 +68,20 @@ def reference_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff:
     return ((v + pos) * attention).sum(dim=-2)
 
 
-def _linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense fp32 weight [out, in] of an nn.Linear or a ShiftLinear (decoded shifts: exact +-2^k or 0)."""
-    if hasattr(layer, "effective_weight"):
-        if getattr(getattr(layer, "spec", None), "fixed_point_bits", 0):
-            raise ValueError(f"view attention kernels take float activations; {layer} rounds its inputs to fixed "
-                             f"point (fixed_point_bits > 0), which the kernel does not reproduce")
-        return layer.effective_weight().detach()
-    if isinstance(layer, nn.Linear):
-        return layer.weight.detach()
-    raise TypeError(f"view attention layers must be nn.Linear or ShiftLinear, got {type(layer).__name__}")
-
-
 def view_attention_weights(module: nn.Module) -> dict:
     """The weights of a ViewAttention (nn.Linear or ShiftLinear layers) as the dict the kernels take (detached,
     sharing storage with the module). ValueError for a ShiftLinear with fixed-point activations."""
     def bias(layer: nn.Module) -> torch.Tensor:
         if layer.bias is None:
-            return torch.zeros(layer.out_features, device=_linear_weight(layer).device)
+            return torch.zeros(layer.out_features, device=linear_weight(layer).device)
         return layer.bias.detach()
 
     return {
-        "k": _linear_weight(module.k_fc), "v": _linear_weight(module.v_fc),
-        "pos1_w": _linear_weight(module.pos_fc1), "pos1_b": bias(module.pos_fc1),
-        "pos2_w": _linear_weight(module.pos_fc2), "pos2_b": bias(module.pos_fc2),
-        "attn1_w": _linear_weight(module.attn_fc1), "attn1_b": bias(module.attn_fc1),
-        "attn2_w": _linear_weight(module.attn_fc2), "attn2_b": bias(module.attn_fc2),
+        "k": linear_weight(module.k_fc), "v": linear_weight(module.v_fc),
+        "pos1_w": linear_weight(module.pos_fc1), "pos1_b": bias(module.pos_fc1),
+        "pos2_w": linear_weight(module.pos_fc2), "pos2_b": bias(module.pos_fc2),
+        "attn1_w": linear_weight(module.attn_fc1), "attn1_b": bias(module.attn_fc1),
+        "attn2_w": linear_weight(module.attn_fc2), "attn2_b": bias(module.attn_fc2),
     }
 
 
@@ -192,7 +181,7 @@ def _check_weight_shapes(weights: dict) -> None:
 
 def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool):
     """TE definition; returns the arguments in call order (output last). Shapes in the module docstring."""
-    from tvm import te, tirx
+    from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     exp = vector_exp if fast_exp else tirx.exp
     num_tiles = te.var("num_tiles")
@@ -356,8 +345,8 @@ def make_view_attention(target: dict, views: int, channels: int, hidden: int):
     mask [NT, tile, V], then PreparedViewWeights.kernel_arguments(), then out [NT, tile, C]; NT is symbolic and
     tile = kernel_tile(target["kind"], views, channels). All fp32, contiguous, 64-byte aligned.
     """
-    import tvm
-    from tvm import s_tir, te
+    import tvm  # lazy: TVM is optional (the references run without it)
+    from tvm import s_tir, te  # lazy: TVM is optional (the references run without it)
 
     on_cuda = target["kind"] == "cuda"
     tile = kernel_tile(target["kind"], views, channels)
@@ -370,29 +359,12 @@ def make_view_attention(target: dict, views: int, channels: int, hidden: int):
     return sch.mod
 
 
-_KERNELS: dict[tuple, Callable | None] = {}
-
-
 def view_attention_kernel(device: torch.device | str, views: int, channels: int, hidden: int) -> Callable | None:
-    """The compiled kernel for `device`, or None (one warning) when TVM is missing or the build fails."""
+    """The compiled kernel for `device`, or None (one warning) when none can be had (kernels.dispatch.get_kernel)."""
     device = torch.device(device)
-    memo = (device.type, device.index, views, channels, hidden, torch.get_num_threads())
-    if memo not in _KERNELS:
-        if not tvm_available():
-            warn_once("view_attention: TVM is not importable (pip install apache-tvm==0.27.0.post1); "
-                      "using the PyTorch reference")
-            kernel = None
-        else:
-            def build() -> Callable:
-                target = target_for(device)
-                key = {"views": views, "channels": channels, "hidden": hidden,
-                       "tile": kernel_tile(target["kind"], views, channels)}
-                return build_kernel("view_attention", key, target,
-                                    lambda target: make_view_attention(target, views, channels, hidden))
-
-            kernel = kernel_or_none(build)
-        _KERNELS[memo] = kernel
-    return _KERNELS[memo]
+    key = {"views": views, "channels": channels, "hidden": hidden, "tile": kernel_tile(device.type, views, channels)}
+    return get_kernel("view_attention", key, device,
+                      lambda target: make_view_attention(target, views, channels, hidden))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,36 +416,24 @@ def view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Ten
                          f"use weights.to(device) once")
     views, lead = _validate(qp, features, ray_diff, mask, weights.channels)
     channels = weights.channels
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (qp, features, ray_diff, mask))
-    kernel = None if needs_grad else view_attention_kernel(features.device, views, channels, weights.hidden)
+    if needs_grad(qp, features, ray_diff, mask):
+        note_kernel("view_attention", "reference")
+        return reference_view_attention(qp, features, ray_diff, mask, weights.source)
+    kernel = view_attention_kernel(features.device, views, channels, weights.hidden)
     if kernel is None:
         return reference_view_attention(qp, features, ray_diff, mask, weights.source)
 
     tokens = math.prod(lead)
-    qp_rows = _kernel_ready(qp.reshape(tokens, channels))
-    feature_rows = _kernel_ready(features.reshape(tokens, views, channels))
-    ray_rows = _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM))
-    mask_rows = _kernel_ready(mask.reshape(tokens, views))
+    rows = [_kernel_ready(qp.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
+            _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM)), _kernel_ready(mask.reshape(tokens, views))]
     out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
     tile = kernel_tile(features.device.type, views, channels)
-    whole = tokens - tokens % tile
 
-    def run(qp_part, feature_part, ray_part, mask_part, out_part) -> None:
+    def launch(inputs, outputs) -> None:
+        qp_part, feature_part, ray_part, mask_part = inputs
         kernel(qp_part.view(-1, tile, channels), feature_part.view(-1, tile, views, channels),
                ray_part.view(-1, tile, views, _RAY_DIFF_DIM), mask_part.view(-1, tile, views),
-               *weights.kernel_arguments(), out_part.view(-1, tile, channels))
+               *weights.kernel_arguments(), outputs[0].view(-1, tile, channels))
 
-    if whole:  # the tile-aligned prefix runs in place, without copies
-        run(qp_rows[:whole], feature_rows[:whole], ray_rows[:whole], mask_rows[:whole], out[:whole])
-    if whole < tokens:  # the last partial tile, padded with tokens no view sees (their output is 0, then dropped)
-        rest = tokens - whole
-
-        def padded(rows: torch.Tensor) -> torch.Tensor:
-            tail = rows.new_zeros((tile, *rows.shape[1:]))
-            tail[:rest] = rows[whole:]
-            return tail
-
-        tail_out = out.new_empty(tile, channels)
-        run(padded(qp_rows), padded(feature_rows), padded(ray_rows), padded(mask_rows), tail_out)
-        out[whole:] = tail_out[:rest]
+    run_tiled(launch, tile, tokens, rows, [out])  # padded tokens: no view sees them, their output is 0
     return out.view(*lead, channels).to(features.dtype)

@@ -10,18 +10,17 @@ lie ([V, 3, N] and [V, F, N], token index last) and writes only what the transfo
     q0       = max over visible views of features, 0 if none         [T, C]
 
 Layout: rgb [V, 3, N], feat [V, F, N] with N >= NT * tile tokens (N symbolic); the kernel covers the first
-NT * tile tokens (NT symbolic, never split); the wrapper computes the last partial tile with the reference.
+NT * tile tokens (NT symbolic, never split); the last partial tile follows the facade's tail rule
+(kernels.dispatch.run_tiled: one more zero-padded tile, whose tokens no view sees).
 mask [N, V] (1 = visible); outputs features [NT, tile, V, C] and q0 [NT, tile, C], all fp32.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import kernel_or_none
-from kernels.build import build_kernel, kernel_ready, target_for, tvm_available
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, needs_grad, note_kernel, run_tiled
 
 __all__ = ["TILE", "ViewFeatureWeights", "reference_view_features", "make_view_features", "view_features"]
 
@@ -75,8 +74,8 @@ def reference_view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.T
 def make_view_features(target: dict, views: int, feat_channels: int, hidden: int, channels: int):
     """IRModule "main"(rgb [V, 3, N], feat [V, F, N], mask [N, V], w1_rgb, w1_feat, b1, w2, b2,
     features [NT, TILE, V, C], q0 [NT, TILE, C])."""
-    import tvm
-    from tvm import s_tir, te, tirx
+    import tvm  # lazy: TVM is optional (the references run without it)
+    from tvm import s_tir, te, tirx  # lazy: TVM is optional (the references run without it)
 
     n, tiles = te.var("n"), te.var("tiles")
     rgb = te.placeholder((views, 3, n), "float32", name="rgb")
@@ -193,41 +192,30 @@ def _schedule_cuda(sch, threads: int = 128) -> None:
     sch.set_scope(sch.get_sblock("peak"), 0, "local")
 
 
-_KERNELS: dict[tuple, Callable | None] = {}
-
-
-def _kernel(device: torch.device, views: int, feat_channels: int, hidden: int, channels: int) -> Callable | None:
-    memo = (device.type, device.index, views, feat_channels, hidden, channels, torch.get_num_threads())
-    if memo not in _KERNELS:
-        if not tvm_available():
-            _KERNELS[memo] = None
-        else:
-            key = {"views": views, "feat": feat_channels, "hidden": hidden, "channels": channels, "tile": TILE}
-            _KERNELS[memo] = kernel_or_none(lambda: build_kernel(
-                "view_features", key, target_for(device),
-                lambda target: make_view_features(target, views, feat_channels, hidden, channels)))
-    return _KERNELS[memo]
-
-
 def view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
                   w: ViewFeatureWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """rgb [V, 3, N], feat [V, F, N], mask [N, V] -> (features [N, V, C], q0 [N, C]) fp32 on the kernel (the
-    reference when TVM is unavailable, gradients are needed, or for the last N mod TILE tokens)."""
+    reference when gradients are needed or no kernel can be had, see kernels.dispatch.get_kernel)."""
     views, rgb_channels, tokens = rgb.shape
     feat_channels, hidden, channels = w.shapes
     if rgb_channels != 3 or tuple(feat.shape) != (views, feat_channels, tokens) or tuple(mask.shape) != (tokens, views):
         raise ValueError(f"view_features: expected rgb [V, 3, N], feat [V, {feat_channels}, N], mask [N, V]; got "
                          f"{tuple(rgb.shape)}, {tuple(feat.shape)}, {tuple(mask.shape)}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rgb, feat, mask))
-    kernel = None if needs_grad else _kernel(rgb.device, views, feat_channels, hidden, channels)
-    whole = tokens - tokens % TILE
-    if kernel is None or whole == 0:
+    if needs_grad(rgb, feat, mask):
+        note_kernel("view_features", "reference")
+        return reference_view_features(rgb, feat, mask, w)
+    key = {"views": views, "feat": feat_channels, "hidden": hidden, "channels": channels, "tile": TILE}
+    kernel = get_kernel("view_features", key, rgb.device,
+                        lambda target: make_view_features(target, views, feat_channels, hidden, channels))
+    if kernel is None:
         return reference_view_features(rgb, feat, mask, w)
     rgb, feat, mask = (kernel_ready(t, torch.float32) for t in (rgb, feat, mask))
     features = torch.empty(tokens, views, channels, device=rgb.device)
     q0 = torch.empty(tokens, channels, device=rgb.device)
-    kernel(rgb, feat, mask, *w.tensors(), features[:whole].view(-1, TILE, views, channels),
-           q0[:whole].view(-1, TILE, channels))
-    if whole < tokens:
-        features[whole:], q0[whole:] = reference_view_features(rgb[..., whole:], feat[..., whole:], mask[whole:], w)
+
+    def launch(inputs, outputs):
+        kernel(*inputs, *w.tensors(), outputs[0].view(-1, TILE, views, channels),
+               outputs[1].view(-1, TILE, channels))
+
+    run_tiled(launch, TILE, tokens, [rgb, feat, mask], [features, q0], token_dims=[2, 2, 0], inputs_longer_ok=True)
     return features, q0

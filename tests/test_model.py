@@ -21,6 +21,12 @@ def _inputs(rays=5, samples=7, views=4, channels=8, seed=0):
     return rgb_feat, ray_diff, mask, points, dirs
 
 
+def _run(model, rgb_feat, ray_diff, mask, points, dirs):
+    """GNTTransformer on [R, S, V, 3 + F] samples, handed over in grid_sample's layout ([V, 3, R, S], [V, F, R, S])."""
+    rgb, feat = rgb_feat[..., :3].permute(2, 3, 0, 1), rgb_feat[..., 3:].permute(2, 3, 0, 1)
+    return model(rgb, feat, ray_diff, mask, points, dirs)
+
+
 def test_positional_encoding_matches_nerf():
     enc = PositionalEncoding(3, 4)
     x = torch.randn(2, 5, 3)
@@ -37,7 +43,7 @@ def test_transformer_shapes_and_layer_layout():
     assert len(model.view_blocks) == len(model.ray_blocks) == 3
     assert len(model.pos_fuse) == 2  # position/direction codes injected at layers 0 and 2
     assert model.ray_blocks[0].ff.fc1.out_features == 4 * 16  # 16 -> 64 -> 16 (64 -> 256 -> 64 at width 64)
-    rgb = model(*_inputs())
+    rgb = _run(model, *_inputs())
     assert rgb.shape == (5, 3) and torch.isfinite(rgb).all()
 
 
@@ -45,7 +51,7 @@ def test_all_views_invisible_gives_finite_output_and_gradients():
     model = GNTTransformer(ModelConfig(**SMALL))
     rgb_feat, ray_diff, mask, points, dirs = _inputs()
     rgb_feat.requires_grad_(True)
-    rgb = model(rgb_feat, ray_diff, torch.zeros_like(mask), points, dirs)
+    rgb = _run(model, rgb_feat, ray_diff, torch.zeros_like(mask), points, dirs)
     assert torch.isfinite(rgb).all()
     rgb.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -59,7 +65,8 @@ def test_invisible_views_do_not_influence_the_colour():
     changed[..., 1, :] = 100.0 * torch.randn_like(changed[..., 1, :])
     changed_diff = ray_diff.clone()
     changed_diff[..., 1, :] = 5.0
-    assert torch.allclose(model(rgb_feat, ray_diff, mask, points, dirs), model(changed, changed_diff, mask, points, dirs), atol=1e-5)
+    assert torch.allclose(_run(model, rgb_feat, ray_diff, mask, points, dirs),
+                          _run(model, changed, changed_diff, mask, points, dirs), atol=1e-5)
 
 
 def test_view_attention_weights_are_a_masked_softmax_per_channel():
@@ -101,7 +108,7 @@ def test_attention_core_is_swappable():
     model = GNTTransformer(ModelConfig(**SMALL))
     for block in model.ray_blocks:
         block.attn.core = MeanCore()
-    model(*_inputs())
+    _run(model, *_inputs())
     assert MeanCore.calls == 3
 
 
@@ -129,7 +136,7 @@ def test_blend_head_outputs_a_convex_mix_of_source_colours():
     rgb_feat, ray_diff, mask, points, dirs = _inputs()
     rgb_feat[..., :3] = torch.rand(rgb_feat.shape[:-1] + (3,))
     mask[0] = 0  # ray 0: no view sees any sample -> black
-    rgb = model(rgb_feat, ray_diff, mask, points, dirs)
+    rgb = _run(model, rgb_feat, ray_diff, mask, points, dirs)
     assert rgb.shape == (5, 3)
     assert torch.equal(rgb[0], torch.zeros(3))
     colors = rgb_feat[..., :3].masked_fill(mask == 0, float("nan"))
@@ -147,7 +154,7 @@ def test_blend_head_ignores_invisible_views():
     mask[:, :, 1] = 0
     other = rgb_feat.clone()
     other[:, :, 1] = torch.randn_like(other[:, :, 1])
-    assert torch.allclose(model(rgb_feat, ray_diff, mask, points, dirs), model(other, ray_diff, mask, points, dirs))
+    assert torch.allclose(_run(model, rgb_feat, ray_diff, mask, points, dirs), _run(model, other, ray_diff, mask, points, dirs))
 
 
 def test_old_checkpoint_head_keys_are_renamed():

@@ -71,3 +71,26 @@ def test_video_is_written_for_odd_frame_sizes(tmp_path):
     meta = next(reader)
     assert meta["size"] == (22, 16)  # padded to even sizes for H.264
     assert sum(1 for _ in reader) == 4
+
+
+def test_renderer_samples_then_calls_the_radiance_function_in_chunks():
+    from renderer.render import Renderer, RenderSettings
+
+    settings = RenderSettings(n_samples=5, stride=2, chunk=7)
+    renderer = Renderer(settings)
+    o = torch.zeros(3, 3)
+    d = torch.tensor([[0.0, 0.0, 1.0]]).repeat(3, 1)
+    seen = []
+
+    def radiance(points, directions, origins):  # colour = mean depth of the samples, so sampling is visible
+        seen.append(points.shape)
+        return points[..., 2].mean(dim=1, keepdim=True).expand(-1, 3)
+
+    _, expected_points = sample_inverse_depth(o, d, 1.0, 4.0, 5, stratified=False)
+    rgb = renderer.render_rays(radiance, o, d, 1.0, 4.0)
+    torch.testing.assert_close(rgb, expected_points[..., 2].mean(dim=1, keepdim=True).expand(-1, 3))
+    K = torch.tensor([[10.0, 0.0, 5.0], [0.0, 10.0, 4.0], [0.0, 0.0, 1.0]])
+    image = renderer.render_image(lambda p, dd, oo: torch.full((p.shape[0], 3), 0.25), K, torch.eye(4), 8, 10,
+                                  1.0, 4.0, torch.device("cpu"))
+    assert image.shape == (4, 5, 3) and torch.all(image == 0.25)  # stride 2; 20 rays in chunks of 7
+    assert seen == [(3, 5, 3)]

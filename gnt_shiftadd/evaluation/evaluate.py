@@ -17,6 +17,7 @@ from gnt_shiftadd.runtime import allocator_state
 from gnt_shiftadd.experiment import SceneTensors
 from renderer.camera_path import spiral_path
 from renderer.video import save_png, write_video
+from renderer.render import RenderSettings
 from renderer.views import render_novel_view
 
 
@@ -38,14 +39,14 @@ def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, pro
     model.eval()
     metrics = ImageMetrics(use_lpips=cfg.eval.lpips)
     stride = cfg.eval.stride
+    settings = RenderSettings.from_config(cfg, stride=stride)
     per_view = []
     for view in tqdm([int(v) for v in scene.test_ids], desc="evaluate", disable=not progress):
         near, far = scene.depth_range(view)
         sync(tensors.device)
         tic = time.perf_counter()
-        image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
-                                  cfg.render.n_samples, near, far, stride=stride, chunk=cfg.render.chunk_rays,
-                                  autocast=cfg.render.autocast, exclude_view=view)
+        image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], near, far, settings,
+                                  exclude_view=view)
         sync(tensors.device)
         seconds = time.perf_counter() - tic
         target = tensors.images[view][::stride, ::stride]
@@ -78,11 +79,11 @@ def render_spiral_video(model, tensors: SceneTensors, cfg: Config, out_dir: str 
     near, far = scene.depth_range()
     K = scene.intrinsics[0]
     frames, seconds = [], []
+    settings = RenderSettings.from_config(cfg, stride=cfg.video.stride)
     for index, pose in enumerate(tqdm(poses, desc="render video", disable=not progress)):
         sync(tensors.device)
         tic = time.perf_counter()
-        frame = render_novel_view(model, tensors, pose, K, cfg.data.num_source_views, cfg.render.n_samples, near, far,
-                                  stride=cfg.video.stride, chunk=cfg.render.chunk_rays, autocast=cfg.render.autocast)
+        frame = render_novel_view(model, tensors, pose, K, near, far, settings)
         sync(tensors.device)
         seconds.append(time.perf_counter() - tic)
         frames.append(frame.cpu())

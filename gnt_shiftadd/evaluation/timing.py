@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from kernels.dispatch import all_kernels_required
+from renderer.render import RenderSettings
 from renderer.views import render_novel_view
 
 
@@ -40,13 +42,20 @@ def render_heldout(model, tensors, cfg, view: int) -> torch.Tensor:
     """Held-out `view` rendered at cfg.eval.stride from its nearest training views -> rgb [H', W', 3]."""
     scene = tensors.scene
     near, far = scene.depth_range(view)
-    return render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
-                             cfg.render.n_samples, near, far, stride=cfg.eval.stride, chunk=cfg.render.chunk_rays,
-                             autocast=cfg.render.autocast, exclude_view=view)
+    return render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], near, far,
+                             RenderSettings.from_config(cfg), exclude_view=view)
 
 
-def frame_latency(model, tensors, cfg, view: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
-    """(median seconds per rendered frame of held-out `view`, the rendered image) after one warm-up render."""
-    image = render_heldout(model, tensors, cfg, view)
-    seconds = median_seconds(lambda: render_heldout(model, tensors, cfg, view), tensors.device, repeats, warmup=0)
-    return seconds, image
+def frame_latency(model, tensors, cfg, view: int, repeats: int = 3,
+                  require_kernels: bool = False) -> tuple[float, torch.Tensor, dict]:
+    """(median seconds per rendered frame of held-out `view`, the rendered image, {module: {kernel: how}}) after
+    one warm-up render. With require_kernels (a row timed as "tvm"), KernelFallbackError if any module ran on the
+    PyTorch reference instead of its kernel: a timing is never wrong about what ran."""
+    if not require_kernels:
+        image = render_heldout(model, tensors, cfg, view)
+        return median_seconds(lambda: render_heldout(model, tensors, cfg, view), tensors.device, repeats, warmup=0), \
+            image, {}
+    with all_kernels_required(model) as ran:
+        image = render_heldout(model, tensors, cfg, view)
+        seconds = median_seconds(lambda: render_heldout(model, tensors, cfg, view), tensors.device, repeats, warmup=0)
+    return seconds, image, ran

@@ -3,6 +3,8 @@
 The ShiftAdd reparameterization replaces: the ray attention's `core` (dot-product -> hashed additive), the
 `nn.Linear` layers (-> shift layers) and the `ff` modules (-> shift FFN or Mult/Shift mixture of experts).
 Every such piece is therefore its own named submodule with a plain tensor-in/tensor-out interface.
+The compiled kernels (kernels.apply.use_kernels_) swap leaves the same way: the view `attn`, the ray attention's
+`core` and each block's pre-norm FFN sublayer `ffn` (x + ff(ff_norm(x)) as one call); the block forwards stay.
 
 Shapes: R rays, S samples per ray, V source views, C = netwidth.
 """
@@ -24,6 +26,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class PreNormFeedForward(nn.Module):
+    """The FFN half of a pre-norm block, x + ff(norm(x)), as one swappable leaf (the fused FFN kernel covers all
+    three). It has no parameters of its own: the block owns `ff_norm` and `ff` (their state_dict keys, their
+    reparameterization and op counts are unchanged) and passes them in. x [..., C] -> [..., C]."""
+
+    def forward(self, x: torch.Tensor, norm: nn.Module, ff: nn.Module) -> torch.Tensor:
+        return x + ff(norm(x))
 
 
 class ViewAttention(nn.Module):
@@ -104,10 +115,11 @@ class ViewTransformerBlock(nn.Module):
         self.attn = ViewAttention(dim, dropout)
         self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
         self.ff = FeedForward(dim, ff_hidden, dropout)
+        self.ffn = PreNormFeedForward()
 
     def forward(self, q, features, ray_diff, mask):
         q = q + self.attn(self.attn_norm(q), features, ray_diff, mask)
-        return q + self.ff(self.ff_norm(q))
+        return self.ffn(q, self.ff_norm, self.ff)
 
 
 class RayTransformerBlock(nn.Module):
@@ -119,7 +131,8 @@ class RayTransformerBlock(nn.Module):
         self.attn = RayAttention(dim, num_heads, dropout)
         self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
         self.ff = FeedForward(dim, ff_hidden, dropout)
+        self.ffn = PreNormFeedForward()
 
     def forward(self, x):
         x = x + self.attn(self.attn_norm(x))
-        return x + self.ff(self.ff_norm(x))
+        return self.ffn(x, self.ff_norm, self.ff)

@@ -26,6 +26,8 @@ from gnt_shiftadd.models.transformers import DotProductAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
+from renderer.rays import camera_rays
+from renderer.render import Renderer, RenderSettings
 
 # Energy per operation in pJ at 45 nm (Horowitz, ISSCC 2014, as used by ShiftAddViT / DeepShift).
 # The issue's table: FP32 mult 3.7, FP32 add 0.9, 32-bit shift 0.13. INT32 add 0.1 is Horowitz's value (used for
@@ -255,9 +257,6 @@ def count_frame_ops(model, tensors, cfg, view: int | None = None, n_rays: int = 
 
     Per frame = per-ray ops x H x W + the feature CNN on the source views (run once per frame).
     """
-    from renderer.rays import camera_rays
-    from renderer.sampling import sample_inverse_depth
-
     scene = tensors.scene
     view = int(scene.test_ids[0] if len(scene.test_ids) else scene.train_ids[0]) if view is None else view
     model.eval()
@@ -270,9 +269,9 @@ def count_frame_ops(model, tensors, cfg, view: int | None = None, n_rays: int = 
     pick = torch.from_numpy(np.random.default_rng(seed).choice(origins.shape[0], min(n_rays, origins.shape[0]), replace=False))
     origins, directions = origins[pick].to(tensors.device), directions[pick].to(tensors.device)
     near, far = scene.depth_range(view)
-    _, points = sample_inverse_depth(origins, directions, near, far, cfg.render.n_samples, stratified=False)
+    renderer = Renderer(RenderSettings.from_config(cfg).with_(autocast="none"), kind=scene.kind)  # fp32 counts
     with OpCounter(model) as ray_counter:
-        model.render_points(points, directions, origins[0], views)
+        renderer.render_rays(lambda p, d, o: model.render_points(p, d, o[0], views), origins, directions, near, far)
     per_ray = ray_counter.ops.scaled(1.0 / len(pick))
     pixels = scene.height * scene.width
     per_frame = per_ray.scaled(pixels)

@@ -23,8 +23,7 @@ from gnt_shiftadd.shiftadd.moe import MoEFeedForward, total_auxiliary_loss
 from gnt_shiftadd.training.multiscene import load_training_scenes, pick_scene
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from gnt_shiftadd.training.warm_start import load_model_of, source_config, warm_start
-from renderer.render import autocast_context
-from renderer.sampling import sample_along_rays
+from renderer.render import Renderer, RenderSettings
 from renderer.views import render_novel_view
 
 
@@ -58,11 +57,14 @@ def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher
     `model` may be DDP-wrapped (its forward runs CNN and transformer). `parts`, when given, receives the
     detached components ("rgb_mse", "balance", "distill") for logging.
     """
-    _, points = sample_along_rays(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
-                                  stratified=True, generator=generator, kind=batch.kind)
-    inputs = (points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
-    with autocast_context(batch.origins.device, cfg.render.autocast):
-        rgb = model(*inputs).float()
+    renderer = Renderer(RenderSettings.from_config(cfg), kind=batch.kind)
+    points = renderer.sample(batch.origins, batch.directions, batch.near, batch.far, stratified=True,
+                             generator=generator)
+
+    def radiance(net):  # the CNN runs inside the call, so DDP sees every parameter
+        return lambda p, d, o: net(p, d, o[0], batch.src_rgb, batch.src_K, batch.src_c2w)
+
+    rgb = renderer.shade(radiance(model), points, batch.directions, batch.origins)
     rgb_mse = F.mse_loss(rgb, batch.target_rgb)
     loss = rgb_mse
     if parts is not None:
@@ -73,8 +75,8 @@ def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher
         if parts is not None:
             parts["balance"] = balance.detach()
     if teacher is not None and cfg.train.distill_weight > 0:
-        with torch.no_grad(), autocast_context(batch.origins.device, cfg.render.autocast):
-            teacher_rgb = teacher(*inputs).float()
+        with torch.no_grad():
+            teacher_rgb = renderer.shade(radiance(teacher), points, batch.directions, batch.origins)
         distill = F.mse_loss(rgb, teacher_rgb)
         loss = loss + cfg.train.distill_weight * distill
         if parts is not None:
@@ -106,9 +108,8 @@ def validation_image(model, tensors: SceneTensors, cfg: Config):
     scene = tensors.scene
     view = int(scene.test_ids[0]) if len(scene.test_ids) else int(scene.train_ids[0])
     near, far = scene.depth_range(view)
-    image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], cfg.data.num_source_views,
-                              cfg.render.n_samples, near, far, stride=cfg.train.val_stride, chunk=cfg.render.chunk_rays,
-                              autocast=cfg.render.autocast, exclude_view=view)
+    image = render_novel_view(model, tensors, scene.c2w[view], scene.intrinsics[view], near, far,
+                              RenderSettings.from_config(cfg, stride=cfg.train.val_stride), exclude_view=view)
     target = tensors.images[view][:: cfg.train.val_stride, :: cfg.train.val_stride]
     return image, target
 

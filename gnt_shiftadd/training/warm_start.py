@@ -15,9 +15,11 @@ import torch
 from gnt_shiftadd.config import Config, config_from_dict, model_signature
 from gnt_shiftadd.experiment import SceneTensors, build_model
 from gnt_shiftadd.models.transformers import FeedForward
+from gnt_shiftadd.shiftadd.latency import measure_expert_latency
+from gnt_shiftadd.shiftadd.reparameterize import check_convertible, reparameterize, shift_feedforward, shift_spec
 from gnt_shiftadd.training.batch import sample_training_batch
 from gnt_shiftadd.training.checkpoint import CheckpointError, read_checkpoint
-from renderer.sampling import sample_inverse_depth
+from renderer.render import Renderer, RenderSettings
 
 
 def source_config(cfg: Config, path: str | Path) -> Config:
@@ -46,11 +48,13 @@ def calibration_forward(model, tensors: SceneTensors, cfg: Config):
     """A closure that runs `model` on a fixed batch of real training rays (deterministic for a seed)."""
     rng = np.random.default_rng(cfg.train.seed + 7919)
     batch = sample_training_batch(tensors, rng, cfg.train.calibration_rays, cfg.data.num_source_views)
-    _, points = sample_inverse_depth(batch.origins, batch.directions, batch.near, batch.far, cfg.render.n_samples,
-                                     stratified=False)
+    # fp32 like the conversion it feeds (no autocast), deterministic samples
+    renderer = Renderer(RenderSettings.from_config(cfg).with_(autocast="none"), kind=batch.kind)
+    points = renderer.sample(batch.origins, batch.directions, batch.near, batch.far)
 
     def run():
-        return model(points, batch.directions, batch.origins[0], batch.src_rgb, batch.src_K, batch.src_c2w)
+        return renderer.shade(lambda p, d, o: model(p, d, o[0], batch.src_rgb, batch.src_K, batch.src_c2w),
+                              points, batch.directions, batch.origins)
 
     return run
 
@@ -64,8 +68,6 @@ def expert_latency_for(model, cfg: Config, device: torch.device) -> list[float] 
     ff = next((m for m in model.modules() if type(m) is FeedForward), None)
     if ff is None:
         return None
-    from gnt_shiftadd.shiftadd.latency import measure_expert_latency
-    from gnt_shiftadd.shiftadd.reparameterize import shift_feedforward, shift_spec
 
     experts = [copy.deepcopy(ff).eval(), shift_feedforward(ff, shift_spec(cfg.shiftadd)).eval()]
     return measure_expert_latency(experts, ff.fc1.in_features, device=device)
@@ -73,7 +75,6 @@ def expert_latency_for(model, cfg: Config, device: torch.device) -> list[float] 
 
 def warm_start(cfg: Config, path: str | Path, tensors: SceneTensors, device: torch.device, progress: bool = True):
     """(model converted to cfg's variant from the weights at `path`, ConversionReport, expert latency or None)."""
-    from gnt_shiftadd.shiftadd.reparameterize import check_convertible, reparameterize
 
     source = source_config(cfg, path)
     check_convertible(source.shiftadd, cfg.shiftadd, str(path))

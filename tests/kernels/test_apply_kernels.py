@@ -1,4 +1,7 @@
-"""use_kernels(): a converted GNT on the TVM kernels renders the same colours as on the PyTorch reference."""
+"""use_kernels_(): a converted GNT with its leaves swapped to the TVM kernels renders the same colours as on the
+PyTorch reference, and records which module ran on which kernel."""
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +12,10 @@ from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noq
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
-from kernels.apply import KernelRayBlock, KernelShiftLinear, KernelViewBlock, kernel_summary, use_kernels  # noqa: E402
+from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock  # noqa: E402
+from kernels.apply import KernelConfig, KernelFFNSublayer, KernelHashedAttention, KernelShiftLinear, \
+    KernelViewAttention, KernelViewEmbedding, kernel_summary, use_kernels, use_kernels_  # noqa: E402
+from kernels.dispatch import KernelFallbackError, all_kernels_required, kernel_map, require_all_kernels  # noqa: E402
 
 VARIANTS = {
     "dense": ShiftAddConfig(),
@@ -37,13 +43,30 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
         expected = run()
         summary = use_kernels(model, "tvm", gemm=gemm)
         got = run()
-    assert summary["view_blocks"] == summary["ray_blocks"] == cfg.model.trans_depth
-    assert all(isinstance(b, KernelViewBlock) for b in model.transformer.view_blocks)
-    assert all(isinstance(b, KernelRayBlock) for b in model.transformer.ray_blocks)
+    depth = cfg.model.trans_depth
+    assert summary["KernelViewAttention"] == depth and summary["KernelFFNSublayer"] == 2 * depth
+    assert summary["KernelViewEmbedding"] == 1 and summary["skipped"] == []
+    transformer = model.transformer
+    # the forwards are the model's own; only leaves changed
+    assert all(type(b) is ViewTransformerBlock for b in transformer.view_blocks)
+    assert all(type(b) is RayTransformerBlock for b in transformer.ray_blocks)
+    assert isinstance(transformer.view_embedding, KernelViewEmbedding)
+    assert all(isinstance(b.attn, KernelViewAttention) and isinstance(b.ffn, KernelFFNSublayer)
+               for b in transformer.view_blocks)
+    hashed = shiftadd.ray_attention != "dense"
+    assert all(isinstance(b.attn.core, KernelHashedAttention) == hashed for b in transformer.ray_blocks)
     if shiftadd.attention_linears == "shift":
         assert any(isinstance(m, KernelShiftLinear) for m in model.modules())
-    assert "KernelViewBlock" in kernel_summary(model)
+    assert "KernelViewAttention" in kernel_summary(model)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    ran = require_all_kernels(model)  # nothing fell back; every leaf says what it ran
+    assert ran["transformer.view_blocks.0.attn"] == {"view_attention": "tvm"}
+    assert ran["transformer.view_embedding"] == {"view_features": "tvm"}
+    expected_ffn = "tvm" if gemm == "tvm" or shiftadd.ffn == "moe" else "blas"
+    assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
+    if hashed:
+        kernel = "hashed_quadratic" if shiftadd.ray_attention == "hash_quadratic" else "hashed_linear"
+        assert ran["transformer.ray_blocks.0.attn.core"] == {"hash_pack": "tvm", kernel: "tvm"}
 
 
 def test_torch_backend_leaves_the_model_alone_and_training_mode_is_refused(tiny_config):
@@ -53,16 +76,50 @@ def test_torch_backend_leaves_the_model_alone_and_training_mode_is_refused(tiny_
     assert kernel_summary(model) == "no kernels"
     with pytest.raises(RuntimeError, match="eval"):
         use_kernels(model.train(), "tvm")
-    with pytest.raises(ValueError, match="torch.*tvm|backend"):
+    with pytest.raises(ValueError, match="backend"):
         use_kernels(model.eval(), "cuda")
     with pytest.raises(ValueError, match="gemm"):
         use_kernels(model.eval(), "tvm", gemm="mkl")
     assert kernel_summary(model) == "no kernels"  # a refused choice swaps nothing
 
 
-def test_missing_tvm_degrades_to_torch_with_one_warning(tiny_config, monkeypatch):
-    monkeypatch.setattr("kernels.backend.tvm_available", lambda: False)
-    monkeypatch.setattr("kernels.backend._WARNED", set())
+@pytest.mark.parametrize("backend", ["tvm", "auto"])
+def test_missing_tvm_degrades_to_torch_with_one_warning(tiny_config, monkeypatch, backend):
+    monkeypatch.setattr("kernels.dispatch.tvm_available", lambda: False)
+    monkeypatch.setattr("kernels.dispatch._WARNED", set())
     model = build_model(tiny_config(), torch.device("cpu")).eval()
     with pytest.warns(RuntimeWarning, match="TVM is not importable"):
-        assert use_kernels(model, "tvm")["backend"] == "torch"
+        assert use_kernels(model, backend)["backend"] == "torch"
+    assert kernel_summary(model) == "no kernels"
+
+
+def test_filter_fn_keeps_chosen_leaves_on_pytorch_and_a_fallback_fails_the_check(tiny_config):
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    run = calibration_forward(model, tensors, cfg)
+    with torch.no_grad():
+        expected = run()
+        summary = use_kernels_(model, KernelConfig("tvm", gemm="blas"), filter_fn=lambda module, fqn: ".ffn" not in fqn)
+        assert "KernelFFNSublayer" not in summary and summary["KernelViewAttention"] == cfg.model.trans_depth
+        with all_kernels_required(model) as ran:
+            torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)
+        assert ran["transformer.view_blocks.1.attn"] == {"view_attention": "tvm"}
+        assert use_kernels_(model, KernelConfig("tvm"))["KernelFFNSublayer"] == 2 * cfg.model.trans_depth  # staged
+        assert use_kernels_(model, KernelConfig("tvm")).keys() == {"backend", "skipped"}  # nothing wrapped twice
+    # a call that needs gradients runs the differentiable reference: the check names the module
+    x = torch.randn(2, 3, cfg.model.netwidth, requires_grad=True)
+    block = model.transformer.ray_blocks[0]
+    block.ffn(x, block.ff_norm, block.ff).sum().backward()
+    with pytest.raises(KernelFallbackError, match="ray_blocks.0.ffn: ffn_sublayer"):
+        require_all_kernels(model)
+    assert kernel_map(model)["transformer.ray_blocks.0.ffn"] == {"ffn_sublayer": "reference"}
+
+
+def test_replacing_a_layer_after_the_swap_is_refused(tiny_config):
+    model = build_model(tiny_config("model.dropout=0.0"), torch.device("cpu")).eval()
+    use_kernels(model, "tvm")
+    block = model.transformer.view_blocks[0]
+    block.ff = copy.deepcopy(block.ff)
+    with pytest.raises(RuntimeError, match="use_kernels_ again"):
+        block(torch.zeros(1, 2, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 1))

@@ -12,10 +12,11 @@ from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from kernels import ops  # noqa: E402
-from kernels.apply import KernelRayBlock, KernelViewBlock, use_kernels  # noqa: E402
+from kernels.apply import KernelFFNSublayer, KernelHashedAttention, KernelViewAttention, use_kernels  # noqa: E402
 from kernels.ffn import ffn_sublayer as direct_ffn, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
+from kernels.view_attention import view_attention as direct_view_attention  # noqa: E402
 from kernels.view_features import ViewFeatureWeights  # noqa: E402
 
 DIM, HIDDEN, VIEWS = 16, 32, 5
@@ -91,7 +92,6 @@ def test_ops_equal_the_direct_kernel_calls():
     assert torch.equal(ops.ffn_sublayer(x, w), direct_ffn(x, w))
     vw = _view_weights()
     inputs = _view_inputs()
-    from kernels.view_attention import view_attention as direct_view_attention
     assert torch.equal(ops.view_attention(*inputs, vw), direct_view_attention(*inputs, vw))
     # weights that went through the op's tensor arguments rebuild the same reference weights
     rebuilt = PreparedViewWeights.from_kernel_arguments(*vw.kernel_arguments())
@@ -125,7 +125,8 @@ def test_kernel_backed_blocks_trace_without_graph_breaks(tiny_config):
     with torch.no_grad():
         use_kernels(model, "tvm")
         view_block, ray_block = model.transformer.view_blocks[0], model.transformer.ray_blocks[0]
-        assert isinstance(view_block, KernelViewBlock) and isinstance(ray_block, KernelRayBlock)
+        assert isinstance(view_block.attn, KernelViewAttention) and isinstance(ray_block.attn.core, KernelHashedAttention)
+        assert isinstance(view_block.ffn, KernelFFNSublayer) and isinstance(ray_block.ffn, KernelFFNSublayer)
         torch.manual_seed(5)
         rays, samples, views, dim = 3, 5, cfg.data.num_source_views, cfg.model.netwidth
         q = torch.randn(rays, samples, dim)

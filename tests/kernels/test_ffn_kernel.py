@@ -1,6 +1,7 @@
 """Fused FFN sublayer kernel (LN + FFN + residual, MoE routing in-kernel) vs its reference and the modules."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 tvm = pytest.importorskip("tvm")
@@ -9,7 +10,9 @@ from gnt_shiftadd.models.transformers import FeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import shift_feedforward  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
+from gnt_shiftadd.experiment import build_model  # noqa: E402
 from kernels import build  # noqa: E402
+from kernels.apply import use_kernels  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, make_ffn_sublayer, reference_ffn_sublayer, route_tokens  # noqa: E402
 
 
@@ -109,3 +112,29 @@ def test_gemm_path_matches_reference_and_refuses_moe():
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one expert"):
         gemm_ffn_sublayer(x, ffn_weights(norm, _moe(dim, hidden)))
+
+
+@pytest.mark.parametrize("gemm", ["tvm", "blas"])
+def test_fixed_point_shift_ffn_keeps_its_input_rounding(tiny_config, gemm):
+    """A 16-bit fixed-point shift FFN rounds its activations before each shift layer; the fused kernel (and the
+    BLAS path) compute in float, so the swap must keep such a block on the reference, not drop the rounding."""
+    cfg = tiny_config("model.dropout=0.0")
+    model = build_model(cfg, torch.device("cpu")).eval()
+    spec = ShiftSpec(fixed_point_bits=16)
+    block = model.transformer.ray_blocks[0]
+    block.ff = shift_feedforward(block.ff, spec).eval()
+    with torch.no_grad():
+        block.ff_norm.weight.mul_(1e-3)  # FFN inputs ~1e-3: 16.16 rounding (steps of 2^-16) changes them by ~1%
+        block.attn.out_fc.weight.zero_()  # the block's output is then exactly x + FFN(LN(x))
+        block.attn.out_fc.bias.zero_()
+    x = torch.randn(3, 5, cfg.model.netwidth) * 1e-2
+    with torch.no_grad():
+        expected = block.ff(block.ff_norm(x))
+        fc1, fc2 = block.ff.fc1, block.ff.fc2
+        unrounded = F.linear(F.relu(F.linear(block.ff_norm(x), fc1.effective_weight(), fc1.bias)),
+                             fc2.effective_weight(), fc2.bias)
+        assert (expected - unrounded).abs().max() > 1e-6  # the rounding matters for this input
+        with pytest.warns(RuntimeWarning, match="fixed point"):
+            use_kernels(model, "tvm", gemm=gemm)
+        got = model.transformer.ray_blocks[0](x) - x
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-8)
