@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
-from gnt_shiftadd.shiftadd.opcount import count_frame_ops  # noqa: E402
+from gnt_shiftadd.evaluation.opcount import count_frame_ops  # noqa: E402
 from gnt_shiftadd.training.trainer import train  # noqa: E402
 from gnt_shiftadd.workflows import load_trained, run_eval  # noqa: E402
 

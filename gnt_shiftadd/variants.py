@@ -13,7 +13,7 @@ from gnt_shiftadd.config import Config, load_config
 from gnt_shiftadd.evaluation.evaluate import environment, evaluate
 from gnt_shiftadd.experiment import SceneTensors, load_scene, resolve_device
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
-from gnt_shiftadd.shiftadd.opcount import count_frame_ops
+from gnt_shiftadd.evaluation.opcount import count_frame_ops
 from gnt_shiftadd.training.trainer import checkpoint_path
 from gnt_shiftadd.training.warm_start import warm_start
 from gnt_shiftadd.workflows import load_trained, run_eval, run_finetune

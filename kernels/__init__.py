@@ -1,12 +1,14 @@
 """Compiled Apache TVM kernels for ShiftAdd-GNT inference, each with its PyTorch reference.
 
+dispatch.py         the facade every kernel goes through: get_kernel (loaders such as AOT libraries, then the
+                    disk cache / a build), the one tail rule, autograd check, fallback, and what ran where
 build.py            compile once, cache on disk, load (targets, cache keys)
-backend.py          the torch|tvm switch and the one-warning fallback to the reference
+backend.py          deprecated shim (old names, now in dispatch.py)
 mat_shift.py        MatShift: y = act(x W^T + b) with W given by packed sign/exponent shift codes
 ffn.py              LN + FFN (+ in-kernel MoE routing) + residual in one kernel
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
 view_attention.py   the view transformer's attention per (ray, sample) token, fused over views
 hashed_attention.py hash + pack, XOR/popcount softmax attention, additive linear attention
 ops.py              every kernel as a torch custom op (torch.ops.shiftadd_gnt.*)
-apply.py            use_kernels(model): swap a trained model's blocks to the kernels in place
+apply.py            use_kernels_(model, KernelConfig, filter_fn): swap a trained model's leaves to the kernels
 """

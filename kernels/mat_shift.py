@@ -3,7 +3,7 @@
 Why the kernel decodes instead of shifting every product: the codes decode (bit operations, once per call,
 [out, in] values) to weights that are exactly +-2^k in fp32, so a fused multiply-add by them is bit-identical
 to shifting the activation's exponent, and it runs on the vector FMA units CPUs and GPUs are built around. The
-multiplication-free arithmetic is what the 45 nm energy model prices (`gnt_shiftadd/shiftadd/opcount.py`); on
+multiplication-free arithmetic is what the 45 nm energy model prices (`gnt_shiftadd/evaluation/opcount.py`); on
 these machines the speed comes from the fusion (bias and activation in the same pass) and from 4x smaller
 weights. Activations fp32 or fp16 (accumulation in fp32).
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gnt_shiftadd.models.transformers import FeedForward
 from gnt_shiftadd.shiftadd import latency as latency_module
-from gnt_shiftadd.shiftadd.latency import measure_expert_latency, measure_module_latency
+from gnt_shiftadd.evaluation.latency import measure_expert_latency, measure_module_latency
 from gnt_shiftadd.shiftadd.moe import (
     MoEFeedForward,
     cv_squared,

@@ -8,7 +8,7 @@ from torch import nn
 from gnt_shiftadd.config import ShiftAddConfig
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
 from gnt_shiftadd.models.transformers import DotProductAttention
-from gnt_shiftadd.shiftadd.opcount import UNIT_ENERGY_PJ, OpCounter, OpCounts, component_of, count_frame_ops
+from gnt_shiftadd.evaluation.opcount import UNIT_ENERGY_PJ, OpCounter, OpCounts, component_of, count_frame_ops
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 from gnt_shiftadd.training.warm_start import calibration_forward

@@ -15,7 +15,7 @@ import torch
 from gnt_shiftadd.config import Config, config_from_dict, model_signature
 from gnt_shiftadd.experiment import SceneTensors, build_model
 from gnt_shiftadd.models.transformers import FeedForward
-from gnt_shiftadd.shiftadd.latency import measure_expert_latency
+from gnt_shiftadd.evaluation.latency import measure_expert_latency
 from gnt_shiftadd.shiftadd.reparameterize import check_convertible, reparameterize, shift_feedforward, shift_spec
 from gnt_shiftadd.training.batch import sample_training_batch
 from gnt_shiftadd.training.checkpoint import CheckpointError, read_checkpoint
