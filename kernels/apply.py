@@ -236,6 +236,8 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
             else:
                 setattr(parent, name, replacement)
                 summary[type(replacement).__name__] = summary.get(type(replacement).__name__, 0) + 1
+                if isinstance(replacement, KernelShiftLinear):
+                    continue  # its `source` is the ShiftLinear it wraps
                 child = replacement
         _swap(child, fqn, cfg, filter_fn, summary, skipped, inside_leaf or isinstance(child, KernelLeaf))
 
