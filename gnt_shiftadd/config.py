@@ -103,6 +103,10 @@ class TrainConfig:
     distill_weight: float = 0.0  # > 0: add weight * MSE to the colours of the teacher checkpoint below
     distill_from: str = ""
     stage1_steps: int = 0  # finetune: steps with only attention converted before the FFNs are (0: half of steps)
+    # perceptual loss: each step also renders one patch_size x patch_size patch of the target and adds
+    # perceptual_weight x LPIPS-Alex(patch, photo): MSE alone rewards the blurred mean of uncertain geometry
+    patch_size: int = 0
+    perceptual_weight: float = 0.0
     calibration_rays: int = 256  # rays of real data used to fit hash codes when converting attention
     val_stride: int = 4  # render every val_stride-th pixel for the validation image
 
@@ -282,6 +286,9 @@ def validate(cfg: Config) -> None:
         (len(cfg.shiftadd.moe_expert_latency) in (0, 2) and all(float(x) > 0 for x in cfg.shiftadd.moe_expert_latency),
          "shiftadd.moe_expert_latency must be empty (measure) or two positive numbers [mult, shift]"),
         (cfg.train.distill_weight >= 0, "train.distill_weight must be >= 0"),
+        (cfg.train.perceptual_weight >= 0, "train.perceptual_weight must be >= 0"),
+        (not cfg.train.perceptual_weight or cfg.train.patch_size >= 32,
+         "train.perceptual_weight > 0 needs train.patch_size >= 32 (LPIPS-Alex needs 32x32 pixels)"),
         (not cfg.train.distill_weight or cfg.train.distill_from, "train.distill_weight > 0 needs train.distill_from"),
     ]
     for ok, message in checks:

@@ -90,3 +90,39 @@ def test_tensorboard_logs_are_written(tiny_config):
     acc.Reload()
     assert {"train/loss", "train/psnr", "lr/transformer", "lr/cnn", "val/psnr"} <= set(acc.Tags()["scalars"])
     assert "val/render" in acc.Tags()["images"]
+
+
+def test_patch_rays_form_one_patch_and_patchless_batches_are_unchanged(tiny_config):
+    import numpy as np
+
+    from gnt_shiftadd.experiment import SceneTensors, load_scene
+    from gnt_shiftadd.training.batch import sample_training_batch, step_rng
+
+    cfg = tiny_config()
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    plain = sample_training_batch(tensors, step_rng(0, 5), 16, 3)
+    with_patch = sample_training_batch(tensors, step_rng(0, 5), 16, 3, patch_size=4)
+    assert torch.equal(with_patch.target_rgb[:16], plain.target_rgb)  # same random rays first
+    patch = with_patch.target_rgb[16:].reshape(4, 4, 3)
+    image = tensors.images[with_patch.target_id]
+    hits = [(r, c) for r in range(image.shape[0] - 3) for c in range(image.shape[1] - 3)
+            if torch.equal(image[r:r + 4, c:c + 4], patch)]
+    assert hits, "the last 16 rays are not a 4x4 patch of the target"
+    with pytest.raises(ValueError, match="patch_size 99 is larger than the images"):
+        sample_training_batch(tensors, step_rng(0, 5), 16, 3, patch_size=99)
+    assert np.array_equal(with_patch.source_ids, plain.source_ids)
+
+
+def test_perceptual_patch_loss_is_logged_and_needs_a_large_enough_patch(tiny_config, tmp_path):
+    from gnt_shiftadd.config import ConfigError
+    from gnt_shiftadd.evaluation.lpips import LPIPSUnavailable, load_lpips
+
+    with pytest.raises(ConfigError, match="patch_size >= 32"):
+        tiny_config("train.perceptual_weight=0.1", "train.patch_size=8")
+    try:
+        load_lpips("alex")
+    except LPIPSUnavailable as exc:
+        pytest.skip(f"LPIPS weights not available: {exc}")
+    run = train(tiny_config("train.perceptual_weight=0.1", "train.patch_size=32", "train.steps=2", name="lp"),
+                progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.losses.values())

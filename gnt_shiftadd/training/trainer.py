@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from gnt_shiftadd.config import Config
+from gnt_shiftadd.evaluation.lpips import load_lpips
 from gnt_shiftadd.evaluation.metrics import mse_to_psnr, psnr
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resolve_device
 from gnt_shiftadd.training import distributed
@@ -51,8 +52,10 @@ def make_optimizer(model, cfg: Config):
 
 
 def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher=None,
-                  parts: dict | None = None) -> torch.Tensor:
-    """Loss for one RayBatch: colour MSE + MoE balance loss (if any) + distillation to a teacher (if given).
+                  parts: dict | None = None, perceptual=None) -> torch.Tensor:
+    """Loss for one RayBatch: colour MSE + MoE balance loss (if any) + distillation to a teacher (if given)
+    + train.perceptual_weight x LPIPS of the batch's patch (if the batch has one and `perceptual`, an LPIPS
+    module, is given).
 
     `model` may be DDP-wrapped (its forward runs CNN and transformer). `parts`, when given, receives the
     detached components ("rgb_mse", "balance", "distill") for logging.
@@ -74,6 +77,13 @@ def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher
         loss = loss + balance
         if parts is not None:
             parts["balance"] = balance.detach()
+    if perceptual is not None and batch.patch_size and cfg.train.perceptual_weight > 0:
+        size = batch.patch_size
+        as_image = lambda colors: colors[-size * size:].reshape(1, size, size, 3).permute(0, 3, 1, 2) * 2 - 1  # noqa: E731
+        distance = perceptual(as_image(rgb), as_image(batch.target_rgb)).mean()
+        loss = loss + cfg.train.perceptual_weight * distance
+        if parts is not None:
+            parts["perceptual"] = distance.detach()
     if teacher is not None and cfg.train.distill_weight > 0:
         with torch.no_grad():
             teacher_rgb = renderer.shade(radiance(teacher), points, batch.directions, batch.origins)
@@ -144,6 +154,8 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
     if cfg.train.distill_weight > 0:
         teacher = load_model_of(cfg.train.distill_from, source_config(cfg, cfg.train.distill_from), device).eval()
         teacher.requires_grad_(False)
+    # frozen LPIPS-Alex for the patch loss (the evaluation metric's own network; see evaluation/lpips.py)
+    perceptual = load_lpips("alex").to(device) if cfg.train.perceptual_weight > 0 else None
     optimizer, scheduler = make_optimizer(model, cfg)
     start = 0
     if resume_path is not None:
@@ -168,9 +180,10 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         tic = time.perf_counter()
         rng = step_rng(cfg.train.seed, step, info.rank)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = sample_training_batch(pick_scene(training_scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views)
+        batch = sample_training_batch(pick_scene(training_scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views,
+                                      cfg.train.patch_size)
         parts: dict = {}
-        loss = training_step(train_model, batch, cfg, generator, teacher, parts)
+        loss = training_step(train_model, batch, cfg, generator, teacher, parts, perceptual)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss.item()} at step {step} (target view {batch.target_id}); stopping. "
@@ -189,7 +202,7 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/psnr", mse_to_psnr(rgb_mse), step)
-                for key in ("balance", "distill"):
+                for key in ("balance", "distill", "perceptual"):
                     if key in parts:
                         writer.add_scalar(f"train/{key}_loss", float(parts[key]), step)
                 for name, moe in named_moe_modules(model):
