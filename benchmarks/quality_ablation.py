@@ -61,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ablation", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", nargs="*", help="run only these names (others are still reported if finished)")
+    parser.add_argument("--only", nargs="*", help="train/evaluate only these runs (the others keep their recorded entries)")
     parser.add_argument("overrides", nargs="*", help="applied to every run, e.g. eval.stride=2")
     args = parser.parse_args()
     tune_cpu_allocator()
@@ -74,7 +74,7 @@ def main() -> int:
     for name, overrides in runs.items():
         cfg = load_config(base, [*overrides, *args.overrides, f"name={name}", "render.kernels=torch"])
         ckpt = checkpoint_path(cfg)
-        if args.only and name not in args.only and not ckpt.is_file():
+        if args.only and name not in args.only:
             continue
         done_before = read_checkpoint(ckpt)["step"] if ckpt.is_file() else 0
         wall, cpu = time.perf_counter(), time.process_time()
