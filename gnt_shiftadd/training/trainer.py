@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from gnt_shiftadd.config import Config
@@ -165,8 +167,6 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
 
     writer = None
     if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
         writer = SummaryWriter(str(cfg.run_dir / "tensorboard"), purge_step=start + 1 if start else None)
@@ -237,6 +237,5 @@ def _log_validation(model, tensors, cfg, writer, step) -> None:
 
 
 def _yaml_dump(values: dict) -> str:
-    import yaml
 
     return yaml.safe_dump(values, sort_keys=False)
