@@ -237,5 +237,4 @@ def _log_validation(model, tensors, cfg, writer, step) -> None:
 
 
 def _yaml_dump(values: dict) -> str:
-
     return yaml.safe_dump(values, sort_keys=False)
