@@ -74,6 +74,8 @@ def resolve_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The CLI imports the library inside its functions on purpose: `--help` and argument errors answer without
+    # loading torch, and the allocator is tuned before the library allocates anything.
     from gnt_shiftadd.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # large tensors reuse heap memory instead of page-faulting fresh mmaps (see runtime.py)
