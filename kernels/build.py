@@ -36,7 +36,7 @@ class KernelBuildError(RuntimeError):
 
 def tvm_available() -> bool:
     try:
-        import tvm  # noqa: F401
+        import tvm  # noqa: F401  (lazy: TVM is optional; this probe decides whether it is there)
         from tvm import s_tir, te, tirx  # noqa: F401
     except Exception:  # an absent or broken install both mean "use the reference"
         return False
@@ -44,14 +44,14 @@ def tvm_available() -> bool:
 
 
 def tvm_version() -> str:
-    import tvm
+    import tvm  # lazy: TVM is optional (the references run without it)
 
     return str(tvm.__version__)
 
 
 def cpu_target(num_cores: int | None = None) -> dict:
     """LLVM for this host's CPU (e.g. znver4), with its vector width; num_cores defaults to torch's threads."""
-    import tvm.target.codegen as codegen
+    import tvm.target.codegen as codegen  # lazy: TVM is optional (the references run without it)
 
     return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
             "num-cores": int(num_cores or torch.get_num_threads())}
@@ -108,7 +108,7 @@ def build_kernel(name: str, key: dict, target: dict, make: Callable) -> Callable
     with _LOCK:
         if fast_key in _LOADED:
             return _LOADED[fast_key]
-        import tvm
+        import tvm  # lazy: TVM is optional (the references run without it)
 
         where = f"kernel {name!r} {key} for target {target}"
         if not path.exists():
