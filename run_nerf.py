@@ -9,6 +9,7 @@
   python run_nerf.py finetune --config configs/fern.yaml --config configs/shiftadd/e_moe.yaml \
       --from outputs/fern_cpu/checkpoints/latest.pt name=fern_e_moe   # convert a trained GNT, fine-tune in stages
   python run_nerf.py reparam  --config ... --from CKPT name=...     # convert only (no fine-tuning)
+  python run_nerf.py prepare --images PHOTOS --out SCENE [--factor 4]   # photos -> LLFF scene (pycolmap SfM)
   python run_nerf.py report --config configs/fern.yaml [--scene PATH] [--teacher CKPT] --out DIR \
       [report.finetune_steps=200 ...]   # PSNR vs latency vs energy of every variant: table, plots, crops
 Several --config files are merged in order (later ones win), then the overrides.
@@ -37,39 +38,65 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"YAML file, repeatable (default: {DEFAULT_CONFIG.name}, or the checkpoint's own config)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--scene", help="scene folder (same as data.scene=...)")
         if name == "train":
             p.add_argument("--resume", nargs="?", const=True, default=None,
                            help="continue the run in the run folder (or from the given checkpoint)")
+            p.add_argument("--init", help="start from these weights: 'pretrained' (the shipped cross-scene model) or "
+                                          "a checkpoint; the model section is taken from it (same as train.init_from=)")
         if name in ("eval", "render"):
-            p.add_argument("--ckpt", help="checkpoint (default: <out_dir>/<name>/checkpoints/latest.pt)")
+            p.add_argument("--ckpt", help="checkpoint, or 'pretrained' for the shipped cross-scene model "
+                                          "(default: <out_dir>/<name>/checkpoints/latest.pt)")
         if name in ("eval", "render", "all"):
             p.add_argument("--kernels", choices=("auto", "torch", "tvm"),
                            help="inference backend: compiled TVM kernels where they build (auto, the default), "
                                 "always (tvm) or the PyTorch reference modules (torch); same as render.kernels=...")
         if name in ("finetune", "reparam"):
-            p.add_argument("--from", dest="init_from", required=True, help="checkpoint of the trained model to convert")
+            p.add_argument("--from", dest="init_from", required=True,
+                           help="checkpoint of the trained model to convert, or 'pretrained'")
         if name == "report":
             p.add_argument("--out", required=True, help="report folder (re-running it reuses finished parts)")
-            p.add_argument("--scene", help="LLFF scene folder (same as data.scene=...)")
             p.add_argument("--teacher", help="trained dense GNT checkpoint (default: train one for train.steps)")
+    p = sub.add_parser("prepare", help="photos -> an LLFF scene with COLMAP structure-from-motion (pycolmap)")
+    p.add_argument("--images", required=True, help="folder of photos of one scene (one camera, one size)")
+    p.add_argument("--out", required=True, help="scene folder to write (poses_bounds.npy, images/, images_<factor>/)")
+    p.add_argument("--factor", type=int, default=4, help="also write images_<factor>/ downscaled by it (default 4)")
+    p.add_argument("--threads", type=int, default=-1, help="CPU threads for COLMAP (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="redo a scene folder that was prepared before")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def resolve_config(args):
+    """Config files <- overrides; `--ckpt` alone means the checkpoint's own config; 'pretrained' (for --ckpt,
+    --init, --from) is the shipped model, whose model section the run then takes."""
     from gnt_shiftadd.config import load_config
+    from gnt_shiftadd.pretrained import resolve_checkpoint
     from gnt_shiftadd.training.checkpoint import config_of_checkpoint
 
+    for attr in ("ckpt", "init", "init_from"):
+        if getattr(args, attr, None):
+            setattr(args, attr, str(resolve_checkpoint(getattr(args, attr))))
     if getattr(args, "scene", None):
         args.overrides = [*args.overrides, f"data.scene={args.scene}"]
     if getattr(args, "kernels", None):
         args.overrides = [*args.overrides, f"render.kernels={args.kernels}"]
+    if getattr(args, "init", None):
+        args.overrides = [*args.overrides, f"train.init_from={args.init}"]
     if args.config is None and getattr(args, "ckpt", None):
-        return load_config(None, args.overrides, base=config_of_checkpoint(args.ckpt))
+        base = config_of_checkpoint(args.ckpt)
+        if getattr(args, "scene", None):  # a new scene with a given model: its own run folder, scene-sized data
+            base.name, base.data.make_synthetic, base.data.train_scenes = f"{base.name}_{Path(args.scene).name}", False, []
+        return load_config(None, args.overrides, base=base)
     paths = args.config or [DEFAULT_CONFIG]
     cfg = None
     for path in paths[:-1]:
         cfg = load_config(path, (), base=cfg)
-    return load_config(paths[-1], args.overrides, base=cfg)
+    cfg = load_config(paths[-1], args.overrides, base=cfg)
+    start_from = getattr(args, "init", None) or getattr(args, "init_from", None)
+    if start_from:  # fine-tuning keeps the architecture of the weights it starts from
+        cfg.model = config_of_checkpoint(start_from).model
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
             print(f"\nDone. Outputs are in {summary['run_dir']}/ (eval/ images + metrics.json, video/video.mp4, "
                   f"tensorboard/ logs: tensorboard --logdir {summary['run_dir']}/tensorboard)")
+            return 0
+        if args.command == "prepare":
+            from data.prepare import prepare_scene
+
+            report = prepare_scene(args.images, args.out, factor=args.factor, threads=args.threads,
+                                   progress=not args.quiet, overwrite=args.overwrite)
+            print(json.dumps(report, indent=2))
+            print(f"\nscene ready: python run_nerf.py all --config configs/fern.yaml data.scene={args.out} "
+                  f"data.factor={args.factor} name={Path(args.out).name}")
             return 0
         cfg = resolve_config(args)
         progress = not args.quiet
