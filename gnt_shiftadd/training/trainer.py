@@ -25,6 +25,7 @@ from gnt_shiftadd.training.batch import sample_training_batch, step_rng
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward, total_auxiliary_loss
 from gnt_shiftadd.training.multiscene import load_training_scenes, pick_scene
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from gnt_shiftadd.training.run_lock import run_folder_lock
 from gnt_shiftadd.training.warm_start import load_model_of, source_config, warm_start
 from renderer.render import Renderer, RenderSettings
 from renderer.views import render_novel_view
@@ -130,7 +131,8 @@ def train(cfg: Config, resume: str | bool | None = None, progress: bool = True) 
     """Train (or continue) the run in cfg.run_dir up to cfg.train.steps steps."""
     info = distributed.init_distributed(cfg.device)
     try:
-        return _train(cfg, resume, progress, info)
+        with run_folder_lock(cfg.run_dir, enabled=info.is_main):
+            return _train(cfg, resume, progress, info)
     finally:
         distributed.cleanup(info)
 
