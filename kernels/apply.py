@@ -125,6 +125,8 @@ class KernelViewAttention(KernelLeaf):
         super().__init__()
         self.source = source
         self.weights = PreparedViewWeights.from_dict(view_attention_weights(source))
+        self.covered_ids = {id(m) for layer in (source.k_fc, source.v_fc, source.pos_fc1, source.pos_fc2,
+                                                source.attn_fc1, source.attn_fc2) for m in layer.modules()}
 
     def run(self, q, features, ray_diff, mask):
         rays, samples, views, dim = features.shape
@@ -161,6 +163,7 @@ class KernelFFNSublayer(KernelLeaf):
         self.weights: FFNWeights = ffn_weights(norm, ff)
         self.on_tvm = cfg.gemm_on_tvm(norm.weight.device)
         self._layer_ids = (id(norm), id(ff))
+        self.covered_ids = {id(m) for m in ff.modules()}  # the kernel computes the whole FFN
 
     def run(self, x, norm, ff):
         _check_same_layers(self, (norm, ff))
@@ -171,6 +174,8 @@ class KernelFFNSublayer(KernelLeaf):
 
 
 def _check_same_layers(leaf: nn.Module, layers: tuple) -> None:
+    if torch.compiler.is_compiling():  # checked eagerly; a traced graph is built from the layers it was given
+        return
     if tuple(id(layer) for layer in layers) != leaf._layer_ids:
         raise RuntimeError(f"{type(leaf).__name__}: the model's layers were replaced after the kernels were swapped "
                            "in (its prepared weights are stale); call use_kernels_ again")
@@ -218,15 +223,19 @@ def _shift_linear(module, parent, cfg):
 
 
 def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary: dict, skipped: list,
-          inside_leaf: bool) -> None:
-    """Depth first. Inside a kernel leaf only shift linears are swapped (e.g. the view attention's q_fc/out_fc,
-    which it still calls), so a second use_kernels_ never wraps a leaf twice."""
+          shift_linears: bool, covered: set[int]) -> None:
+    """Depth first over `parent`. Pass 1 (shift_linears=False) swaps the composite leaves and stops at every
+    kernel leaf; pass 2 swaps the ShiftLinears still called in PyTorch (e.g. the view attention's q_fc/out_fc),
+    skipping those a kernel leaf already computes (`covered`, ids) and never entering a KernelShiftLinear. So a
+    kernel leaf is built from the original layers, and a second use_kernels_ wraps nothing twice."""
     for name, child in list(parent.named_children()):
         fqn = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, KernelShiftLinear):
+        if isinstance(child, KernelShiftLinear) or id(child) in covered:
+            continue
+        if isinstance(child, KernelLeaf) and not shift_linears:
             continue
         handler = _HANDLERS.get(type(child))
-        if handler is not None and (not inside_leaf or type(child) is ShiftLinear) \
+        if handler is not None and (type(child) is ShiftLinear) == shift_linears \
                 and (filter_fn is None or filter_fn(child, fqn)):
             try:
                 replacement = handler(child, parent, cfg)
@@ -236,10 +245,9 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
             else:
                 setattr(parent, name, replacement)
                 summary[type(replacement).__name__] = summary.get(type(replacement).__name__, 0) + 1
-                if isinstance(replacement, KernelShiftLinear):
-                    continue  # its `source` is the ShiftLinear it wraps
-                child = replacement
-        _swap(child, fqn, cfg, filter_fn, summary, skipped, inside_leaf or isinstance(child, KernelLeaf))
+                covered.update(getattr(replacement, "covered_ids", ()))
+                continue
+        _swap(child, fqn, cfg, filter_fn, summary, skipped, shift_linears, covered)
 
 
 @torch.no_grad()
@@ -257,7 +265,9 @@ def use_kernels_(model: nn.Module, cfg: KernelConfig = KernelConfig(),
     if model.training:
         raise RuntimeError("use_kernels_ is for inference: call model.eval() first")
     skipped: list[str] = list(getattr(model, "kernel_skipped", []))
-    _swap(model, "", cfg, filter_fn, summary, skipped, inside_leaf=False)
+    covered = {i for m in model.modules() if isinstance(m, KernelLeaf) for i in getattr(m, "covered_ids", ())}
+    for shift_linears in (False, True):
+        _swap(model, "", cfg, filter_fn, summary, skipped, shift_linears, covered)
     model.kernel_skipped = sorted(set(skipped))
     summary["skipped"] = model.kernel_skipped
     return summary

@@ -195,6 +195,8 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
 
 def note_kernel(name: str, how: str) -> None:
     """Record that kernel `name` ran as `how` ("tvm", "blas" or "reference") in the active recording, if any."""
+    if torch.compiler.is_compiling():  # traced code keeps no Python-side record (see KernelLeaf)
+        return
     record = _RECORD.get()
     if record is not None:
         previous = record.get(name)
@@ -222,6 +224,8 @@ class KernelLeaf(nn.Module):
         self.kernels_ran: dict[str, str] = {}
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # under torch.compile the leaf traces as its ops; nothing is recorded
+            return self.run(*args, **kwargs)
         with recording(self.kernels_ran):
             return self.run(*args, **kwargs)
 
