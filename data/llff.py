@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.scene import Scene, SceneError
+from data.scene import Scene, SceneError, scene_kind
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GRAYSCALE_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -175,6 +175,14 @@ def load_llff_scene(root, factor: int = 8, llffhold: int = 8, bd_factor: float =
         raise SceneError(f"scene folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
     c2w_llff, hwf, bounds = read_poses_bounds(root)
     folder, paths, resize = find_image_files(root, factor)
+    full = root / "images"
+    if len(paths) != len(c2w_llff) and not resize and factor != 1 and full.is_dir():
+        full_paths = list_images(full)
+        if len(full_paths) == len(c2w_llff):
+            warnings.warn(f"{root}: {folder.name}/ holds {len(paths)} images but poses_bounds.npy has "
+                          f"{len(c2w_llff)} poses; images/ agrees ({len(full_paths)} images), so using it resized "
+                          f"by 1/{factor}", stacklevel=2)
+            folder, paths, resize = full, full_paths, True
     if len(paths) != len(c2w_llff):
         raise SceneError(f"{root}: {len(paths)} images in {folder.name}/ but {len(c2w_llff)} poses in poses_bounds.npy")
     images = load_images(folder, paths, factor if resize and factor != 1 else None)
@@ -209,4 +217,4 @@ def load_llff_scene(root, factor: int = 8, llffhold: int = 8, bd_factor: float =
     train_ids = np.setdiff1d(ids, test_ids)
     return Scene(name=root.name, root=root, images=images, c2w=c2w.astype(np.float32), intrinsics=K.astype(np.float32),
                  bounds=bounds.astype(np.float32), train_ids=train_ids, test_ids=test_ids,
-                 image_paths=[str(p) for p in paths])
+                 image_paths=[str(p) for p in paths], kind=scene_kind(c2w))

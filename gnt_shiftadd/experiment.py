@@ -1,12 +1,13 @@
 """Glue between a Config and the library: device, scene (loading or generating it) and model."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.llff import load_llff_scene
+from data.formats import describe_scene, load_any_scene
 from data.scene import Scene, SceneError
 from data.source_views import nearest_views
 from data.synthetic import make_synthetic_scene
@@ -30,7 +31,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_scene(cfg: Config) -> Scene:
-    """Load cfg.data.scene; with data.make_synthetic, generate the procedural scene there first if missing."""
+    """Load cfg.data.scene in its format (data.format, auto-detected by default; see data/formats.py) and print its
+    one-line description (format, kind, sampling); with data.make_synthetic, generate the procedural scene first."""
     root = Path(cfg.data.scene)
     if cfg.data.make_synthetic and not (root / "poses_bounds.npy").exists():
 
@@ -42,11 +44,13 @@ def load_scene(cfg: Config) -> Scene:
             factor=cfg.data.factor,
         )
     try:
-        return load_llff_scene(root, factor=cfg.data.factor, llffhold=cfg.data.llffhold)
+        scene = load_any_scene(root, cfg.data.format, factor=cfg.data.factor, llffhold=cfg.data.llffhold)
     except SceneError as err:
         if not root.exists():
             raise SceneError(f"{err}\n{LLFF_DOWNLOAD_HINT}") from None
         raise
+    print(describe_scene(scene), file=sys.stderr)
+    return scene
 
 
 def build_model(cfg: Config, device: torch.device) -> GNT:
