@@ -1,0 +1,263 @@
+"""Integer shift layer on AVX-512 VNNI: y = act((int32(q(x) . w_int) * s_t) * 2^(c_o + p_min) + b).
+
+The semantics (and the ground truth, `int_shift_reference`) are in `gnt_shiftadd/shiftadd/int_shift.py`. One
+kernel per token tile does everything: per-token absmax (or the calibrated per-tensor absmax), rounding to
+fixed point, the integer dot products, and the fp32 rescale + bias + ReLU epilogue, so only x and y touch memory.
+
+Arithmetic (the option that won in benchmarks/int_shift_options.py):
+  * 8-bit activations: `vpdpbusd` (u8 x s8 -> s32, 4 products per lane). The signed activation q in [-127, 127]
+    goes in as u8 = q + 128; the accumulator starts at -128 * sum_i w_int[o, i] (per-output compensation), so the
+    result is exactly sum_i q w_int. Weights must be int8 (exponent span <= 6).
+  * 16-bit activations: `vpdpwssd` (s16 x s16 -> s32, 2 products per lane), weights as int16.
+Weights are packed [out/16, in/G, 16 * G] (G = 4 bytes or 2 words: the products one 32-bit lane sums), so one
+512-bit load feeds 16 output channels; a token's G activations are one broadcast 32-bit word, reused across the
+JB output blocks of a micro-tile, and TILE x JB accumulators stay in registers.
+
+Layout: x [tiles, TILE, in_padded] fp32 (tile count symbolic: one build serves every token count; the wrapper
+pads tokens to a whole tile and inputs to a multiple of 16 with zeros, which change neither absmax nor sums).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, int_shift_reference
+from kernels.backend import kernel_or_none, warn_once
+from kernels.build import build_kernel, cpu_target, kernel_ready
+
+__all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
+           "DEFAULT_TILE", "ACTIVATIONS"]
+
+ACTIVATIONS = ("none", "relu")
+DEFAULT_TILE = 4  # tokens per micro-tile (x JB = 4 output blocks: 16 zmm accumulators)
+LANES = 16  # int32 lanes of a 512-bit register
+
+
+@lru_cache(maxsize=1)
+def vnni_available() -> bool:
+    """True when this CPU has AVX-512 VNNI (read from /proc/cpuinfo; False where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "avx512_vnni" in line.split() for line in text.splitlines())
+
+
+def _group(bits: int) -> int:
+    """Products summed per 32-bit lane: 4 bytes (vpdpbusd) or 2 words (vpdpwssd)."""
+    return 4 if bits == 8 else 2
+
+
+@dataclass
+class IntShiftWeights:
+    """An IntShiftLinear in the kernel layout (CPU tensors, 64-byte aligned).
+
+    packed int8/int16 [out_p / 16, in_p / G, 16 G]; compensation int32 [out_p] (the accumulator's start value);
+    out_scale, bias fp32 [out_p]; absmax fp32 [1] (per-tensor, or 0 for per-token). in_p, out_p: the multiples of
+    16 the kernel runs on; in_features, out_features: the layer's own sizes.
+    """
+
+    packed: torch.Tensor
+    compensation: torch.Tensor
+    out_scale: torch.Tensor
+    bias: torch.Tensor
+    absmax: torch.Tensor
+    bits: int
+    per_token: bool
+    in_features: int
+    out_features: int
+
+    @property
+    def in_padded(self) -> int:
+        return self.packed.shape[1] * _group(self.bits)
+
+    @property
+    def out_padded(self) -> int:
+        return self.packed.shape[0] * LANES
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.compensation, self.out_scale, self.bias, self.absmax
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def prepare_int_shift(packed: dict) -> IntShiftWeights:
+    """`export_int_shift(module)` output -> the kernel layout (once per layer)."""
+    bits = int(packed["bits"])
+    weight = packed["weight_int"].cpu()
+    out_features, in_features = weight.shape
+    if bits == 8 and weight.dtype != torch.int8:
+        raise ValueError(f"int_shift: 8-bit activations need int8 weights (exponent span <= 6), got {weight.dtype}")
+    if weight.dtype not in (torch.int8, torch.int16):
+        raise ValueError(f"int_shift: weight_int must be int8 or int16, got {weight.dtype}")
+    group = _group(bits)
+    in_p, out_p = _round_up(max(in_features, 1), LANES), _round_up(max(out_features, 1), LANES)
+    wide = F.pad(weight.to(torch.int32), (0, in_p - in_features, 0, out_p - out_features))
+    # [out_p, in_p] -> [out_p/16, 16, in_p/G, G] -> [out_p/16, in_p/G, 16, G]: lane o's G weights are contiguous.
+    blocks = wide.reshape(out_p // LANES, LANES, in_p // group, group).permute(0, 2, 1, 3)
+    layout = blocks.reshape(out_p // LANES, in_p // group, LANES * group)
+    compensation = (-128 * wide.sum(dim=1)) if bits == 8 else torch.zeros(out_p, dtype=torch.int32)
+    bias = packed["bias"] if packed["bias"] is not None else torch.zeros(out_features)
+    absmax = packed["absmax"] if packed["absmax"] is not None else torch.zeros(1)
+    return IntShiftWeights(
+        packed=kernel_ready(layout.to(torch.int8 if bits == 8 else torch.int16)),
+        compensation=kernel_ready(compensation.to(torch.int32)),
+        out_scale=kernel_ready(F.pad(packed["out_scale"].float().cpu(), (0, out_p - out_features))),
+        bias=kernel_ready(F.pad(bias.float().cpu(), (0, out_p - out_features))),
+        absmax=kernel_ready(absmax.float().cpu().reshape(1)),
+        bits=bits, per_token=packed["absmax"] is None, in_features=in_features, out_features=out_features)
+
+
+def _blocks_per_pass(out_blocks: int, wanted: int) -> int:
+    for candidate in (wanted, 4, 2, 1):
+        if candidate <= out_blocks and out_blocks % candidate == 0:
+            return candidate
+    return 1
+
+
+def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, activation: str,
+                   tile: int = DEFAULT_TILE, blocks: int = 4):
+    """IRModule "main"(x fp32 [tiles, tile, in_padded], packed, compensation int32 [out_padded], out_scale fp32,
+    bias fp32 [out_padded], absmax fp32 [1], y fp32 [tiles, tile, out_padded]) for the VNNI CPU target."""
+    import tvm
+    from tvm.script import tirx as T
+
+    if in_padded % LANES or out_padded % LANES:
+        raise ValueError(f"int_shift kernel: padded sizes must be multiples of {LANES}, got {in_padded}, {out_padded}")
+    group = _group(bits)
+    k_groups = in_padded // group
+    out_blocks = out_padded // LANES
+    jb = _blocks_per_pass(out_blocks, blocks)
+    passes = out_blocks // jb
+    k_vectors = in_padded // LANES
+    level = float((1 << (bits - 1)) - 1)
+    offset = 128 if bits == 8 else 0
+    q_dtype = "uint8" if bits == 8 else "int16"
+    w_dtype = "int8" if bits == 8 else "int16"
+    word_lanes = 64 if bits == 8 else 32  # operand lanes of one 512-bit register
+    word_type = f"{w_dtype}x{word_lanes}"
+    intrinsic = "llvm.x86.avx512.vpdpbusd.512" if bits == 8 else "llvm.x86.avx512.vpdpwssd.512"
+    relu = activation == "relu"
+    floor = float(ABSMAX_FLOOR)
+
+    @T.prim_func
+    def main(x_handle: T.handle, packed: T.Buffer((out_blocks, k_groups, LANES * group), w_dtype),
+             compensation: T.Buffer((out_padded,), "int32"), out_scale: T.Buffer((out_padded,), "float32"),
+             bias: T.Buffer((out_padded,), "float32"), absmax: T.Buffer((1,), "float32"), y_handle: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        tiles = T.int32()
+        x = T.match_buffer(x_handle, (tiles, tile, in_padded), "float32")
+        y = T.match_buffer(y_handle, (tiles, tile, out_padded), "float32")
+        for t in T.parallel(tiles):
+            xq = T.alloc_buffer((tile, in_padded), q_dtype, scope="local")
+            scale = T.alloc_buffer((tile,), "float32", scope="local")
+            inv = T.alloc_buffer((tile,), "float32", scope="local")
+            running = T.alloc_buffer((LANES,), "float32", scope="local")
+            acc = T.alloc_buffer((tile * jb * LANES,), "int32", scope="local")
+            # 1. scale per token (own absmax, or the calibrated one) and rounding to fixed point
+            for i in T.serial(tile):
+                if per_token:
+                    running[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                    for kv in T.serial(k_vectors):
+                        running[T.Ramp(0, 1, LANES)] = T.max(running[T.Ramp(0, 1, LANES)],
+                                                             T.abs(x[t, i, T.Ramp(kv * LANES, 1, LANES)]))
+                    for lane in T.serial(1, LANES):
+                        running[0] = T.max(running[0], running[lane])
+                    inv[i] = T.float32(level) / T.max(running[0], T.float32(floor))
+                    scale[i] = T.max(running[0], T.float32(floor)) / T.float32(level)
+                else:
+                    inv[i] = T.float32(level) / T.max(absmax[0], T.float32(floor))
+                    scale[i] = T.max(absmax[0], T.float32(floor)) / T.float32(level)
+                for kv in T.serial(k_vectors):
+                    scaled = x[t, i, T.Ramp(kv * LANES, 1, LANES)] * T.Broadcast(inv[i], LANES)
+                    clamped = T.min(T.max(scaled, T.Broadcast(T.float32(-level), LANES)),
+                                    T.Broadcast(T.float32(level), LANES))
+                    xq[i, T.Ramp(kv * LANES, 1, LANES)] = T.Cast(
+                        f"{q_dtype}x{LANES}",
+                        T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
+            # 2. integer dot products, JB output blocks x TILE tokens of accumulators at a time
+            for p in T.serial(passes):
+                for i in T.unroll(tile):
+                    for j in T.unroll(jb):
+                        acc[T.Ramp((i * jb + j) * LANES, 1, LANES)] = compensation[
+                            T.Ramp((p * jb + j) * LANES, 1, LANES)]
+                for kg in T.serial(k_groups):
+                    for i in T.unroll(tile):
+                        for j in T.unroll(jb):
+                            acc[T.Ramp((i * jb + j) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                                f"int32x{LANES}", intrinsic,
+                                acc[T.Ramp((i * jb + j) * LANES, 1, LANES)],
+                                T.reinterpret(word_type, T.Broadcast(
+                                    T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES)),
+                                packed[p * jb + j, kg, T.Ramp(0, 1, LANES * group)])
+                # 3. epilogue: one rescale, bias, activation
+                for i in T.unroll(tile):
+                    for j in T.unroll(jb):
+                        value = (T.Cast(f"float32x{LANES}", acc[T.Ramp((i * jb + j) * LANES, 1, LANES)])
+                                 * T.Broadcast(scale[i], LANES)) * out_scale[T.Ramp((p * jb + j) * LANES, 1, LANES)] \
+                            + bias[T.Ramp((p * jb + j) * LANES, 1, LANES)]
+                        if relu:
+                            value = T.max(value, T.Broadcast(T.float32(0), LANES))
+                        y[t, i, T.Ramp((p * jb + j) * LANES, 1, LANES)] = value
+
+    return tvm.IRModule({"main": main})
+
+
+def _pad_tokens(x: torch.Tensor, in_padded: int, tile: int) -> tuple[torch.Tensor, int]:
+    """[N, in] -> ([ceil(N / tile), tile, in_padded] fp32, zero-padded, aligned; N)."""
+    tokens, features = x.shape
+    rows = _round_up(max(tokens, 1), tile)
+    x = x.float()
+    if rows != tokens or in_padded != features:
+        x = F.pad(x, (0, in_padded - features, 0, rows - tokens))
+    return kernel_ready(x).reshape(rows // tile, tile, in_padded), tokens
+
+
+def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none", tile: int = DEFAULT_TILE,
+              blocks: int = 4) -> torch.Tensor:
+    """x [..., in] (CPU float) -> [..., out] fp32 on the VNNI kernel; the integer reference (one warning) where
+    this CPU has no AVX-512 VNNI or the kernel cannot be built."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int_shift: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.shape[-1] != weights.in_features:
+        raise ValueError(f"int_shift: x has {x.shape[-1]} input features, the layer expects {weights.in_features}")
+    if x.device.type != "cpu":
+        raise ValueError(f"int_shift: the integer kernel runs on CPU, got a tensor on {x.device}")
+    kernel = None
+    if vnni_available():
+        key = {"in": weights.in_padded, "out": weights.out_padded, "bits": weights.bits,
+               "per_token": weights.per_token, "activation": activation, "tile": tile, "blocks": blocks}
+        target = cpu_target()
+        target["mcpu"] = target["mcpu"] if target["mcpu"] not in ("", "generic") else "znver4"
+        kernel = kernel_or_none(lambda: build_kernel(
+            "int_shift", key, target,
+            lambda _: make_int_shift(weights.in_padded, weights.out_padded, weights.bits, weights.per_token,
+                                     activation, tile, blocks)))
+    else:
+        warn_once("int_shift: this CPU has no AVX-512 VNNI; integer shift layers run on the PyTorch reference")
+    if kernel is None:
+        return reference_from_weights(x, weights, activation)
+    lead = x.shape[:-1]
+    tiles, tokens = _pad_tokens(x.reshape(-1, weights.in_features), weights.in_padded, tile)
+    out = torch.empty(tiles.shape[0], tile, weights.out_padded, dtype=torch.float32)
+    kernel(tiles, *weights.tensors(), out)
+    out = out.reshape(-1, weights.out_padded)[:tokens, :weights.out_features]
+    return out.reshape(*lead, weights.out_features)
+
+
+def reference_from_weights(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none") -> torch.Tensor:
+    """`int_shift_reference` on the kernel-layout weights (unpacks them): the fallback and the tests' oracle."""
+    group = _group(weights.bits)
+    out_blocks, k_groups = weights.packed.shape[:2]
+    wide = weights.packed.reshape(out_blocks, k_groups, LANES, group).permute(0, 2, 1, 3)
+    weight = wide.reshape(out_blocks * LANES, k_groups * group)[:weights.out_features, :weights.in_features]
+    packed = {"weight_int": weight, "out_scale": weights.out_scale[:weights.out_features],
+              "bias": weights.bias[:weights.out_features], "bits": weights.bits,
+              "absmax": None if weights.per_token else weights.absmax}
+    return int_shift_reference(x, packed, activation)
