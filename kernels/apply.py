@@ -38,7 +38,7 @@ from gnt_shiftadd.models.gnt import ViewEmbedding
 from gnt_shiftadd.models.transformers import PreNormFeedForward, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
-from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, note_kernel, resolve_backend, warn_once
+from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kernel, resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.ops import ffn_sublayer, hash_pack, linear_attention, mat_shift, quadratic_attention, view_attention, \
     view_features
@@ -92,7 +92,7 @@ class KernelShiftLinear(KernelLeaf):
         self.bias = packed["bias"].to(device) if packed["bias"] is not None else None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_tvm:
+        if self.on_tvm or needs_grad(x):  # the op sends gradients to the reference
             return mat_shift(x, self.packed)
         note_kernel("mat_shift", "blas")
         return F.linear(x, self.weight, self.bias)
@@ -167,7 +167,7 @@ class KernelFFNSublayer(KernelLeaf):
 
     def run(self, x, norm, ff):
         _check_same_layers(self, (norm, ff))
-        if self.on_tvm or self.weights.num_experts > 1:
+        if self.on_tvm or self.weights.num_experts > 1 or needs_grad(x):  # the op sends gradients to the reference
             return ffn_sublayer(x, self.weights)
         note_kernel("ffn_sublayer", "blas")
         return gemm_ffn_sublayer(x, self.weights)
