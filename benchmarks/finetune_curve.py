@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--init", default="pretrained", help="checkpoint to fine-tune from ('pretrained': the shipped one)")
     parser.add_argument("--milestones", type=int, nargs="+", required=True)
     parser.add_argument("--starts", nargs="+", default=["init", "scratch"], choices=["init", "scratch"])
+    parser.add_argument("--scratch-snapshots", type=Path,
+                        help="instead of training the scratch curve here: a folder of step<N>.pt checkpoints of a run "
+                             "from nothing with the same config (e.g. saved while training the per-scene model)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -53,7 +56,22 @@ def main() -> int:
                    "init_checkpoint": str(init), "curves": record.get("curves", {})})
     tensors = SceneTensors(load_scene(base), resolve_device(base.device))
     record["baselines"] = {k: v["mean"] for k, v in trivial_baselines(tensors, stride=base.eval.stride).items()}
+    if args.scratch_snapshots:
+        curve = record["curves"].setdefault("scratch", {})
+        for snapshot in sorted(args.scratch_snapshots.glob("step*.pt"), key=lambda p: int(p.stem[4:])):
+            step = int(snapshot.stem[4:])
+            if str(step) in curve:
+                continue
+            cfg = load_config(None, [f"name={base.name}_curve_scratch_snapshots"], base=base)
+            metrics = evaluate_checkpoint(cfg, snapshot, cfg.run_dir / f"eval_step{step}")
+            curve[str(step)] = {"steps": step, "rays_per_step": cfg.train.n_rand, "snapshot": str(snapshot),
+                                **metrics["mean"]}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2))
+            print(f"scratch snapshot @ {step}: PSNR {metrics['mean']['psnr']:.2f} LPIPS {metrics['mean']['lpips']}")
     for start in args.starts:
+        if start == "scratch" and args.scratch_snapshots:
+            continue
         curve = record["curves"].setdefault(start, {})
         name = f"{base.name}_curve_{'from_' + Path(str(args.init)).stem if start == 'init' else 'scratch'}"
         for milestone in sorted(args.milestones):
