@@ -88,8 +88,9 @@ def main() -> int:
         previous = record["runs"].get(name, {})
         timing = {"steps_run_by_this_call": result.step - done_before, "wall_seconds": wall, "cpu_seconds": cpu,
                   "torch_threads": torch.get_num_threads(), "load_average_1_5_15": os.getloadavg()}
-        if timing["steps_run_by_this_call"] == 0 and previous.get("training_timing"):
-            timing = previous["training_timing"]  # keep what the call that trained it measured
+        if timing["steps_run_by_this_call"] == 0:  # trained before (or by `run_nerf.py train` with the same overrides)
+            timing = previous.get("training_timing") or {
+                "note": "trained outside this call; seconds per step on quiet cores: benchmarks/train_speed.py"}
         record["runs"][name] = {
             "overrides": overrides, "steps": result.step, "rays_per_step": cfg.train.n_rand,
             "rays_seen": result.step * cfg.train.n_rand, "training_timing": timing,
