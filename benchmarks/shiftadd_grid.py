@@ -10,6 +10,7 @@ it; finished variants are reused when re-run with the same --steps.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -32,8 +33,6 @@ def main() -> int:
     base = load_config(args.config, args.overrides)
     record = run_variant_grid(base, args.teacher, args.steps, args.out, only=args.only)
     record["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    import json
-
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(Path(args.out).with_suffix(".md").read_text())
     return 0
