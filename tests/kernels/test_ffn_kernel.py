@@ -115,9 +115,10 @@ def test_gemm_path_matches_reference_and_refuses_moe():
 
 
 @pytest.mark.parametrize("gemm", ["tvm", "blas"])
-def test_fixed_point_shift_ffn_keeps_its_input_rounding(tiny_config, gemm):
+def test_fixed_point_shift_ffn_keeps_its_input_rounding(tiny_config, gemm, monkeypatch):
     """A 16-bit fixed-point shift FFN rounds its activations before each shift layer; the fused kernel (and the
     BLAS path) compute in float, so the swap must keep such a block on the reference, not drop the rounding."""
+    monkeypatch.setattr("kernels.dispatch._WARNED", set())  # each case warns afresh
     cfg = tiny_config("model.dropout=0.0")
     model = build_model(cfg, torch.device("cpu")).eval()
     spec = ShiftSpec(fixed_point_bits=16)
