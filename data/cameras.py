@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data.llff import average_pose, llff_rescale_factor
-from data.scene import FORWARD_FACING, SceneError
+from data.scene import FORWARD_FACING, SceneError, optical_axes_focus
 
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])  # right-multiply a c2w: flips the camera's y and z axes
 
@@ -64,13 +64,6 @@ class Undistorter:
         if key not in self._grids:
             self._grids[key] = undistortion_grid(camera)
         return undistort_image(image, camera, self._grids[key])
-
-
-def optical_axes_focus(c2w: np.ndarray) -> np.ndarray:
-    """The point closest (least squares) to every camera's optical axis: what an inward capture looks at. [3]."""
-    centres, forward = c2w[:, :3, 3], c2w[:, :3, 2] / np.linalg.norm(c2w[:, :3, 2], axis=1, keepdims=True)
-    projectors = np.eye(3)[None] - forward[:, :, None] * forward[:, None, :]  # onto the plane normal to each axis
-    return np.linalg.lstsq(projectors.sum(0), (projectors @ centres[:, :, None]).sum(0)[:, 0], rcond=None)[0]
 
 
 def normalize_cameras(c2w: np.ndarray, bounds: np.ndarray, kind: str, bd_factor: float = 0.75) -> tuple[np.ndarray, np.ndarray]:

@@ -86,3 +86,10 @@ def scene_kind(c2w: np.ndarray) -> str:
     Blender chair (upper hemisphere) 92.
     """
     return FORWARD_FACING if view_spread_degrees(c2w) <= FORWARD_FACING_MAX_DEGREES else AROUND_360
+
+
+def optical_axes_focus(c2w: np.ndarray) -> np.ndarray:
+    """The point closest (least squares) to every camera's optical axis: what an inward capture looks at. [3]."""
+    centres, forward = c2w[:, :3, 3], c2w[:, :3, 2] / np.linalg.norm(c2w[:, :3, 2], axis=1, keepdims=True)
+    projectors = np.eye(3)[None] - forward[:, :, None] * forward[:, None, :]  # onto the plane normal to each axis
+    return np.linalg.lstsq(projectors.sum(0), (projectors @ centres[:, :, None]).sum(0)[:, 0], rcond=None)[0]

@@ -68,6 +68,10 @@ class ShiftAddConfig:
     shift_exponent_max: int = 0
     shift_channel_scale: bool = True  # per-output-channel power-of-two scale
     shift_fixed_point_bits: int = 0  # 16: 16.16 fixed-point activations into shift layers
+    # integer shift layers (gnt_shiftadd/shiftadd/int_shift.py): 8 | 16 = B-bit fixed-point activations x the exact
+    # power-of-two integer weights, int32 accumulation (VNNI kernel); 8 needs an exponent span <= 6; 0 = off
+    int_activations: int = 0
+    act_scale: str = "per_token"  # per_token (dynamic absmax) | per_tensor (absmax calibrated on the scene's rays)
     moe_balance_coef: float = 0.01
     moe_latency_weighting: bool = True
     moe_expert_latency: list = field(default_factory=list)  # [mult, shift] per-token latency; empty: measure here
@@ -281,6 +285,12 @@ def validate(cfg: Config) -> None:
         (cfg.shiftadd.shift_exponent_min <= cfg.shiftadd.shift_exponent_max,
          "shiftadd.shift_exponent_min must be <= shiftadd.shift_exponent_max"),
         (cfg.shiftadd.shift_fixed_point_bits in (0, 8, 16), "shiftadd.shift_fixed_point_bits must be 0, 8 or 16"),
+        (cfg.shiftadd.int_activations in (0, 8, 16), "shiftadd.int_activations must be 0, 8 or 16"),
+        (cfg.shiftadd.act_scale in ("per_token", "per_tensor"), "shiftadd.act_scale must be per_token or per_tensor"),
+        (not cfg.shiftadd.int_activations or not cfg.shiftadd.shift_fixed_point_bits,
+         "shiftadd.int_activations and shiftadd.shift_fixed_point_bits are two activation formats: set one of them"),
+        (cfg.shiftadd.int_activations != 8 or cfg.shiftadd.shift_exponent_max - cfg.shiftadd.shift_exponent_min <= 6,
+         "shiftadd.int_activations=8 needs int8 weights: shift_exponent_max - shift_exponent_min <= 6"),
         (cfg.shiftadd.moe_dispatch in ("auto", "sorted", "gather"), "shiftadd.moe_dispatch must be auto, sorted or gather"),
         (cfg.shiftadd.moe_balance_coef >= 0, "shiftadd.moe_balance_coef must be >= 0"),
         (len(cfg.shiftadd.moe_expert_latency) in (0, 2) and all(float(x) > 0 for x in cfg.shiftadd.moe_expert_latency),
@@ -309,6 +319,8 @@ _VARIANT_KEYS = ("ray_attention", "attention_linears", "ffn", "hash_bits", "shif
 def model_signature(cfg: Config) -> dict:
     """The config fields that define a model's modules and parameter shapes: checkpoints must match on all of them."""
     variant = {f"shiftadd.{k}": getattr(cfg.shiftadd, k) for k in _VARIANT_KEYS}
+    if cfg.shiftadd.int_activations:  # only when on, so signatures of earlier checkpoints are unchanged
+        variant |= {"shiftadd.int_activations": cfg.shiftadd.int_activations, "shiftadd.act_scale": cfg.shiftadd.act_scale}
     return dataclasses.asdict(cfg.model) | {"dropout": None} | variant
 
 

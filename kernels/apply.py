@@ -14,6 +14,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
                       residual in one kernel, for dense, shift and MoE FFNs
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
+  IntShiftLinear      (integer activations, CPU)    -> KernelIntShiftLinear: the VNNI integer kernel; the fused
+                      fp32 leaves above refuse layers holding them, so those layers run module by module
 
 `filter_fn(module, fqn) -> bool` keeps chosen leaves on PyTorch. A leaf no kernel covers (e.g. shift layers with
 fixed-point inputs) stays on the reference with one warning and is listed in `model.kernel_skipped`. Dense-shaped
@@ -37,17 +39,19 @@ from torch import nn
 from gnt_shiftadd.models.gnt import ViewEmbedding
 from gnt_shiftadd.models.transformers import PreNormFeedForward, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
 from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kernel, resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
-from kernels.ops import ffn_sublayer, hash_pack, linear_attention, mat_shift, quadratic_attention, view_attention, \
-    view_features
+from kernels.int_shift import prepare_int_shift
+from kernels.ops import ffn_sublayer, hash_pack, int_shift, linear_attention, mat_shift, quadratic_attention, \
+    view_attention, view_features
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
            "KernelViewEmbedding", "KernelViewAttention", "KernelHashedAttention", "KernelFFNSublayer",
-           "KernelShiftLinear", "kernel_summary"]
+           "KernelShiftLinear", "KernelIntShiftLinear", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
 
@@ -96,6 +100,24 @@ class KernelShiftLinear(KernelLeaf):
             return mat_shift(x, self.packed)
         note_kernel("mat_shift", "blas")
         return F.linear(x, self.weight, self.bias)
+
+
+class KernelIntShiftLinear(KernelLeaf):
+    """An IntShiftLinear (integer activations) on the VNNI integer kernel, bit-identical to the module's own
+    forward; CPU only (elsewhere, and for calls that need gradients, the module itself runs). x [..., in] -> [..., out]."""
+
+    def __init__(self, source: IntShiftLinear, cfg: KernelConfig):
+        super().__init__()
+        if source.sign_param.device.type != "cpu":
+            raise ValueError("the integer shift kernel runs on CPU (AVX-512 VNNI)")
+        self.source = source
+        self.weights = prepare_int_shift(export_int_shift(source))
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):
+            note_kernel("int_shift", "reference")
+            return self.source(x)
+        return int_shift(x, self.weights)
 
 
 class KernelViewEmbedding(KernelLeaf):
@@ -220,6 +242,11 @@ def _ffn_sublayer(module, parent, cfg):
 @register_kernel_handler(ShiftLinear)
 def _shift_linear(module, parent, cfg):
     return KernelShiftLinear(module, cfg)
+
+
+@register_kernel_handler(IntShiftLinear)
+def _int_shift_linear(module, parent, cfg):
+    return KernelIntShiftLinear(module, cfg)
 
 
 def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary: dict, skipped: list,

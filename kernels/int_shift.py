@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, int_shift_reference
-from kernels.backend import kernel_or_none, warn_once
-from kernels.build import build_kernel, cpu_target, kernel_ready
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
 __all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
            "DEFAULT_TILE", "ACTIVATIONS"]
@@ -209,16 +209,6 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
     return tvm.IRModule({"main": main})
 
 
-def _pad_tokens(x: torch.Tensor, in_padded: int, tile: int) -> tuple[torch.Tensor, int]:
-    """[N, in] -> ([ceil(N / tile), tile, in_padded] fp32, zero-padded, aligned; N)."""
-    tokens, features = x.shape
-    rows = _round_up(max(tokens, 1), tile)
-    x = x.float()
-    if rows != tokens or in_padded != features:
-        x = F.pad(x, (0, in_padded - features, 0, rows - tokens))
-    return kernel_ready(x).reshape(rows // tile, tile, in_padded), tokens
-
-
 def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none", tile: int = DEFAULT_TILE,
               blocks: int = 4) -> torch.Tensor:
     """x [..., in] (CPU float) -> [..., out] fp32 on the VNNI kernel; the integer reference (one warning) where
@@ -233,21 +223,27 @@ def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none
     if vnni_available():
         key = {"in": weights.in_padded, "out": weights.out_padded, "bits": weights.bits,
                "per_token": weights.per_token, "activation": activation, "tile": tile, "blocks": blocks}
-        target = cpu_target()
-        target["mcpu"] = target["mcpu"] if target["mcpu"] not in ("", "generic") else "znver4"
-        kernel = kernel_or_none(lambda: build_kernel(
-            "int_shift", key, target,
-            lambda _: make_int_shift(weights.in_padded, weights.out_padded, weights.bits, weights.per_token,
-                                     activation, tile, blocks)))
+        kernel = get_kernel("int_shift", key, x.device, lambda _: make_int_shift(
+            weights.in_padded, weights.out_padded, weights.bits, weights.per_token, activation, tile, blocks))
     else:
         warn_once("int_shift: this CPU has no AVX-512 VNNI; integer shift layers run on the PyTorch reference")
+        note_kernel("int_shift", "reference")
     if kernel is None:
         return reference_from_weights(x, weights, activation)
     lead = x.shape[:-1]
-    tiles, tokens = _pad_tokens(x.reshape(-1, weights.in_features), weights.in_padded, tile)
-    out = torch.empty(tiles.shape[0], tile, weights.out_padded, dtype=torch.float32)
-    kernel(tiles, *weights.tensors(), out)
-    out = out.reshape(-1, weights.out_padded)[:tokens, :weights.out_features]
+    rows = x.reshape(-1, weights.in_features).float()
+    if weights.in_padded != weights.in_features:  # odd layer widths only (the model's are multiples of 16)
+        rows = F.pad(rows, (0, weights.in_padded - weights.in_features))
+    rows = kernel_ready(rows)
+    out = torch.empty(rows.shape[0], weights.out_padded, dtype=torch.float32)
+    tensors = weights.tensors()
+
+    def launch(inputs, outputs):
+        kernel(inputs[0].view(-1, tile, weights.in_padded), *tensors, outputs[0].view(-1, tile, weights.out_padded))
+
+    run_tiled(launch, tile, rows.shape[0], [rows], [out])
+    if weights.out_padded != weights.out_features:
+        out = out[:, :weights.out_features]
     return out.reshape(*lead, weights.out_features)
 
 

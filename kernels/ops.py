@@ -19,6 +19,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> features [N, V, C], q0 [N, C]
   hash_pack                           x [R, H, S, d], weight [H, d, n], bias [H, n] -> int32 [R, H, S, W]
   hashed_quadratic / hashed_linear    q_words, k_words int32 [R, H, S, W], v [R, H, S, d] -> [R, H, Sq, d]
+  int_shift                           x [N.., in], IntShiftWeights tensors (packed int8/int16, compensation,
+                                      out_scale, bias, absmax) -> fp32 [N.., out]
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ from torch import Tensor
 
 from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
+from kernels import int_shift as _int_shift
 from kernels import mat_shift as _mat_shift
 from kernels import view_attention as _view
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -198,6 +201,28 @@ def linear_attention(q_words: Tensor, k_words: Tensor, v: Tensor, n_bits: int, f
     return torch.ops.shiftadd_gnt.hashed_linear(q_words, k_words, v, n_bits, form)
 
 
-OPS = {"mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+# ------------------------------------------------------------------------------------------ integer shift layer
+
+@torch.library.custom_op(f"{NAMESPACE}::int_shift", mutates_args=())
+def _int_shift_op(x: Tensor, packed: Tensor, compensation: Tensor, out_scale: Tensor, bias: Tensor, absmax: Tensor,
+                  bits: int, per_token: bool, in_features: int, out_features: int, activation: str) -> Tensor:
+    weights = _int_shift.IntShiftWeights(packed, compensation, out_scale, bias, absmax, bits, per_token, in_features,
+                                         out_features)
+    return _int_shift.int_shift(x, weights, activation)
+
+
+@_int_shift_op.register_fake
+def _(x, packed, compensation, out_scale, bias, absmax, bits, per_token, in_features, out_features, activation):
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
+def int_shift(x: Tensor, w: "_int_shift.IntShiftWeights", activation: str = "none") -> Tensor:
+    """Integer shift layer (kernels/int_shift.py) through the custom op; inference only (an IntShiftLinear trains
+    through its own differentiable forward, which computes the same values)."""
+    return torch.ops.shiftadd_gnt.int_shift(x.detach(), *w.tensors(), w.bits, w.per_token, w.in_features,
+                                            w.out_features, activation)
+
+
+OPS = {"int_shift": _int_shift_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_features": _view_features_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

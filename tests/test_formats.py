@@ -272,3 +272,20 @@ def test_llff_images_folder_disagreeing_with_poses_falls_back_to_images(tmp_path
     (root / "images" / "image000.png").unlink()  # now neither agrees: the usual error
     with pytest.raises(SceneError, match="19 images in images_2/ but 20 poses"):
         load_llff_scene(root, factor=2)
+
+
+def test_video_path_orbits_a_360_scene_and_spirals_a_forward_facing_one(chair, fox):
+    from renderer.camera_path import spiral_path, video_path
+
+    poses = video_path(chair.c2w[chair.train_ids], chair.bounds, chair.kind, n_frames=8)
+    pixels, depth = project_points(torch.zeros(1, 3), torch.from_numpy(chair.intrinsics[:8]), torch.from_numpy(poses))
+    torch.testing.assert_close(pixels[:, 0], torch.full((8, 2), 49.5), atol=0.05, rtol=0)  # looks at the chair
+    radii = np.linalg.norm(poses[:, :3, 3], axis=1)
+    np.testing.assert_allclose(radii, radii[0], rtol=1e-4)  # a circle around it (chair: cameras all round)
+    assert np.ptp(np.arctan2(poses[:, 1, 3], poses[:, 0, 3])) > 1.5 * np.pi
+    # fox: cameras cover only part of a circle; every frame stays near a photographed viewpoint
+    poses = video_path(fox.c2w[fox.train_ids], fox.bounds, fox.kind, n_frames=12)
+    nearest = np.linalg.norm(poses[:, None, :3, 3] - fox.c2w[fox.train_ids][None, :, :3, 3], axis=-1).min(axis=1)
+    assert nearest.max() < 0.5 * np.linalg.norm(poses[:, :3, 3], axis=1).mean()
+    fern = load_any_scene(need(FERN), factor=8)
+    np.testing.assert_array_equal(video_path(fern.c2w, fern.bounds, fern.kind, 5), spiral_path(fern.c2w, fern.bounds, 5))

@@ -15,7 +15,7 @@ from gnt_shiftadd.evaluation.metrics import ImageMetrics, psnr
 from gnt_shiftadd.evaluation.timing import sync
 from gnt_shiftadd.runtime import allocator_state
 from gnt_shiftadd.experiment import SceneTensors
-from renderer.camera_path import spiral_path
+from renderer.camera_path import video_path
 from renderer.video import save_png, write_video
 from renderer.render import RenderSettings
 from renderer.views import render_novel_view
@@ -75,7 +75,8 @@ def render_spiral_video(model, tensors: SceneTensors, cfg: Config, out_dir: str 
     scene = tensors.scene
     out_dir = Path(out_dir)
     model.eval()
-    poses = spiral_path(scene.c2w[scene.train_ids], scene.bounds, cfg.video.frames, cfg.video.n_rots, cfg.video.zrate)
+    poses = video_path(scene.c2w[scene.train_ids], scene.bounds, scene.kind, cfg.video.frames, cfg.video.n_rots,
+                       cfg.video.zrate)  # spiral (forward-facing) or orbit (360)
     near, far = scene.depth_range()
     K = scene.intrinsics[0]
     frames, seconds = [], []

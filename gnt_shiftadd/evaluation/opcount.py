@@ -24,6 +24,7 @@ from torch import nn
 from gnt_shiftadd.models.encodings import PositionalEncoding
 from gnt_shiftadd.models.transformers import DotProductAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
 from renderer.rays import camera_rays
@@ -39,9 +40,16 @@ UNIT_ENERGY_PJ = {
     ("shift", "int32"): 0.13,
     ("add", "int32"): 0.1,
     ("special", "fp32"): 3.7,
+    # integer shift layers (IntShiftLinear): the shift is at the activation's width, the accumulation int32;
+    # INT8 mult 0.2 / add 0.03 are Horowitz's, 8/16-bit shift 0.024/0.057 ShiftAddNet's (You et al. 2020) table
+    ("shift", "int8"): 0.024,
+    ("shift", "int16"): 0.057,
+    ("mult", "int8"): 0.2,
+    ("add", "int8"): 0.03,
 }
 ENERGY_TABLE_NOTE = ("45 nm unit energies (pJ): FP32 mult 3.7, FP32 add 0.9, 32-bit shift 0.13, INT32 add 0.1 "
-                     "(Horowitz 2014); exp/div/sin/rsqrt counted as one FP32 mult each")
+                     "(Horowitz 2014); exp/div/sin/rsqrt counted as one FP32 mult each; integer shift layers: "
+                     "8/16-bit shift 0.024/0.057 (ShiftAddNet), INT8 mult 0.2, INT8 add 0.03")
 
 
 @dataclass
@@ -117,6 +125,23 @@ def _count_shift_linear(ops, comp, module: ShiftLinear, inputs, _out):
         ops.add(comp, "add", "fp32", t * module.out_features)
     if module.spec.channel_scale:
         ops.add(comp, "shift", "int32", t * module.out_features)  # the per-channel power-of-two scale
+
+
+def _count_int_shift_linear(ops, comp, module: IntShiftLinear, inputs, _out):
+    """Integer activations: rounding each input (one fp32 mult; round/clamp are comparisons), per token two
+    divisions for a dynamic scale, one shift at the activation width per nonzero weight, int32 accumulation, and
+    per output one fp32 rescale, the channel's power-of-two (a shift) and the fp32 bias."""
+    t = _tokens(inputs[0], module.in_features)
+    nonzero = module.nonzero_weights()
+    ops.add(comp, "mult", "fp32", t * module.in_features)
+    if module.act_scale == "per_token":
+        ops.add(comp, "special", "fp32", 2 * t)
+    ops.add(comp, "shift", f"int{module.activation_bits}", t * nonzero)
+    ops.add(comp, "add", "int32", t * max(nonzero - module.out_features, 0))
+    ops.add(comp, "mult", "fp32", t * module.out_features)
+    ops.add(comp, "shift", "int32", t * module.out_features)
+    if module.bias is not None:
+        ops.add(comp, "add", "fp32", t * module.out_features)
 
 
 def _count_conv(ops, comp, module: nn.Conv2d, _inputs, out):
@@ -205,6 +230,7 @@ def _count_moe_gate(ops, comp, module, inputs, out):
 
 
 _COUNTERS = [  # most specific first: the first matching type counts a module
+    (IntShiftLinear, _count_int_shift_linear),
     (ShiftLinear, _count_shift_linear),
     (nn.Linear, _count_linear),
     (nn.Conv2d, _count_conv),

@@ -21,6 +21,7 @@ from torch import nn
 from gnt_shiftadd.config import ShiftAddConfig
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import ATTENTION_CORES
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
@@ -40,10 +41,12 @@ class ConversionReport:
     shift_ffns: list[str] = field(default_factory=list)
     moe_ffns: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # excluded by the filter
+    int_shift_linears: list[str] = field(default_factory=list)  # shift layers given integer activations
 
     def summary(self) -> str:
         return (f"{len(self.attention_cores)} attention cores hashed, {len(self.shift_linears)} attention linears "
                 f"-> shift, {len(self.shift_ffns)} FFNs -> shift, {len(self.moe_ffns)} FFNs -> MoE, "
+                f"{len(self.int_shift_linears)} shift layers -> integer activations, "
                 f"{len(self.skipped)} modules kept dense by the filter")
 
 
@@ -141,6 +144,37 @@ def _convert_attention_cores(model, cfg: ShiftAddConfig, wanted, report, run_cal
         report.attention_cores.append(f"{name}.core")
 
 
+def _integerize_shift_linears(model, cfg: ShiftAddConfig, wanted, report) -> None:
+    """Every float-activation ShiftLinear -> IntShiftLinear with the same weights (cfg.int_activations bits)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is ShiftLinear and wanted(name, module):
+            _set_child(model, name, IntShiftLinear.from_shift_linear(module, cfg.int_activations, cfg.act_scale))
+            report.int_shift_linears.append(name)
+
+
+@torch.no_grad()
+def calibrate_int_shift_linears(model: nn.Module, run_calibration: Callable[[], object]) -> list[str]:
+    """Set the per-tensor activation absmax of every uncalibrated per_tensor IntShiftLinear from one calibration
+    pass (the maximum |x| each layer sees on those rays); returns the calibrated module names."""
+    todo = {name: m for name, m in model.named_modules()
+            if isinstance(m, IntShiftLinear) and m.act_scale == "per_tensor" and not m.calibrated}
+    if not todo:
+        return []
+    # per-token scales while observing, so uncalibrated layers can run; observation records raw inputs
+    for module in todo.values():
+        module.act_scale, module.observing = "per_token", True
+    try:
+        run_calibration()
+    finally:
+        for module in todo.values():
+            module.act_scale, module.observing = "per_tensor", False
+    never = [name for name, m in todo.items() if not m.calibrated]
+    if never:
+        raise ReparameterizeError(f"calibration never ran (or saw only zeros in) {', '.join(never)}; cannot set "
+                                  "their per-tensor activation scale")
+    return list(todo)
+
+
 def reparameterize(model: nn.Module, cfg: ShiftAddConfig, run_calibration: Callable[[], object] | None = None,
                    filter_fn: ModuleFilter | None = None, expert_latency: list[float] | None = None) -> ConversionReport:
     """Convert `model` in place to the variant `cfg` describes; returns what was converted.
@@ -163,6 +197,10 @@ def reparameterize(model: nn.Module, cfg: ShiftAddConfig, run_calibration: Calla
         if cfg.ffn != "dense":
             latency = expert_latency or [float(x) for x in cfg.moe_expert_latency] or None
             _convert_ffns(model, cfg, spec, wanted, report, latency)
+        if cfg.int_activations:
+            _integerize_shift_linears(model, cfg, wanted, report)
+            if cfg.act_scale == "per_tensor" and run_calibration is not None:
+                calibrate_int_shift_linears(model, run_calibration)
     finally:
         model.train(was_training)
     return report
@@ -193,6 +231,10 @@ def check_convertible(source: ShiftAddConfig, target: ShiftAddConfig, where: str
         have, want = getattr(source, part), getattr(target, part)
         if have != "dense" and have != want:
             problems.append(f"shiftadd.{part}: {where} has {have!r}, cannot convert it to {want!r}")
+    if source.int_activations and (source.int_activations, source.act_scale) != (target.int_activations,
+                                                                                 target.act_scale):
+        problems.append(f"shiftadd.int_activations/act_scale: {where} has {source.int_activations}/"
+                        f"{source.act_scale}, config has {target.int_activations}/{target.act_scale}")
     for key in ("hash_bits", "shift_exponent_min", "shift_exponent_max", "shift_channel_scale"):
         if getattr(source, key) != getattr(target, key) and not _is_dense_for(source, key):
             problems.append(f"shiftadd.{key}: {where} has {getattr(source, key)!r}, config has {getattr(target, key)!r}")

@@ -1,0 +1,156 @@
+"""Integer shift layers: conversion, calibration, straight-through gradients, quantization-aware fine-tuning on the
+procedural scene, op counts, and the kernel-backed model against the reference model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gnt_shiftadd.config import ConfigError, ShiftAddConfig
+from gnt_shiftadd.evaluation.opcount import OpCounts, _count_int_shift_linear
+from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, exponent_span_histogram, \
+    int_shift_reference, integer_weights
+from gnt_shiftadd.shiftadd.reparameterize import ReparameterizeError, check_convertible, reparameterize
+from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
+from gnt_shiftadd.training.warm_start import calibration_forward
+
+INT8 = dict(attention_linears="shift", ffn="shift", shift_exponent_min=-6, int_activations=8)
+
+
+@pytest.fixture
+def dense(tiny_config):
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    return cfg, model, tensors
+
+
+def _rgb(output):
+    return output["rgb"] if isinstance(output, dict) else output
+
+
+def test_conversion_calibrates_per_tensor_scales_and_weights_are_exact_int8(dense):
+    cfg, model, tensors = dense
+    run = calibration_forward(model, tensors, cfg)
+    report = reparameterize(model, ShiftAddConfig(**INT8, act_scale="per_tensor"), run_calibration=run)
+    layers = [m for m in model.modules() if isinstance(m, ShiftLinear)]
+    assert layers and all(isinstance(m, IntShiftLinear) for m in layers)
+    assert len(report.int_shift_linears) == len(layers)
+    for layer in layers:
+        assert layer.calibrated and layer.act_scale == "per_tensor"
+        packed = export_int_shift(layer)
+        assert packed["weight_int"].dtype == torch.int8
+        w_int, out_scale = integer_weights(layer)
+        assert torch.equal(w_int * out_scale[:, None], layer.effective_weight())  # exact decomposition
+        assert exponent_span_histogram(layer)["span_le_6"] == layer.out_features
+    with torch.no_grad():
+        assert torch.isfinite(_rgb(run())).all()
+
+
+def test_per_tensor_layer_without_calibration_is_a_clear_error(dense):
+    cfg, model, tensors = dense
+    reparameterize(model, ShiftAddConfig(**INT8, act_scale="per_tensor"))  # no calibration rays
+    with pytest.raises(RuntimeError, match="no calibrated activation_absmax"):
+        with torch.no_grad():
+            calibration_forward(model, tensors, cfg)()
+
+
+def test_int_config_is_validated(tiny_config):
+    with pytest.raises(ConfigError, match="int_activations must be 0, 8 or 16"):
+        tiny_config("shiftadd.int_activations=4")
+    with pytest.raises(ConfigError, match="exponent_max - shift_exponent_min <= 6"):
+        tiny_config("shiftadd.int_activations=8", "shiftadd.ffn=shift")  # default [-14, 0] span is 14
+    with pytest.raises(ConfigError, match="act_scale"):
+        tiny_config("shiftadd.act_scale=per_row")
+    with pytest.raises(ReparameterizeError, match="int_activations"):
+        check_convertible(ShiftAddConfig(**INT8), ShiftAddConfig(attention_linears="shift", ffn="shift",
+                                                                 shift_exponent_min=-6), "ckpt")
+
+
+def test_straight_through_gradients():
+    """d y / d x passes where the input is inside the clamp range (scaled by s * inv ~ 1) and is 0 where it
+    saturated; the shift parameters get the ShiftLinear STE gradients."""
+    torch.manual_seed(0)
+    layer = IntShiftLinear.from_linear(nn.Linear(16, 8), ShiftSpec(exponent_min=-6), 8, "per_tensor")
+    layer.activation_absmax.fill_(1.0)
+    x = torch.randn(5, 16).requires_grad_(True)
+    with torch.no_grad():
+        x[0, :4] = torch.tensor([3.0, -3.0, 5.0, -7.0])  # saturate
+    grad_out = torch.randn(5, 8)
+    layer(x).backward(grad_out)
+    w_int, out_scale = integer_weights(layer)
+    level = 127.0
+    s, inv = torch.tensor(1.0) / level, level / torch.tensor(1.0)
+    inside = (x.detach() * inv).abs() <= level
+    expected = ((grad_out * out_scale * s) @ w_int.detach()) * inv * inside
+    torch.testing.assert_close(x.grad, expected)
+    assert (x.grad[0, :4] == 0).all() and (x.grad[0, 4:] != 0).any()
+    for p in (layer.sign_param, layer.exponent_param, layer.bias):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_forward_equals_integer_reference_in_training_mode():
+    torch.manual_seed(1)
+    layer = IntShiftLinear.from_linear(nn.Linear(32, 24), ShiftSpec(exponent_min=-6), 8).train()
+    x = torch.randn(50, 32) * 5
+    assert torch.equal(layer(x).detach(), int_shift_reference(x, export_int_shift(layer)))
+
+
+def test_quantization_aware_finetune_recovers_quality(dense):
+    """Convert a GNT to int8 shift layers; a few steps of fine-tuning towards the dense model's colours on the
+    procedural scene's rays (straight-through estimators) must remove most of the conversion error."""
+    cfg, model, tensors = dense
+    teacher_run = calibration_forward(model, tensors, cfg)
+    with torch.no_grad():
+        target = _rgb(teacher_run()).detach()
+    student = copy.deepcopy(model)
+    reparameterize(student, ShiftAddConfig(**INT8))
+    run = calibration_forward(student, tensors, cfg)
+    with torch.no_grad():
+        before = torch.mean((_rgb(run()) - target) ** 2).item()
+    assert before > 1e-6  # the conversion changed the model
+    student.train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=2e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = torch.mean((_rgb(run()) - target) ** 2)
+        loss.backward()
+        optimizer.step()
+    student.eval()
+    with torch.no_grad():
+        after = torch.mean((_rgb(run()) - target) ** 2).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_op_counts_use_8_bit_shifts(dense):
+    cfg, model, tensors = dense
+    reparameterize(model, ShiftAddConfig(**INT8))
+    layer = next(m for m in model.modules() if isinstance(m, IntShiftLinear))
+    ops = OpCounts()
+    _count_int_shift_linear(ops, "ffn", layer, (torch.zeros(10, layer.in_features),), None)
+    total = ops.total()
+    assert total[("shift", "int8")] == 10 * layer.nonzero_weights()
+    assert total[("add", "int32")] == 10 * (layer.nonzero_weights() - layer.out_features)
+    assert OpCounts.energy_pj(total) > 0
+
+
+@pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")
+def test_kernel_model_renders_the_reference_models_frame_bit_for_bit(dense):
+    pytest.importorskip("tvm")
+    from kernels.apply import KernelIntShiftLinear, use_kernels
+    from kernels.dispatch import require_all_kernels
+
+    cfg, model, tensors = dense
+    reparameterize(model, ShiftAddConfig(**INT8))
+    run = calibration_forward(model, tensors, cfg)
+    with torch.no_grad():
+        expected = _rgb(run())
+    summary = use_kernels(model, "tvm", filter_fn=lambda module, fqn: isinstance(module, IntShiftLinear))
+    assert summary.get("KernelIntShiftLinear", 0) == len(
+        [m for m in model.modules() if isinstance(m, KernelIntShiftLinear)]) > 0
+    with torch.no_grad():
+        got = _rgb(run())
+    assert torch.equal(got, expected)
+    mapping = require_all_kernels(model)
+    assert any(kernels.get("int_shift") == "tvm" for kernels in mapping.values())
