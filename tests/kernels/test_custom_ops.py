@@ -8,12 +8,14 @@ pytest.importorskip("tvm")
 from gnt_shiftadd.config import ShiftAddConfig  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
 from gnt_shiftadd.models.transformers import FeedForward, ViewAttention  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from kernels import ops  # noqa: E402
 from kernels.apply import KernelFFNSublayer, KernelHashedAttention, KernelViewAttention, use_kernels  # noqa: E402
 from kernels.ffn import ffn_sublayer as direct_ffn, ffn_weights, reference_ffn_sublayer  # noqa: E402
+from kernels.int_shift import prepare_int_shift  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
 from kernels.view_attention import view_attention as direct_view_attention  # noqa: E402
@@ -57,6 +59,12 @@ def _hash_inputs(rays=3, heads=2, samples=7, head_dim=8, bits=16):
             torch.randn(heads, bits) * 0.1, torch.randn(rays, heads, samples, head_dim))
 
 
+def _int_weights(seed=5):
+    torch.manual_seed(seed)
+    layer = IntShiftLinear.from_linear(torch.nn.Linear(DIM, HIDDEN), ShiftSpec(exponent_min=-6), 8)
+    return prepare_int_shift(export_int_shift(layer))
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -74,6 +82,7 @@ def _op_cases():
         "hash_pack": (x, hw, hb),
         "hashed_quadratic": (words, words.flip(2).contiguous(), v, torch.full((2,), 0.3), 16),
         "hashed_linear": (words, words.flip(2).contiguous(), v, 16, "hashed"),
+        "int_shift": (torch.randn(11, DIM) * 2, *_int_weights().tensors(), 8, True, DIM, HIDDEN, "relu"),
     }
 
 
