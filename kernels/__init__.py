@@ -11,4 +11,13 @@ view_attention.py   the view transformer's attention per (ray, sample) token, fu
 hashed_attention.py hash + pack, XOR/popcount softmax attention, additive linear attention
 ops.py              every kernel as a torch custom op (torch.ops.shiftadd_gnt.*)
 apply.py            use_kernels_(model, KernelConfig, filter_fn): swap a trained model's leaves to the kernels
+aot.py              ahead-of-time export (one .so per kernel + manifest.json) and a loader that needs only the
+                    TVM runtime; $SHIFTADD_GNT_AOT_KERNELS=<folder> installs one when this package is imported
+selfcheck.py        every kernel against its reference on one device (the CUDA tests; python -m kernels.selfcheck)
 """
+import os as _os
+
+if _os.environ.get("SHIFTADD_GNT_AOT_KERNELS"):  # prebuilt kernels named by the environment (GPU check, deployment)
+    from kernels.aot import install_from_environment as _install_from_environment
+
+    _install_from_environment()

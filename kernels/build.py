@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 __all__ = ["kernel_ready", "tvm_available", "tvm_version", "cpu_target", "cuda_target", "target_for", "cache_dir", "build_kernel",
-           "KernelBuildError"]
+           "library_path", "KernelBuildError"]
 
 _LOCK = threading.Lock()
 _LOADED: dict[tuple, Callable] = {}
@@ -93,6 +93,11 @@ def _kernel_hash(name: str, key: dict, target: dict, make: Callable) -> str:
     return hashlib.sha256((blob + source).encode()).hexdigest()[:16]
 
 
+def library_path(name: str, key: dict, target: dict, make: Callable) -> Path:
+    """Where build_kernel caches this kernel's compiled library (it may not exist yet): kernels/aot.py copies it."""
+    return cache_dir() / f"{name}-{_kernel_hash(name, key, target, make)}.so"
+
+
 def build_kernel(name: str, key: dict, target: dict, make: Callable) -> Callable:
     """The compiled `main` function of kernel `name` for shapes `key` on `target`, built at most once per machine.
 
@@ -103,8 +108,7 @@ def build_kernel(name: str, key: dict, target: dict, make: Callable) -> Callable
     function = _LOADED.get(fast_key)  # per-call path: one dict lookup, no hashing of sources
     if function is not None:
         return function
-    digest = _kernel_hash(name, key, target, make)
-    path = cache_dir() / f"{name}-{digest}.so"
+    path = library_path(name, key, target, make)
     with _LOCK:
         if fast_key in _LOADED:
             return _LOADED[fast_key]

@@ -77,10 +77,11 @@ def warn_once(message: str) -> None:
 
 
 def resolve_backend(requested: str) -> str:
-    """"torch" or "tvm"; "tvm" and "auto" degrade to "torch" (with one warning) when TVM is not importable."""
+    """"torch" or "tvm"; "tvm" and "auto" degrade to "torch" (with one warning) when TVM is not importable and
+    no kernel loader is registered (prebuilt AOT kernels need only the TVM runtime: kernels/aot.py)."""
     if requested not in KERNEL_BACKENDS:
         raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {requested!r}")
-    if requested in ("tvm", "auto") and not tvm_available():
+    if requested in ("tvm", "auto") and not tvm_available() and not _LOADERS:
         warn_once(f"kernels={requested} requested but TVM is not importable (pip install apache-tvm==0.27.0.post1); "
                   "using the PyTorch reference kernels")
         return "torch"

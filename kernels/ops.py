@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
@@ -57,7 +58,8 @@ def _needs_grad(name: str, *tensors: Optional[Tensor]) -> bool:
 def _mat_shift_op(x: Tensor, codes: Tensor, channel_exponent: Tensor, bias: Optional[Tensor], exponent_min: int,
                   exponent_max: int, activation: str) -> Tensor:
     packed = {"codes": codes, "channel_exponent": channel_exponent, "bias": bias, "exponent_min": exponent_min,
-              "exponent_max": exponent_max}
+              "exponent_max": exponent_max,  # the reference fallback's decoder checks the code width too
+              "code_bits": ShiftSpec(exponent_min=exponent_min, exponent_max=exponent_max).code_bits}
     return _mat_shift.mat_shift(x, packed, activation)
 
 
