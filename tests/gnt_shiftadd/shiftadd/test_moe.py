@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gnt_shiftadd.models.transformers import FeedForward
-from gnt_shiftadd.shiftadd import latency as latency_module
+from gnt_shiftadd.evaluation import latency as latency_module
 from gnt_shiftadd.evaluation.latency import measure_expert_latency, measure_module_latency
 from gnt_shiftadd.shiftadd.moe import (
     MoEFeedForward,
