@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ("render", "render a spiral video"), ("all", "train, evaluate and render"),
                             ("finetune", "convert a trained GNT to a ShiftAdd variant and fine-tune it in stages"),
                             ("reparam", "convert a trained GNT to a ShiftAdd variant (no fine-tuning)"),
-                            ("report", "PSNR vs latency vs energy of every ShiftAdd variant (table, plots, crops)")]:
+                            ("report", "PSNR vs latency vs energy of every ShiftAdd variant (table, plots, crops)"),
+                            ("export-kernels", "compile every kernel the model uses ahead of time (kernels/aot.py): "
+                                               "they load later with the TVM runtime only")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", action="append",
                        help=f"YAML file, repeatable (default: {DEFAULT_CONFIG.name}, or the checkpoint's own config)")
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "report":
             p.add_argument("--out", required=True, help="report folder (re-running it reuses finished parts)")
             p.add_argument("--teacher", help="trained dense GNT checkpoint (default: train one for train.steps)")
+        if name == "export-kernels":
+            p.add_argument("--target", required=True, choices=("cuda", "llvm"), help="cuda (GPU) or llvm (this CPU)")
+            p.add_argument("--arch", default="sm_90", help="CUDA architecture (default sm_90: H100/H200)")
+            p.add_argument("--out", required=True, help="folder for the libraries and manifest.json")
+            p.add_argument("--variants", help="comma-separated configs/shiftadd names (default: all)")
+            p.add_argument("--no-checks", action="store_true",
+                           help="leave out the kernels of the kernel self-check (tests/kernels/test_cuda_kernels.py)")
     p = sub.add_parser("prepare", help="photos -> an LLFF scene with COLMAP structure-from-motion (pycolmap)")
     p.add_argument("--images", required=True, help="folder of photos of one scene (one camera, one size)")
     p.add_argument("--out", required=True, help="scene folder to write (poses_bounds.npy, images/, images_<factor>/)")
@@ -158,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             record = run_report(cfg, args.out, teacher=args.teacher, progress=progress)
             print((Path(args.out) / "report.md").read_text())
             print(f"report: {Path(args.out) / 'report.json'} (best PSNR per ms: {record.get('best_psnr_per_ms')})")
+        elif args.command == "export-kernels":
+            from kernels.aot import AOTManifestError, export_for_config
+            from kernels.build import KernelBuildError
+
+            try:
+                manifest = export_for_config(cfg, args.target, args.out, arch=args.arch, checks=not args.no_checks,
+                                             variants=args.variants.split(",") if args.variants else None,
+                                             progress=progress)
+            except (KernelBuildError, AOTManifestError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(f"{len(manifest['kernels'])} kernels for {manifest['target']} (TVM {manifest['tvm_version']}) in "
+                  f"{args.out}; load them with SHIFTADD_GNT_AOT_KERNELS={args.out}")
     except (ConfigError, SceneError, CheckpointError, TrainingError, ReparameterizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -113,6 +113,7 @@ class TrainConfig:
     perceptual_weight: float = 0.0
     calibration_rays: int = 256  # rays of real data used to fit hash codes when converting attention
     val_stride: int = 4  # render every val_stride-th pixel for the validation image
+    max_minutes: float = 0.0  # > 0: stop after this much wall-clock training (checkpoint at that step; single process)
 
 
 @dataclass

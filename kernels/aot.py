@@ -63,7 +63,8 @@ from kernels import dispatch
 from kernels.build import KernelBuildError, build_kernel, library_path
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "AOT_ENV", "RUNTIME_ENV", "KernelRequest", "AOTManifestError",
-           "model_requests", "check_requests", "record_requests", "export_kernels", "kernel_source_sha256",
+           "model_requests", "check_requests", "record_requests", "export_kernels", "export_for_config",
+           "kernel_source_sha256", "copy_runtime",
            "runtime_library_dir", "runtime_version", "load_runtime", "AOTKernels", "install",
            "install_from_environment", "RUNTIME_LIBRARIES"]
 
@@ -183,10 +184,11 @@ def _scene_for(cfg, root: Path):
 
 
 def model_requests(cfg, variants: dict[str, Path] | None = None, target: dict | None = None,
-                   rays: int = 16) -> list[KernelRequest]:
+                   rays: int = 16, skipped: dict | None = None) -> list[KernelRequest]:
     """The kernels a (ShiftAdd-)GNT of cfg's shapes requests for each variant config (default: every file in
     configs/shiftadd/), with every dense-shaped product on the kernels (gemm="tvm": what CUDA runs; CPU exports
-    then serve gemm="tvm" too). Random weights: the shapes, not the values, decide the kernels."""
+    then serve gemm="tvm" too). Random weights: the shapes, not the values, decide the kernels. With a dict
+    `skipped`, a variant that fails to build or run is recorded there ({name: error}) instead of raising."""
     from gnt_shiftadd.config import load_config  # noqa: PLC0415
     from gnt_shiftadd.experiment import SceneTensors, build_model  # noqa: PLC0415
     from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: PLC0415
@@ -200,11 +202,18 @@ def model_requests(cfg, variants: dict[str, Path] | None = None, target: dict | 
         scene = SceneTensors(_scene_for(cfg, Path(tmp) / "scene"), torch.device("cpu"))
         for name, path in variants.items():
             variant_cfg = load_config(path, ["device=cpu", f"train.calibration_rays={rays}"], base=copy.deepcopy(cfg))
-            model = build_model(variant_cfg, torch.device("cpu")).eval()
-            with record_requests(target) as recorded:
-                use_kernels(model, "tvm", gemm="tvm")
-                with torch.no_grad():
-                    calibration_forward(model, scene, variant_cfg)()
+            try:
+                model = build_model(variant_cfg, torch.device("cpu")).eval()
+                with record_requests(target) as recorded:
+                    use_kernels(model, "tvm", gemm="tvm")
+                    with torch.no_grad():
+                        calibration_forward(model, scene, variant_cfg)()
+            except Exception as error:  # one variant that cannot run must not stop the others' export
+                if skipped is None:
+                    raise
+                skipped[name] = f"{type(error).__name__}: {error}"
+                warnings.warn(f"export: variant {name} skipped: {skipped[name]}", RuntimeWarning, stacklevel=2)
+                continue
             for request in recorded:
                 found.setdefault(request.identity(), request)
     return list(found.values())
@@ -315,6 +324,30 @@ def export_kernels(requests: list[KernelRequest], target: dict, out_dir: str | P
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, out_dir / MANIFEST_NAME)
     return manifest
+
+
+def export_for_config(cfg, target_kind: str, out_dir: str | Path, arch: str = "sm_90",
+                      variants: list[str] | None = None, checks: bool = True, progress: bool = True) -> dict:
+    """What `run_nerf.py export-kernels` does: every kernel of cfg's model in each variant (default: all of
+    configs/shiftadd/), plus the self-check's kernels, compiled for "cuda" (arch) or "llvm" (this CPU)."""
+    from gnt_shiftadd.variants import variant_configs  # noqa: PLC0415 (export-only)
+    from kernels.build import cpu_target  # noqa: PLC0415 (needs the compiler)
+
+    if target_kind not in ("cuda", "llvm"):
+        raise KernelBuildError(f"--target must be cuda or llvm, got {target_kind!r}")
+    target = {"kind": "cuda", "arch": arch} if target_kind == "cuda" else cpu_target()
+    available = variant_configs()
+    unknown = sorted(set(variants or []) - set(available))
+    if unknown:
+        raise KernelBuildError(f"unknown variants {unknown}; configs/shiftadd/ has {sorted(available)}")
+    chosen = {name: path for name, path in available.items() if variants is None or name in variants}
+    skipped: dict[str, str] = {}
+    requests = model_requests(cfg, chosen, target, skipped=skipped) + (check_requests(target) if checks else [])
+    description = {"config": cfg.name, "variants": sorted(set(chosen) - set(skipped)), "skipped_variants": skipped,
+                   "self_check": checks,
+                   "model": {"netwidth": cfg.model.netwidth, "trans_depth": cfg.model.trans_depth,
+                             "num_source_views": cfg.data.num_source_views, "n_samples": cfg.render.n_samples}}
+    return export_kernels(requests, target, out_dir, description=description, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------- runtime loading

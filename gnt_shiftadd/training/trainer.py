@@ -178,6 +178,8 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
     bar = tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc=f"train {cfg.name}",
                disable=not (progress and info.is_main), dynamic_ncols=True)
     rays_per_step = cfg.train.n_rand * info.world_size
+    deadline = time.perf_counter() + 60.0 * cfg.train.max_minutes if cfg.train.max_minutes > 0 else None
+    last_step = max(start, cfg.train.steps)
     for step in bar:
         tic = time.perf_counter()
         rng = step_rng(cfg.train.seed, step, info.rank)
@@ -214,15 +216,19 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
                     writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
             if cfg.train.val_every and step % cfg.train.val_every == 0:
                 _log_validation(model, tensors, cfg, writer, step)
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            out_of_time = deadline is not None and time.perf_counter() >= deadline and step < cfg.train.steps
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or out_of_time:
                 save_checkpoint(ckpt, cfg, model, optimizer, scheduler, step)
+            if out_of_time:  # train.max_minutes: a wall-clock budget (a resumed run continues to train.steps)
+                last_step = step
+                break
     bar.close()
     if info.is_main and start >= cfg.train.steps and not ckpt.exists():
         save_checkpoint(ckpt, cfg, model, optimizer, scheduler, start)
     if writer is not None:
         writer.close()
     distributed.barrier(info)
-    return TrainResult(cfg.run_dir, ckpt, max(start, cfg.train.steps), losses, model)
+    return TrainResult(cfg.run_dir, ckpt, last_step, losses, model)
 
 
 def named_moe_modules(model):

@@ -24,11 +24,17 @@ EXPORTED = {"mat_shift", "ffn_sublayer"}
 
 # runs in a fresh interpreter where `import tvm` fails, as on a machine with only the TVM runtime
 CHILD = textwrap.dedent("""
-    import importlib.abc, sys
+    import importlib.abc, importlib.machinery, sys
+    class Blocked(importlib.abc.Loader):
+        def create_module(self, spec):
+            raise ImportError(spec.name + " is blocked: this process has no TVM compiler")
+        def exec_module(self, module):
+            pass
     class NoTVM(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name == "tvm" or name.startswith("tvm."):
-                raise ImportError(name + " is blocked: this process has no TVM compiler")
+                return importlib.machinery.ModuleSpec(name, Blocked())
+            return None
     sys.meta_path.insert(0, NoTVM())
     import torch
     from kernels.aot import install_from_environment
