@@ -18,7 +18,9 @@ records ms/frame, `speedup_vs_fastest_dense`, `speedup_vs_dense_eager`, the fram
 LPIPS weights are cached) against the held-out ground truth, which modules ran on which kernel, and its MACs per
 frame (mults + shifts from gnt_shiftadd/evaluation/opcount.py: a shift layer's shift-and-add stands in for a
 multiply-accumulate) over time as a fraction of the peak measured here by large fp32 / bf16 / int8 (VNNI)
-matrix products. The headline is the fastest ShiftAdd row against the fastest dense row.
+matrix products (`peak_fraction` against each; `peak_fraction_own_arithmetic` against the row's main
+arithmetic: int8 for the dynamic-int8 peer and the integer shift variants, bf16 under autocast, although parts of
+every row stay fp32). The headline is the fastest ShiftAdd row against the fastest dense row.
 
 Per kernel: MatShift vs torch addmm(+relu); the fused FFN sublayer (dense, shift, MoE) vs the PyTorch block (the
 MoE against both dispatches: "sorted" runs every expert on every token, "gather" each expert on its tokens); the
@@ -279,10 +281,11 @@ class RowSpec:
     checkpoint: str
     backend: str  # render.kernels: torch | tvm
     mode: str = "fp32"  # fp32 | compile | int8_dynamic | bf16 | fp16
+    integer_bits: int = 0  # shiftadd.int_activations of an integer shift variant (its shift layers' arithmetic)
 
     @property
     def arithmetic(self) -> str:
-        return ARITHMETIC[self.mode]
+        return f"int{self.integer_bits}" if self.integer_bits else ARITHMETIC[self.mode]
 
 
 def precision_context(mode: str, device: torch.device):
@@ -577,9 +580,11 @@ def main(argv: list[str] | None = None) -> int:
             backend, mode, label = DENSE_PEERS[peer]
             specs.append(RowSpec(label, "dense", "dense", dense, backend, mode))
         for name, ckpt in checkpoints.items():
-            specs.append(RowSpec(f"ShiftAdd {name}, TVM kernels", "shiftadd", name, ckpt, "tvm"))
+            bits = config_of_checkpoint(ckpt).shiftadd.int_activations
+            specs.append(RowSpec(f"ShiftAdd {name}, TVM kernels", "shiftadd", name, ckpt, "tvm", integer_bits=bits))
             if reference:
-                specs.append(RowSpec(f"ShiftAdd {name}, PyTorch reference", "shiftadd", name, ckpt, "torch"))
+                specs.append(RowSpec(f"ShiftAdd {name}, PyTorch reference", "shiftadd", name, ckpt, "torch",
+                                     integer_bits=bits))
         print(f"end to end (held-out view {args.view}, stride {cfg.eval.stride}, {repeats} timed render(s) per row):")
         record["end_to_end"] = rows = []
         macs = {}

@@ -4,7 +4,9 @@ Per head, queries and keys are mapped to n-bit binary codes by a learned project
 estimator), first fitted on real q/k of a calibration batch. The attention MatMuls then become additions:
   * quadratic: similarity = n - 2 Hamming(q_code, k_code) (XOR + popcount), softmax over the ray's samples;
   * linear:    out = Q_b (K_b^T V) / (Q_b (K_b^T 1)) with {0,1} codes, every product with a code an addition;
-  * seed:      ShiftAddViT's released linear form, (0.5 V + Q_b (K_b^T V) / pi) normalised, + a depthwise conv on V.
+  * seed:      our linear form with a 0.5 V offset, (0.5 V + Q_b (K_b^T V) / pi) / (0.5 + Q_b K_b^T 1 / pi), + a
+               depthwise conv on V (not ShiftAddViT's released form, which divides by the per-token L2 norm and
+               uses a (9, 1) depthwise conv per head; the name `hash_linear_seed` is kept for old checkpoints).
 Every core maps q, k, v [R, H, S, d] -> [R, H, S, d]: a drop-in for `RayAttention.core`. These are the pure-torch
 references a fused kernel must match; internally they compute in float32 (float64 stays float64) and return
 v's dtype, so bfloat16 inputs get the same codes as float32 ones.
@@ -332,9 +334,9 @@ class HashedLinearAttention(nn.Module):
 
 
 class SeedLinearAttention(HashedLinearAttention):
-    """ShiftAddViT's released form, as we read it: {0,1} codes, numerator 0.5 v_i + (1/pi) q_i (K^T V) normalised by
-    the matching row sum 0.5 + (1/pi) q_i (K^T 1), plus a depthwise conv (kernel 3, along the samples, per channel
-    of V) branch added to the output. q, k, v [R, H, S, d] -> [R, H, S, d].
+    """Linear hashed attention with a 0.5 v offset (not ShiftAddViT's released form: see the module doc): {0,1}
+    codes, numerator 0.5 v_i + (1/pi) q_i (K^T V) normalised by the matching row sum 0.5 + (1/pi) q_i (K^T 1),
+    plus a depthwise conv (kernel 3, along the samples, per channel of V) branch added to the output. q, k, v [R, H, S, d] -> [R, H, S, d].
 
     The 0.5 term keeps the denominator >= 0.5, so no clamp is needed (an all-zero query code returns v_i). The conv
     ('same' padding, channel h * d + c for head h, channel c) starts at zero so the branch is a no-op after conversion.
