@@ -147,9 +147,9 @@ def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
     assert [s.shiftadd.ffn for s in stages] == ["dense", "moe"] and [s.train.steps for s in stages] == [2, 2]
     result = workflows.run_finetune(variant, teacher, progress=False)
     assert result.step == 2 and result.checkpoint.exists()
-    model, _, _ = workflows.load_trained(variant)
+    model, _, _ = workflows.load_trained(variant, backend="torch")  # the PyTorch modules
     assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe"}
-    stage1_model, _, _ = workflows.load_trained(stages[0])
+    stage1_model, _, _ = workflows.load_trained(stages[0], backend="torch")
     assert variant_of(stage1_model)["ffn"] == "dense"
     metrics = workflows.run_eval(variant, progress=False)
     assert metrics["mean"]["psnr"] > 0
