@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO_ROOT, tiny_overrides
+
 from data.blender import load_blender_scene
 from data.cameras import undistort_image
 from data.formats import describe_scene, detect_format, load_any_scene
@@ -21,7 +23,7 @@ from gnt_shiftadd.models.projector import project_points
 from renderer.rays import rays_from_pixels
 from renderer.sampling import sample_along_rays
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = REPO_ROOT.parent / "shared" / "data"
 CHAIR = DATA / "nerf_synthetic" / "chair"
 FOX = DATA / "nerfstudio_format" / "fox"
 FERN = DATA / "nerf_llff_data" / "fern"
@@ -293,7 +295,6 @@ def test_video_path_orbits_a_360_scene_and_spirals_a_forward_facing_one(chair, f
 
 def test_a_blender_scene_trains_evaluates_and_renders_end_to_end(tmp_path, capsys):
     """run_all on the chair (detected as blender, kind 360): linear-depth sampling, held-out test split, orbit video."""
-    from conftest import tiny_overrides
     from gnt_shiftadd.config import load_config
     from gnt_shiftadd.workflows import run_all
 

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO_ROOT
+
 from data.colmap import load_colmap_scene
 from data.formats import detect_format, load_any_scene
 from data.llff import load_llff_scene
 from data.scene import SceneError
 from data.prepare import PrepareError, prepare_scene
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nerf_llff_data"
+DATA = REPO_ROOT.parent / "shared" / "data" / "nerf_llff_data"
 FERN = DATA / "fern"
 
 
