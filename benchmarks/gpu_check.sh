@@ -114,7 +114,7 @@ TEACHER="$OUT_DIR/runs/gpu_check/checkpoints/latest.pt"
 stage latency "$T_LATENCY" "$PY" benchmarks/gpu_check.py latency --out "$OUT_DIR" --device "$DEVICE" --config "$CONFIG" \
     --teacher "$TEACHER" "${LATENCY_ARGS[@]}" "${SCENE_ARGS[@]}" "${MODEL_ARGS[@]}"
 rm -f "$TEACHER"  # large and reproducible: keep what comes back small
-TOTAL_BUDGET=$(( TOTAL_BUDGET + 60 )) stage summary 60 "$PY" benchmarks/gpu_check.py summary --out "$OUT_DIR" \
+TOTAL_BUDGET=$(( TOTAL_BUDGET + 90 )) stage summary 90 "$PY" benchmarks/gpu_check.py summary --out "$OUT_DIR" \
     --command-line "bash benchmarks/gpu_check.sh$( [ "$DRY_RUN" = 1 ] && echo ' --dry-run') --carry $CARRY $OUT_DIR" \
     $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 echo "GPU check finished in $(( $(date +%s) - START ))s; results in $OUT_DIR (gpu_check.json)"

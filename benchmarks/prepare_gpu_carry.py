@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("GPU call (device tool `run`):\n"
               f"  command: bash benchmarks/gpu_check.sh --carry {carry_arg} \"$OUT\"\n"
-              f"  carry:   [\"{carry_arg}\"]\n  timeout_s: 570")
+              f"  carry:   [\"{carry_arg}\"]\n  timeout_s: 560 (the check budgets 530 s; GPU_CHECK_TRAIN_MINUTES shortens training)")
     return 0
 
 

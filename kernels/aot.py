@@ -72,6 +72,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 AOT_ENV = "SHIFTADD_GNT_AOT_KERNELS"  # a folder written by export_kernels: installed as a kernel loader
 RUNTIME_ENV = "SHIFTADD_GNT_TVM_RUNTIME"  # a folder with libtvm_runtime*.so and VERSION (prepare_gpu_carry.py)
+CPU_ONLY_KERNELS = {"int_shift"}  # AVX-512 VNNI (kernels/int_shift.py): built for the host CPU whatever the target
 RUNTIME_LIBRARIES = {"llvm": ["libtvm_runtime.so"], "cuda": ["libtvm_runtime.so", "libtvm_runtime_cuda.so"]}
 # modules that hold no kernel math: editing them does not make an exported kernel stale
 _INFRASTRUCTURE = {"kernels", "kernels.aot", "kernels.apply", "kernels.backend", "kernels.build", "kernels.dispatch",
@@ -184,11 +185,13 @@ def _scene_for(cfg, root: Path):
 
 
 def model_requests(cfg, variants: dict[str, Path] | None = None, target: dict | None = None,
-                   rays: int = 16, skipped: dict | None = None) -> list[KernelRequest]:
+                   rays: int = 16, skipped: dict | None = None,
+                   per_variant: dict | None = None) -> list[KernelRequest]:
     """The kernels a (ShiftAdd-)GNT of cfg's shapes requests for each variant config (default: every file in
     configs/shiftadd/), with every dense-shaped product on the kernels (gemm="tvm": what CUDA runs; CPU exports
     then serve gemm="tvm" too). Random weights: the shapes, not the values, decide the kernels. With a dict
-    `skipped`, a variant that fails to build or run is recorded there ({name: error}) instead of raising."""
+    `skipped`, a variant that fails to build or run is recorded there ({name: error}) instead of raising; with a
+    dict `per_variant`, each variant's requests are listed there ({name: [(kernel, key json)]})."""
     from gnt_shiftadd.config import load_config  # noqa: PLC0415
     from gnt_shiftadd.experiment import SceneTensors, build_model  # noqa: PLC0415
     from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: PLC0415
@@ -216,6 +219,8 @@ def model_requests(cfg, variants: dict[str, Path] | None = None, target: dict | 
                 continue
             for request in recorded:
                 found.setdefault(request.identity(), request)
+            if per_variant is not None:
+                per_variant[name] = sorted({r.identity() for r in recorded})
     return list(found.values())
 
 
@@ -342,7 +347,15 @@ def export_for_config(cfg, target_kind: str, out_dir: str | Path, arch: str = "s
         raise KernelBuildError(f"unknown variants {unknown}; configs/shiftadd/ has {sorted(available)}")
     chosen = {name: path for name, path in available.items() if variants is None or name in variants}
     skipped: dict[str, str] = {}
-    requests = model_requests(cfg, chosen, target, skipped=skipped) + (check_requests(target) if checks else [])
+    per_variant: dict[str, list] = {}
+    requests = model_requests(cfg, chosen, target, skipped=skipped, per_variant=per_variant)
+    if target["kind"] != "llvm":  # CPU-only kernels (their make ignores the target) cannot serve this device
+        for name, identities in per_variant.items():
+            cpu_only = sorted({kernel for kernel, _ in identities} & CPU_ONLY_KERNELS)
+            if cpu_only:
+                skipped[name] = f"uses CPU-only kernels {cpu_only}"
+        requests = [r for r in requests if r.name not in CPU_ONLY_KERNELS]
+    requests += check_requests(target) if checks else []
     description = {"config": cfg.name, "variants": sorted(set(chosen) - set(skipped)), "skipped_variants": skipped,
                    "self_check": checks,
                    "model": {"netwidth": cfg.model.netwidth, "trans_depth": cfg.model.trans_depth,
