@@ -15,7 +15,8 @@ with the same call signature, chosen by a handler registered per module type (`r
                       residual in one kernel, for dense, shift and MoE FFNs
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
   IntShiftLinear      (integer activations, CPU)    -> KernelIntShiftLinear: the VNNI integer kernel; the fused
-                      fp32 leaves above refuse layers holding them, so those layers run module by module
+                      fp32 leaves above refuse blocks holding them, which then run their integer layers on this
+                      kernel and their other ops (norms, softmax over views) in PyTorch (not listed as skipped)
 
 `filter_fn(module, fqn) -> bool` keeps chosen leaves on PyTorch. A leaf no kernel covers (e.g. shift layers with
 fixed-point inputs) stays on the reference with one warning and is listed in `model.kernel_skipped`. Dense-shaped
@@ -39,7 +40,7 @@ from torch import nn
 from gnt_shiftadd.models.gnt import ViewEmbedding
 from gnt_shiftadd.models.transformers import PreNormFeedForward, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift
+from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
 from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kernel, resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
@@ -257,15 +258,18 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
     kernel leaf is built from the original layers, and a second use_kernels_ wraps nothing twice."""
     for name, child in list(parent.named_children()):
         fqn = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, KernelShiftLinear) or id(child) in covered:
+        if isinstance(child, (KernelShiftLinear, KernelIntShiftLinear)) or id(child) in covered:
             continue
         if isinstance(child, KernelLeaf) and not shift_linears:
             continue
         handler = _HANDLERS.get(type(child))
-        if handler is not None and (type(child) is ShiftLinear) == shift_linears \
+        if handler is not None and isinstance(child, ShiftLinear) == shift_linears \
                 and (filter_fn is None or filter_fn(child, fqn)):
             try:
                 replacement = handler(child, parent, cfg)
+            except IntegerLayerError:
+                pass  # not a fallback: its integer layers run on the integer kernel (swapped in pass 2), the rest
+                # of the block (norms, softmax over views) is PyTorch glue between them, as in the model itself
             except (TypeError, ValueError) as error:
                 warn_once(f"{fqn} ({type(child).__name__}) stays on the PyTorch reference: {error}")
                 skipped.append(fqn)

@@ -52,6 +52,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
 from kernels.build import KernelBuildError, build_kernel, target_for, tvm_available
 
@@ -187,8 +188,8 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
             raise ValueError(f"{layer} rounds its inputs to fixed point (fixed_point_bits="
                              f"{layer.spec.fixed_point_bits}), which the kernels do not reproduce")
         if getattr(layer, "activation_bits", 0):  # an IntShiftLinear: runs only on its own integer kernel
-            raise ValueError(f"{layer} has {layer.activation_bits}-bit integer activations: it runs on the integer "
-                             "shift kernel (kernels/int_shift.py), not inside a fused fp32 kernel")
+            raise IntegerLayerError(f"{layer} has {layer.activation_bits}-bit integer activations: it runs on the "
+                                    "integer shift kernel (kernels/int_shift.py), not inside a fused fp32 kernel")
         return layer.effective_weight().detach().float()
     if isinstance(layer, nn.Linear):
         return layer.weight.detach().float()

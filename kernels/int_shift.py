@@ -30,10 +30,16 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
 __all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
-           "DEFAULT_TILE", "ACTIVATIONS"]
+           "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "relu")
 DEFAULT_TILE = 4  # tokens per micro-tile (x JB = 4 output blocks: 16 zmm accumulators)
+
+
+def micro_tile(out_padded: int) -> tuple[int, int]:
+    """(tokens, output blocks) per micro-tile: 4 x 4 for wide layers, 8 x 2 for 32 outputs (the fastest in
+    results/int_shift_options_cpu.json)."""
+    return (4, 4) if out_padded >= 64 else (8, 2)
 LANES = 16  # int32 lanes of a 512-bit register
 
 
@@ -209,8 +215,8 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
     return tvm.IRModule({"main": main})
 
 
-def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none", tile: int = DEFAULT_TILE,
-              blocks: int = 4) -> torch.Tensor:
+def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none", tile: int | None = None,
+              blocks: int | None = None) -> torch.Tensor:
     """x [..., in] (CPU float) -> [..., out] fp32 on the VNNI kernel; the integer reference (one warning) where
     this CPU has no AVX-512 VNNI or the kernel cannot be built."""
     if activation not in ACTIVATIONS:
@@ -219,6 +225,8 @@ def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none
         raise ValueError(f"int_shift: x has {x.shape[-1]} input features, the layer expects {weights.in_features}")
     if x.device.type != "cpu":
         raise ValueError(f"int_shift: the integer kernel runs on CPU, got a tensor on {x.device}")
+    default_tile, default_blocks = micro_tile(weights.out_padded)
+    tile, blocks = tile or default_tile, blocks or default_blocks
     kernel = None
     if vnni_available():
         key = {"in": weights.in_padded, "out": weights.out_padded, "bits": weights.bits,

@@ -30,13 +30,17 @@ from torch import nn
 
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
-__all__ = ["ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_weights", "int_shift_reference",
+__all__ = ["IntegerLayerError", "ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_weights", "int_shift_reference",
            "quantize_activations", "activation_scales", "export_int_shift", "exponent_span_histogram"]
 
 ACTIVATION_BITS = (8, 16)
 ACT_SCALES = ("per_token", "per_tensor")
 ABSMAX_FLOOR = 2.0 ** -100  # keeps Q / absmax finite in fp32 for all-zero (or subnormal) tokens
 _INT32_LIMIT = 2 ** 31
+
+
+class IntegerLayerError(ValueError):
+    """A fused fp32 kernel was asked to compute an IntShiftLinear: the layer runs on its own integer kernel."""
 
 
 def _max_level(bits: int) -> int:

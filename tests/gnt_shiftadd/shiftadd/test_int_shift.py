@@ -154,3 +154,28 @@ def test_kernel_model_renders_the_reference_models_frame_bit_for_bit(dense):
     assert torch.equal(got, expected)
     mapping = require_all_kernels(model)
     assert any(kernels.get("int_shift") == "tvm" for kernels in mapping.values())
+
+
+@pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")
+def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
+    """use_kernels on an int8 variant: blocks holding integer layers are not fallbacks (their layers run on the
+    integer kernel), so require_all_kernels accepts the model; the frame matches the reference model closely
+    (the other kernels are fp32 kernels with their own summation order, and an ulp of difference in an integer
+    layer's input can move its rounding by one quantization step; bit-exactness is the test above)."""
+    pytest.importorskip("tvm")
+    from kernels.dispatch import require_all_kernels
+    from kernels.apply import use_kernels
+
+    cfg, model, tensors = dense
+    reparameterize(model, ShiftAddConfig(**INT8))
+    run = calibration_forward(model, tensors, cfg)
+    with torch.no_grad():
+        expected = _rgb(run())
+    summary = use_kernels(model, "tvm")
+    assert summary["skipped"] == []
+    with torch.no_grad():
+        got = _rgb(run())
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
+    mapping = require_all_kernels(model)
+    assert sum(kernels.get("int_shift") == "tvm" for kernels in mapping.values()) == len(
+        [m for m in model.modules() if isinstance(m, IntShiftLinear)])

@@ -1,0 +1,204 @@
+"""Which integer arithmetic runs a shift layer fastest on this CPU: measured at the model's shapes, written as JSON.
+
+  python benchmarks/int_shift_options.py --out results/int_shift_options_cpu.json [--tokens 49152] [--repeats 7]
+
+Every option computes the same layer (8-bit activations with one calibrated per-tensor scale, exact power-of-two
+integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel unless said otherwise):
+  vnni_u8s8_TxB    kernels/int_shift.py: AVX-512 VNNI vpdpbusd, T tokens x B blocks of 16 outputs in registers
+  vnni_s16s16      the same kernel with 16-bit activations on vpdpwssd (per-tensor scale)
+  llvm_int_mul     TVM TE int32 multiply-accumulate of the rounded activations by the integer weights, LLVM-vectorized
+  llvm_var_shift   TVM TE shift form: acc += +-(q << e) (variable shifts, vpsllvd), LLVM-vectorized
+and, for scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
+blas_fp32 (torch F.linear on the decoded weights, MKL), plus torch_int_mm (torch._int_mm int8 GEMM with the
+quantization and rescale as separate torch ops, i.e. unfused). Each row is checked against the integer reference
+(bit for bit for the integer options) before it is timed. Timings are medians of `--repeats` calls after one warm-up, as wall time and as this process's CPU time (all
+threads); with --loaded-machine the fastest option is picked by CPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+from kernels.build import cpu_target, kernel_ready
+from kernels.int_shift import int_shift, prepare_int_shift, vnni_available
+from kernels.mat_shift import mat_shift
+
+SHAPES = [(32, 128), (128, 32), (32, 32)]  # (in, out): FFN fc1, FFN fc2, attention linears
+TILE = 8
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """(median wall ms, median CPU ms of this process over all its threads). On shared cores the CPU time is
+    the steadier figure for ranking (it does not count time other jobs held the cores)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+def _te_option(in_features: int, out_features: int, form: str):
+    """TE kernel: x fp32 [tiles, TILE, in], weights int32 [in, out] (form "mul") or sign/shift int32 [in, out]
+    ("shift"), scalars inv/scale fp32 [1], out_scale/bias fp32 [out] -> y fp32 [tiles, TILE, out]."""
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    tiles = te.var("tiles")
+    x = te.placeholder((tiles, TILE, in_features), "float32", name="x")
+    inv = te.placeholder((1,), "float32", name="inv")
+    scale = te.placeholder((1,), "float32", name="scale")
+    out_scale = te.placeholder((out_features,), "float32", name="out_scale")
+    bias = te.placeholder((out_features,), "float32", name="bias")
+    weight = te.placeholder((in_features, out_features), "int32", name="weight")
+    sign = te.placeholder((in_features, out_features), "int32", name="sign")
+    level = tirx.const(127.0, "float32")
+    xq = te.compute((tiles, TILE, in_features), lambda t, i, k: tirx.nearbyint(
+        te.min(te.max(x[t, i, k] * inv[0], -level), level)).astype("int32"), name="xq")
+    k = te.reduce_axis((0, in_features), "k")
+    if form == "mul":
+        acc = te.compute((tiles, TILE, out_features), lambda t, i, o: te.sum(xq[t, i, k] * weight[k, o], axis=k),
+                         name="acc")
+        inputs = [x, inv, scale, out_scale, bias, weight]
+    else:
+        def shifted(t, i, o):
+            value = tirx.shift_left(xq[t, i, k], weight[k, o])
+            return tirx.Select(sign[k, o] > 0, value, tirx.Select(sign[k, o] < 0, -value, tirx.const(0, "int32")))
+
+        acc = te.compute((tiles, TILE, out_features), lambda t, i, o: te.sum(shifted(t, i, o), axis=k), name="acc")
+        inputs = [x, inv, scale, out_scale, bias, weight, sign]
+    y = te.compute((tiles, TILE, out_features),
+                   lambda t, i, o: acc[t, i, o].astype("float32") * scale[0] * out_scale[o] + bias[o], name="y")
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(inputs + [y])}))
+    y_block, acc_block, q_block = sch.get_sblock("y"), sch.get_sblock("acc"), sch.get_sblock("xq")
+    tile, _, out = sch.get_loops(y_block)
+    sch.parallel(tile)
+    sch.compute_at(acc_block, tile)
+    sch.compute_at(q_block, tile)
+    a_token, a_out, a_k = sch.get_loops(acc_block)[1:]
+    out_outer, out_inner = sch.split(a_out, [None, 16])
+    sch.reorder(out_outer, a_k, a_token, out_inner)
+    sch.vectorize(out_inner)
+    sch.unroll(a_token)
+    sch.decompose_reduction(acc_block, a_k)
+    _, q_k = sch.get_loops(q_block)[-2:]
+    sch.vectorize(sch.split(q_k, [None, 16])[1])
+    _, y_out = sch.get_loops(y_block)[-2:]
+    sch.vectorize(sch.split(y_out, [None, 16])[1])
+    return sch.mod
+
+
+def _build(mod):
+    import tvm
+
+    return tvm.compile(mod, target=tvm.target.Target(cpu_target()))["main"]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--tokens", type=int, default=49152, help="tokens per call (default: one fern chunk)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--loaded-machine", action="store_true",
+                        help="record that other work shared the cores (numbers then only rank the options)")
+    args = parser.parse_args(argv)
+    if not vnni_available():
+        raise SystemExit("int_shift_options: this CPU has no AVX-512 VNNI; nothing to compare")
+    tokens = args.tokens - args.tokens % TILE
+    record = {"tokens": tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+              "loaded_machine": bool(args.loaded_machine),
+              "note": ("cores shared with other jobs during this run: use the numbers to rank options, not as "
+                       "speeds") if args.loaded_machine else "", "shapes": []}
+    for in_features, out_features in SHAPES:
+        torch.manual_seed(0)
+        dense = torch.nn.Linear(in_features, out_features)
+        layer = IntShiftLinear.from_linear(dense, ShiftSpec(exponent_min=-6), 8, "per_tensor").eval()
+        x = torch.randn(tokens, in_features) * 2
+        layer.activation_absmax.fill_(float(x.abs().amax()) * 0.9)  # a calibrated scale (a few values saturate)
+        packed = export_int_shift(layer)
+        expected = int_shift_reference(x, packed)
+        macs = tokens * in_features * out_features
+        rows = {}
+
+        def add(name, fn, exact=True):
+            out = fn()
+            same = bool(torch.equal(out, expected)) if exact else None
+            if exact and not same:
+                raise AssertionError(f"{name} ({in_features}->{out_features}) does not match the integer reference")
+            ms, cpu_ms = _time(fn, args.repeats)
+            rows[name] = {"ms": ms, "cpu_ms": cpu_ms, "gmac_per_s": macs / ms / 1e6,
+                          "gmac_per_cpu_s": macs / cpu_ms / 1e6, "bit_exact": same}
+            print(f"  {in_features:>3}->{out_features:<3} {name:<22} {ms:8.2f} ms wall {cpu_ms:8.2f} ms CPU "
+                  f"{macs / cpu_ms / 1e6:7.1f} GMAC/CPU-s", flush=True)
+
+        print(f"shape [{tokens}, {in_features}] x [{in_features}, {out_features}]", flush=True)
+        for tile, blocks in ((4, 4), (8, 2), (2, 8)):
+            weights = prepare_int_shift(packed)
+            add(f"vnni_u8s8_{tile}x{blocks}", lambda w=weights, t=tile, b=blocks: int_shift(x, w, tile=t, blocks=b))
+        layer16 = IntShiftLinear.from_linear(dense, ShiftSpec(exponent_min=-6), 16, "per_tensor").eval()
+        layer16.activation_absmax.copy_(layer.activation_absmax)
+        packed16 = export_int_shift(layer16)
+        weights16 = prepare_int_shift(packed16)
+        expected16 = int_shift_reference(x, packed16)
+        out16 = int_shift(x, weights16)
+        assert torch.equal(out16, expected16), "vnni_s16s16 does not match its integer reference"
+        ms, cpu_ms = _time(lambda: int_shift(x, weights16), args.repeats)
+        rows["vnni_s16s16"] = {"ms": ms, "cpu_ms": cpu_ms, "gmac_per_s": macs / ms / 1e6,
+                               "gmac_per_cpu_s": macs / cpu_ms / 1e6, "bit_exact": True,
+                               "note": "16-bit activations (its own reference)"}
+        print(f"  {in_features:>3}->{out_features:<3} vnni_s16s16            {ms:8.2f} ms wall {cpu_ms:8.2f} ms CPU",
+              flush=True)
+
+        w_int = packed["weight_int"].to(torch.int32)
+        inv = torch.tensor([127.0]) / packed["absmax"]
+        scale = packed["absmax"] / torch.tensor([127.0])
+        tiles = kernel_ready(x).view(-1, TILE, in_features)
+        y = torch.empty(tokens // TILE, TILE, out_features)
+        common = [tiles, kernel_ready(inv), kernel_ready(scale), kernel_ready(packed["out_scale"]),
+                  kernel_ready(packed["bias"])]
+        mul = _build(_te_option(in_features, out_features, "mul"))
+        w_t = kernel_ready(w_int.t().contiguous())
+        add("llvm_int_mul", lambda: (mul(*common, w_t, y), y.view(tokens, out_features))[1])
+        shift = _build(_te_option(in_features, out_features, "shift"))
+        exponent = kernel_ready(torch.where(w_int != 0, torch.log2(w_int.abs().float().clamp_min(1)), 0)
+                                .round().to(torch.int32).t().contiguous())
+        sign = kernel_ready(torch.sign(w_int).to(torch.int32).t().contiguous())
+        add("llvm_var_shift", lambda: (shift(*common, exponent, sign, y), y.view(tokens, out_features))[1])
+
+        float_layer = layer.effective_weight().detach()
+        codes = layer.export_codes()
+        add("mat_shift_fp32", lambda: mat_shift(x, codes), exact=False)
+        add("blas_fp32", lambda: F.linear(x, float_layer, layer.bias.detach()), exact=False)
+        w8 = packed["weight_int"].t().contiguous()
+
+        def int_mm():
+            q = torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
+            acc = torch._int_mm(q, w8)
+            return (acc.float() * scale) * packed["out_scale"] + packed["bias"]
+
+        add("torch_int_mm_unfused", int_mm, exact=False)
+        fastest = min(rows, key=lambda name: rows[name]["cpu_ms" if args.loaded_machine else "ms"])
+        record["shapes"].append({"in": in_features, "out": out_features, "macs": macs, "rows": rows,
+                                 "fastest": fastest})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
