@@ -92,7 +92,8 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise build.KernelBuildError("kernel 'mat_shift': build failed: simulated")
 
-    monkeypatch.setattr("kernels.mat_shift.build_kernel", broken)
+    monkeypatch.setattr("kernels.dispatch.build_kernel", broken)  # every kernel is built through the facade
+    monkeypatch.setattr("kernels.dispatch._MEMO", {})  # nothing memoised from earlier tests
     packed = _shift_layer(8, 16).export_codes()
     x = torch.randn(5, 8)
     with pytest.warns(RuntimeWarning, match="simulated.*falling back"):

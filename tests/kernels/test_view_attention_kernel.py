@@ -170,8 +170,8 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     def failing_build(name, key, target, make):
         raise KernelBuildError(f"kernel {name!r} {key}: build failed: simulated for the view attention test")
 
-    monkeypatch.setattr(va, "build_kernel", failing_build)
-    monkeypatch.setattr(va, "_KERNELS", {})
+    monkeypatch.setattr("kernels.dispatch.build_kernel", failing_build)  # every kernel is built through the facade
+    monkeypatch.setattr("kernels.dispatch._MEMO", {})
     weights = view_attention_weights(_module(16))
     qp, features, ray_diff, mask = _inputs(9, 3, 16)
     with pytest.warns(RuntimeWarning, match="simulated for the view attention test"):
