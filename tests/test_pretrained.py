@@ -72,3 +72,18 @@ def test_cli_train_init_pretrained_takes_its_model_section(tiny_scene, tmp_path)
     tuned = read_checkpoint(tmp_path / "runs" / "ft" / "checkpoints" / "latest.pt")
     assert tuned["config"]["model"] == shipped["config"]["model"]
     assert tuned["config"]["train"]["init_from"].endswith(f"{pretrained.DEFAULT_NAME}.pt")
+
+
+def test_shiftadd_variants_convert_from_the_shipped_model(tiny_scene, tmp_path):
+    """`finetune --from pretrained` with a ShiftAdd variant: converted in stages and fine-tuned on a new scene."""
+    import run_nerf
+    from conftest import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(tiny_scene, tmp_path / "runs", "c") if not o.startswith("model.")]
+    assert run_nerf.main(["finetune", "--quiet", "--from", "pretrained", "--config", "configs/shiftadd/c_hash_shift_linears.yaml",
+                          *overrides, "train.steps=2", "train.calibration_rays=32"]) == 0
+    stage2 = sorted((tmp_path / "runs").glob("c*/checkpoints/latest.pt"))
+    assert stage2, list((tmp_path / "runs").iterdir())
+    tuned = read_checkpoint(stage2[-1])
+    assert tuned["config"]["shiftadd"]["attention_linears"] == "shift"
+    assert tuned["config"]["model"]["color_head"] == "blend"
