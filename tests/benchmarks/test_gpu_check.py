@@ -45,7 +45,7 @@ def test_the_dry_run_runs_every_stage_on_aot_kernels_without_the_compiler(tmp_pa
     rows = {r["label"]: r for r in json.loads((out / "latency.json").read_text())["rows"]}
     for variant in ("a_dense", "c_hash_shift_linears"):
         reference, kernels = rows[f"{variant}, PyTorch reference"], rows[f"{variant}, TVM kernels"]
-            assert "error" not in kernels and "skipped" not in kernels, kernels
+        assert "error" not in kernels and "skipped" not in kernels, kernels
         ran = {how for kernels_ran in kernels["kernels_ran"].values() for how in kernels_ran.values()}
         assert "reference" not in ran and "tvm" in ran  # every kernel came from the AOT folder
         assert kernels["frame_psnr"] == pytest.approx(reference["frame_psnr"], abs=1e-3)
