@@ -29,6 +29,14 @@ def sample_along_rays(
     raise ValueError(f"unknown scene kind {kind!r}; expected {FORWARD_FACING!r} or {AROUND_360!r}")
 
 
+def _bounds_and_steps(origins, near, far, n_samples: int):
+    """near/far as [R] tensors on the rays' device and the S interpolation weights t in [0, 1]."""
+    rays, device, dtype = origins.shape[0], origins.device, origins.dtype
+    near = torch.as_tensor(near, device=device, dtype=dtype).expand(rays)
+    far = torch.as_tensor(far, device=device, dtype=dtype).expand(rays)
+    return near, far, torch.linspace(0.0, 1.0, n_samples, device=device, dtype=dtype)
+
+
 def sample_linear_depth(
     origins: torch.Tensor,
     directions: torch.Tensor,
@@ -39,11 +47,7 @@ def sample_linear_depth(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like sample_inverse_depth, but evenly spaced in z between near and far (360-degree and object scenes)."""
-    rays = origins.shape[0]
-    device, dtype = origins.device, origins.dtype
-    near = torch.as_tensor(near, device=device, dtype=dtype).expand(rays)
-    far = torch.as_tensor(far, device=device, dtype=dtype).expand(rays)
-    t = torch.linspace(0.0, 1.0, n_samples, device=device, dtype=dtype)
+    near, far, t = _bounds_and_steps(origins, near, far, n_samples)
     z = near[:, None] * (1.0 - t) + far[:, None] * t
     return _jitter_and_place(origins, directions, z, stratified, generator)
 
@@ -62,11 +66,7 @@ def sample_inverse_depth(
     Deterministic (evenly spaced in 1/z) when evaluating; `stratified` jitters each sample uniformly within its
     bin (between neighbouring midpoints) for training, with `generator` for reproducibility.
     """
-    rays = origins.shape[0]
-    device, dtype = origins.device, origins.dtype
-    near = torch.as_tensor(near, device=device, dtype=dtype).expand(rays)
-    far = torch.as_tensor(far, device=device, dtype=dtype).expand(rays)
-    t = torch.linspace(0.0, 1.0, n_samples, device=device, dtype=dtype)
+    near, far, t = _bounds_and_steps(origins, near, far, n_samples)
     inv_z = (1.0 / near)[:, None] * (1.0 - t) + (1.0 / far)[:, None] * t
     z = 1.0 / inv_z  # [R, S], increasing
     return _jitter_and_place(origins, directions, z, stratified, generator)
