@@ -131,8 +131,8 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
                    tile: int = DEFAULT_TILE, blocks: int = 4):
     """IRModule "main"(x fp32 [tiles, tile, in_padded], packed, compensation int32 [out_padded], out_scale fp32,
     bias fp32 [out_padded], absmax fp32 [1], y fp32 [tiles, tile, out_padded]) for the VNNI CPU target."""
-    import tvm
-    from tvm.script import tirx as T
+    import tvm  # lazy: TVM is optional (the integer reference runs without it)
+    from tvm.script import tirx as T  # lazy: TVM is optional
 
     if in_padded % LANES or out_padded % LANES:
         raise ValueError(f"int_shift kernel: padded sizes must be multiples of {LANES}, got {in_padded}, {out_padded}")
