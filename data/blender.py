@@ -13,9 +13,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.cameras import pinhole_matrix, resized_size
-from data.llff import image_size
 from data.scene import Scene, SceneError, scene_kind
-from data.transforms_json import frame_image_path, frame_pose, read_json
+from data.transforms_json import common_image_size, frame_image_path, frame_pose, read_json
 
 BLENDER_NEAR_FAR = (2.0, 6.0)
 SPLITS = ("train", "test")
@@ -58,12 +57,7 @@ def load_blender_scene(root, factor: int = 1, progress: bool = False) -> Scene:
             splits.append(split)
     paths = [frame_image_path(json_path, frame, index) for json_path, index, frame in frames]
     c2w = np.stack([frame_pose(json_path, frame, index) for json_path, index, frame in frames])
-    sizes = [image_size(p) for p in paths]
-    for path, size in zip(paths, sizes):
-        if size != sizes[0]:
-            raise SceneError(f"{root}: images differ in size: {paths[0]} is {sizes[0][0]}x{sizes[0][1]} "
-                             f"but {path} is {size[0]}x{size[1]} (width x height)")
-    width, height = sizes[0]
+    width, height = common_image_size(paths, root)
     target = resized_size(width, height, factor)
     images = np.stack([read_rgba_on_white(p, target) for p in tqdm(paths, desc="read Blender views",
                                                                     disable=not progress, leave=False)])

@@ -41,6 +41,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def common_image_size(paths: list[Path], where) -> tuple[int, int]:
+    """(width, height) shared by every image, or one SceneError naming `where` and the first image that differs."""
+    sizes = [image_size(p) for p in paths]
+    for path, size in zip(paths, sizes):
+        if size != sizes[0]:
+            raise SceneError(f"{where}: images differ in size: {paths[0].name} is {sizes[0][0]}x{sizes[0][1]} "
+                             f"but {path.name} is {size[0]}x{size[1]} (width x height)")
+    return sizes[0]
+
+
 def frame_image_path(json_path: Path, frame: dict, index: int) -> Path:
     """The photo of one frame; Blender-style file_paths without an extension try .png, .jpg, .jpeg."""
     if "file_path" not in frame:
@@ -129,12 +139,7 @@ def load_transforms_scene(root, factor: int = 1, llffhold: int = 8, json_name: s
         raise SceneError(f"{json_path} has {len(frames)} frame; a scene needs at least 2")
     paths = [frame_image_path(json_path, frame, i) for i, frame in enumerate(frames)]
     c2w = np.stack([frame_pose(json_path, frame, i) for i, frame in enumerate(frames)])
-    sizes = [image_size(p) for p in paths]
-    for path, size in zip(paths, sizes):
-        if size != sizes[0]:
-            raise SceneError(f"{json_path}: images differ in size: {paths[0].name} is {sizes[0][0]}x{sizes[0][1]} "
-                             f"but {path.name} is {size[0]}x{size[1]} (width x height)")
-    width, height = sizes[0]
+    width, height = common_image_size(paths, json_path)
     target = resized_size(width, height, factor)
     images, K = [], []
     undistort = Undistorter()
