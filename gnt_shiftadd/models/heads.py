@@ -34,8 +34,8 @@ class RegressColorHead(nn.Module):
 
 class BlendColorHead(nn.Module):
     """rgb = sum_s a_s sum_v w_{s,v} colors_{s,v}; w = softmax over visible views of MLP(feature_v, q_s, ray_diff_v),
-    a = softmax over samples of Linear(LN(q_s)). A sample no view sees contributes the mean colour of its ray's
-    visible samples' blends only through a (it has no colour of its own: its blend is 0 and a pushes it away)."""
+    a = softmax over samples of Linear(LN(q_s)). A sample no view sees has no colour (its blend is 0) and is left
+    out of a; a ray none of whose samples is seen renders black."""
 
     needs_colors = True
 
