@@ -26,12 +26,12 @@ from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
 from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
-from gnt_shiftadd.training.batch import sample_training_batch, step_rng  # noqa: E402
-from gnt_shiftadd.training.multiscene import load_training_scenes, pick_scene  # noqa: E402
-from gnt_shiftadd.training.trainer import make_optimizer, training_step  # noqa: E402
+from gnt_shiftadd.training.multiscene import load_training_scenes  # noqa: E402
+from gnt_shiftadd.training.trainer import draw_batch, make_optimizer, perceptual_loss_module, training_step  # noqa: E402
 
 
 def seconds_per_step(cfg, steps: int, warmup: int = 3) -> list[float]:
+    """Times the trainer's own step (draw_batch + training_step with the patch loss when configured)."""
     device = torch.device("cpu")
     tensors = SceneTensors(load_scene(cfg), device)
     scenes = load_training_scenes(cfg, tensors, device)
@@ -39,13 +39,12 @@ def seconds_per_step(cfg, steps: int, warmup: int = 3) -> list[float]:
     model.init_pretrained_parts()
     model.train()
     optimizer, _ = make_optimizer(model, cfg)
+    perceptual = perceptual_loss_module(cfg, device)
     times = []
     for step in range(1, warmup + steps + 1):
         tic = time.perf_counter()
-        rng = step_rng(cfg.train.seed, step)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = sample_training_batch(pick_scene(scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views)
-        loss = training_step(model, batch, cfg, generator)
+        batch, generator = draw_batch(cfg, scenes, step)
+        loss = training_step(model, batch, cfg, generator, perceptual=perceptual)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -73,6 +72,7 @@ def main() -> int:
         cfg = load_config(config, overrides.get(name, []))
         times = seconds_per_step(cfg, args.steps)
         record["runs"][name] = {"config": config, "overrides": overrides.get(name, []), "rays_per_step": cfg.train.n_rand,
+                                "patch_rays_per_step": cfg.train.patch_size ** 2,
                                 "median_s_per_step": statistics.median(times), "mean_s_per_step": statistics.fmean(times),
                                 "steps_timed": len(times)}
         print(f"{name}: {statistics.median(times):.3f} s/step (median of {len(times)})")

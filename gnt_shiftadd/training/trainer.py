@@ -54,6 +54,22 @@ def make_optimizer(model, cfg: Config):
     return optimizer, scheduler
 
 
+def draw_batch(cfg: Config, training_scenes, step: int, rank: int = 0):
+    """The step's RayBatch (random rays + the patch, if train.patch_size) and its sampling generator; depends only
+    on (seed, step, rank), so a resumed run and benchmarks/train_speed.py draw exactly what training draws."""
+    rng = step_rng(cfg.train.seed, step, rank)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    batch = sample_training_batch(pick_scene(training_scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views,
+                                  cfg.train.patch_size)
+    return batch, generator
+
+
+def perceptual_loss_module(cfg: Config, device):
+    """Frozen LPIPS-Alex for the patch loss (the evaluation metric's own network; see evaluation/lpips.py), or
+    None when train.perceptual_weight is 0."""
+    return load_lpips("alex").to(device) if cfg.train.perceptual_weight > 0 else None
+
+
 def training_step(model, batch, cfg: Config, generator: torch.Generator, teacher=None,
                   parts: dict | None = None, perceptual=None) -> torch.Tensor:
     """Loss for one RayBatch: colour MSE + MoE balance loss (if any) + distillation to a teacher (if given)
@@ -158,8 +174,7 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
     if cfg.train.distill_weight > 0:
         teacher = load_model_of(cfg.train.distill_from, source_config(cfg, cfg.train.distill_from), device).eval()
         teacher.requires_grad_(False)
-    # frozen LPIPS-Alex for the patch loss (the evaluation metric's own network; see evaluation/lpips.py)
-    perceptual = load_lpips("alex").to(device) if cfg.train.perceptual_weight > 0 else None
+    perceptual = perceptual_loss_module(cfg, device)
     optimizer, scheduler = make_optimizer(model, cfg)
     start = 0
     if resume_path is not None:
@@ -182,10 +197,7 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
     last_step = max(start, cfg.train.steps)
     for step in bar:
         tic = time.perf_counter()
-        rng = step_rng(cfg.train.seed, step, info.rank)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = sample_training_batch(pick_scene(training_scenes, rng), rng, cfg.train.n_rand, cfg.data.num_source_views,
-                                      cfg.train.patch_size)
+        batch, generator = draw_batch(cfg, training_scenes, step, info.rank)
         parts: dict = {}
         loss = training_step(train_model, batch, cfg, generator, teacher, parts, perceptual)
         if not torch.isfinite(loss):
