@@ -55,7 +55,7 @@ def main() -> int:
     record.update({"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
                    "init_checkpoint": str(init), "curves": record.get("curves", {})})
     tensors = SceneTensors(load_scene(base), resolve_device(base.device))
-    record["baselines"] = {k: v["mean"] for k, v in trivial_baselines(tensors, stride=base.eval.stride).items()}
+    record["baselines"] = {k: v["mean"] for k, v in trivial_baselines(tensors, stride=base.eval.stride, max_views=base.eval.views).items()}
     if args.scratch_snapshots:
         curve = record["curves"].setdefault("scratch", {})
         for snapshot in sorted(args.scratch_snapshots.glob("step*.pt"), key=lambda p: int(p.stem[4:])):

@@ -83,7 +83,7 @@ def main() -> int:
         metrics = metrics_of(cfg, result.checkpoint)
         if baselines is None:
             tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
-            baselines = trivial_baselines(tensors, stride=cfg.eval.stride)
+            baselines = trivial_baselines(tensors, stride=cfg.eval.stride, max_views=cfg.eval.views)
             record["baselines"] = baselines
         previous = record["runs"].get(name, {})
         timing = {"steps_run_by_this_call": result.step - done_before, "wall_seconds": wall, "cpu_seconds": cpu,

@@ -119,6 +119,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     stride: int = 1  # evaluate on every stride-th pixel (1: full resolution)
+    views: int = 0  # evaluate this many held-out views, evenly spaced over them (0: all; a 25-view Blender test split costs 25 renders)
     lpips: bool = True
     save_images: bool = True
 
@@ -274,6 +275,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.factor >= 1, "data.factor must be >= 1"),
         (cfg.data.format in DATA_FORMAT_CHOICES, f"data.format must be one of {', '.join(DATA_FORMAT_CHOICES)}"),
         (cfg.train.n_rand >= 1, "train.n_rand must be >= 1"),
+        (cfg.eval.stride >= 1, "eval.stride must be >= 1"),
+        (cfg.eval.views >= 0, "eval.views must be >= 0 (0: every held-out view)"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.color_head in COLOR_HEAD_CHOICES, f"model.color_head must be one of {', '.join(COLOR_HEAD_CHOICES)}"),
         (cfg.model.feature_extractor in FEATURE_EXTRACTOR_CHOICES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gnt_shiftadd.evaluation.evaluate import heldout_views
 from gnt_shiftadd.evaluation.metrics import ImageMetrics
 from gnt_shiftadd.experiment import SceneTensors
 
@@ -16,13 +17,15 @@ METRICS = ("psnr", "ssim", "lpips")
 
 
 @torch.no_grad()
-def trivial_baselines(tensors: SceneTensors, stride: int = 1, metrics: ImageMetrics | None = None) -> dict:
-    """{"nearest": {...}, "mean_image": {...}} with per-view and mean PSNR/SSIM/LPIPS over the held-out views."""
+def trivial_baselines(tensors: SceneTensors, stride: int = 1, metrics: ImageMetrics | None = None,
+                      max_views: int = 0) -> dict:
+    """{"nearest": {...}, "mean_image": {...}} with per-view and mean PSNR/SSIM/LPIPS over the held-out views
+    (the same subset as evaluate() with eval.views=max_views)."""
     scene = tensors.scene
     metrics = metrics or ImageMetrics()
     mean_image = tensors.images[torch.as_tensor(tensors.train_ids, device=tensors.device)].mean(dim=0)
     per_view = {"nearest": [], "mean_image": []}
-    for view in (int(v) for v in scene.test_ids):
+    for view in heldout_views(scene, max_views):
         target = tensors.images[view][::stride, ::stride]
         nearest = int(tensors.nearest_sources(scene.c2w[view], 1, exclude_view=view)[0])
         for name, image in (("nearest", tensors.images[nearest]), ("mean_image", mean_image)):

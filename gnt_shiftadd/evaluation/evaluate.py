@@ -28,6 +28,17 @@ def environment() -> dict:
             "cpu_allocator_tuned": allocator_state()["tuned"]}
 
 
+def heldout_views(scene, max_views: int = 0) -> list[int]:
+    """The held-out views that are scored: all of scene.test_ids, or `max_views` of them evenly spaced (first and
+    last included), so models and trivial baselines are always scored on the same views."""
+    views = [int(v) for v in scene.test_ids]
+    if max_views < 0:
+        raise ValueError(f"eval.views must be >= 0 (0: all held-out views), got {max_views}")
+    if 0 < max_views < len(views):
+        views = [views[i] for i in np.unique(np.round(np.linspace(0, len(views) - 1, max_views)).astype(int))]
+    return views
+
+
 @torch.no_grad()
 def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     """Render every held-out view with its nearest training views as sources; write metrics.json and PNGs."""
@@ -41,7 +52,7 @@ def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, pro
     stride = cfg.eval.stride
     settings = RenderSettings.from_config(cfg, stride=stride)
     per_view = []
-    for view in tqdm([int(v) for v in scene.test_ids], desc="evaluate", disable=not progress):
+    for view in tqdm(heldout_views(scene, cfg.eval.views), desc="evaluate", disable=not progress):
         near, far = scene.depth_range(view)
         sync(tensors.device)
         tic = time.perf_counter()
@@ -62,6 +73,7 @@ def evaluate(model, tensors: SceneTensors, cfg: Config, out_dir: str | Path, pro
     mean = {k: (float(np.mean([r[k] for r in per_view])) if all(r[k] is not None for r in per_view) else None) for k in keys}
     result = {
         "scene": str(scene.root), "resolution": [int(target.shape[1]), int(target.shape[0])], "stride": stride,
+        "views": [r["view"] for r in per_view], "heldout_views_total": len(scene.test_ids),
         "num_source_views": cfg.data.num_source_views, "n_samples": cfg.render.n_samples,
         "trans_depth": cfg.model.trans_depth, "mean": mean, "per_view": per_view, "environment": environment(),
     }
