@@ -14,6 +14,7 @@ percentiles, as LLFF's imgs2poses). Written into the scene folder:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -54,8 +55,12 @@ def list_photos(images_dir: Path) -> list[Path]:
     return photos
 
 
-def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar) -> pycolmap.Reconstruction:
-    """Features, matching and incremental mapping -> the reconstruction (or PrepareError naming what failed)."""
+def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar,
+            stage_seconds: dict | None = None) -> pycolmap.Reconstruction:
+    """Features, matching and incremental mapping -> the reconstruction (or PrepareError naming what failed).
+    Wall seconds per stage go into `stage_seconds` (features, matching, mapping)."""
+    stage_seconds = {} if stage_seconds is None else stage_seconds
+    tic = time.perf_counter()
     database = work / "database.db"
     database.unlink(missing_ok=True)
     names = [p.name for p in photos]
@@ -66,6 +71,7 @@ def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar)
     bar.set_description("prepare: SIFT features")
     pycolmap.extract_features(database, images_dir, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
                               reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
+    stage_seconds["features"], tic = round(time.perf_counter() - tic, 2), time.perf_counter()
     bar.update()
     matching = pycolmap.FeatureMatchingOptions()
     matching.num_threads = threads
@@ -75,6 +81,7 @@ def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar)
     else:
         bar.set_description(f"prepare: sequential matching ({len(photos)} photos, in name order)")
         pycolmap.match_sequential(database, matching_options=matching, device=pycolmap.Device.cpu)
+    stage_seconds["matching"], tic = round(time.perf_counter() - tic, 2), time.perf_counter()
     bar.update()
     mapping = pycolmap.IncrementalPipelineOptions()
     mapping.num_threads = threads
@@ -85,6 +92,7 @@ def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar)
     sparse.mkdir(parents=True)
     bar.set_description("prepare: incremental mapping")
     models = pycolmap.incremental_mapping(database, images_dir, sparse, options=mapping)
+    stage_seconds["mapping"] = round(time.perf_counter() - tic, 2)
     bar.update()
     if not models:
         raise PrepareError(f"{images_dir}: no two photos could be matched into a model ({len(photos)} photos): "
@@ -174,13 +182,16 @@ def prepare_scene(images_dir, out, factor: int = 4, threads: int = -1, progress:
     pycolmap.logging.minloglevel = 2  # COLMAP's per-step INFO lines would drown the progress bar
     tic = time.perf_counter()
     with tqdm(total=5, desc="prepare", disable=not progress, unit="step") as bar:
-        model = run_sfm(images_dir, photos, work, threads, bar)
+        stage_seconds: dict = {}
+        model = run_sfm(images_dir, photos, work, threads, bar, stage_seconds)
+        stage_tic = time.perf_counter()
         bar.set_description("prepare: undistortion")
         undistorted = work / "undistorted"
         shutil.rmtree(undistorted, ignore_errors=True)
         model_dir = work / "sparse" / "0"
         model.write(model_dir)
         pycolmap.undistort_images(undistorted, model_dir, images_dir, num_threads=threads)
+        stage_seconds["undistortion"], stage_tic = round(time.perf_counter() - stage_tic, 2), time.perf_counter()
         bar.update()
         bar.set_description("prepare: writing the scene")
         pinhole = pycolmap.Reconstruction(undistorted / "sparse")
@@ -188,6 +199,7 @@ def prepare_scene(images_dir, out, factor: int = 4, threads: int = -1, progress:
         (out / "sparse" / "0").mkdir(parents=True)
         pinhole.write(out / "sparse" / "0")
         facts = write_llff_scene(pinhole, undistorted / "images", out, factor)
+        stage_seconds["writing"] = round(time.perf_counter() - stage_tic, 2)
         bar.update()
     report = {
         "images": str(images_dir), "scene": str(out), "photos": len(photos), "registered": pinhole.num_reg_images(),
@@ -195,7 +207,8 @@ def prepare_scene(images_dir, out, factor: int = 4, threads: int = -1, progress:
         "mean_track_length": round(model.compute_mean_track_length(), 3), "factor": factor,
         "distorted_camera": {"model": model.cameras[next(iter(model.cameras))].model.name,
                              "params": [float(x) for x in model.cameras[next(iter(model.cameras))].params]},
-        **facts, "seconds": round(time.perf_counter() - tic, 2), "pycolmap": pycolmap.__version__,
+        **facts, "seconds": round(time.perf_counter() - tic, 2), "stage_seconds": stage_seconds,
+        "load_average": [round(x, 2) for x in os.getloadavg()], "pycolmap": pycolmap.__version__,
     }
     (out / "prepare.json").write_text(json.dumps(report, indent=2))
     return report
