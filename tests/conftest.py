@@ -18,6 +18,18 @@ def fern_dir() -> Path:
     return FERN_DIR
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package), registered in sys.modules so
+    their dataclasses resolve annotations."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_overrides(scene_dir: Path, run_root: Path, name: str = "tiny") -> list[str]:
     """A very small GNT (seconds per dozens of steps on CPU), with dropout on so RNG state matters."""
     return [

@@ -1,26 +1,18 @@
 """benchmarks/hash_correlation.py: the correlation metric itself, the synthetic comparison (fitted codes beat random
 hyperplanes), and the trained-model path on a tiny GNT (per ray layer, fit and held-out rays counted, a hashed
 checkpoint refused)."""
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 from gnt_shiftadd.training.trainer import train
-
-SCRIPT = REPO_ROOT / "benchmarks" / "hash_correlation.py"
 
 
 @pytest.fixture(scope="module")
 def hash_corr():
-    spec = importlib.util.spec_from_file_location("hash_correlation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hash_correlation")
 
 
 def test_mean_row_correlation_is_one_for_affine_copies_and_minus_one_for_negations(hash_corr):

@@ -2,14 +2,13 @@
 times every row, gives each row its speed-up against the fastest dense peer and against dense eager, names the
 headline pair and the machine's peaks; bad arguments stop with one message. A smoke run on a tiny frame: it
 checks what the benchmark records, never how fast anything is."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, load_benchmark, tiny_overrides
 
 pytest.importorskip("tvm")
 
@@ -17,11 +16,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "kernel_speed.py"
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernel_speed")
 
 
 def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_path):

@@ -1,25 +1,16 @@
 """benchmarks/train_speed.py times the trainer's own step: with train.patch_size and train.perceptual_weight set,
 the timed step renders the patch and runs the LPIPS term (an earlier version timed only the random rays and
 under-reported the per-scene recipe's step by half)."""
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import load_benchmark, tiny_overrides
 from gnt_shiftadd.config import load_config
 from gnt_shiftadd.evaluation.lpips import LPIPSUnavailable, load_lpips
-
-SCRIPT = REPO_ROOT / "benchmarks" / "train_speed.py"
 
 
 @pytest.fixture(scope="module")
 def train_speed():
-    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_speed")
 
 
 def test_timed_step_includes_the_patch_and_its_perceptual_loss(train_speed, tiny_scene, tmp_path, monkeypatch):
