@@ -105,8 +105,18 @@ def test_int8_weights_required_for_8_bit_kernel_and_overflow_guard():
         IntShiftLinear(128, 32, spec=ShiftSpec(exponent_min=-14), activation_bits=16)
 
 
-def test_kernel_uses_vnni_instruction():
-    """The compiled 8-bit kernel contains vpdpbusd (AVX-512 VNNI) when built for znver4."""
-    lib = tvm.compile(make_int_shift(32, 32, 8, True, "relu"), target=tvm.target.Target({"kind": "llvm",
-                                                                                         "mcpu": "znver4"}))
-    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+@pytest.mark.parametrize("in_padded,out_padded", [(32, 128), (128, 32)])
+def test_kernel_uses_vnni_with_register_accumulators(in_padded, out_padded):
+    """Built for znver4, the 8-bit kernel's inner loop is one vpdpbusd per (token, 16 outputs) of the micro-tile,
+    all accumulating into distinct zmm registers (nothing moved to or from the stack)."""
+    import re
+
+    from kernels.int_shift import micro_tile
+
+    tile, blocks = micro_tile(out_padded)
+    lib = tvm.compile(make_int_shift(in_padded, out_padded, 8, True, "relu", tile, blocks),
+                      target=tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    asm = lib.mod.inspect_source("asm")
+    dots = re.findall(r"vpdpbusd\s+[^\n]*%(zmm\d+)\n", asm)
+    assert len(dots) >= tile * blocks and len(set(dots[:tile * blocks])) == tile * blocks, dots
+    assert not re.search(r"vmov\w+\s+%zmm\d+, -?\d*\(%rsp\)", asm), "a zmm register is spilled to the stack"
