@@ -8,7 +8,6 @@ from torch import nn
 
 from gnt_shiftadd.config import ConfigError, ShiftAddConfig
 from gnt_shiftadd.evaluation.opcount import OpCounts, _count_int_shift_linear
-from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, exponent_span_histogram, \
     int_shift_reference, integer_weights
 from gnt_shiftadd.shiftadd.reparameterize import ReparameterizeError, check_convertible, reparameterize
@@ -18,16 +17,19 @@ from gnt_shiftadd.training.warm_start import calibration_forward
 INT8 = dict(attention_linears="shift", ffn="shift", shift_exponent_min=-6, int_activations=8)
 
 
-@pytest.fixture
-def dense(tiny_config):
-    cfg = tiny_config("model.dropout=0.0")
-    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
-    model = build_model(cfg, torch.device("cpu")).eval()
-    return cfg, model, tensors
-
-
 def _rgb(output):
     return output["rgb"] if isinstance(output, dict) else output
+
+
+def _int8_reference_frame(dense):
+    """The dense model converted to the int8 variant on the reference modules, its calibration forward, and the
+    colours that forward gives (what the kernel-swapped model must reproduce)."""
+    cfg, model, tensors = dense
+    reparameterize(model, ShiftAddConfig(**INT8))
+    run = calibration_forward(model, tensors, cfg)
+    with torch.no_grad():
+        expected = _rgb(run())
+    return model, run, expected
 
 
 def test_conversion_calibrates_per_tensor_scales_and_weights_are_exact_int8(dense):
@@ -141,11 +143,7 @@ def test_kernel_model_renders_the_reference_models_frame_bit_for_bit(dense):
     from kernels.apply import KernelIntShiftLinear, use_kernels
     from kernels.dispatch import require_all_kernels
 
-    cfg, model, tensors = dense
-    reparameterize(model, ShiftAddConfig(**INT8))
-    run = calibration_forward(model, tensors, cfg)
-    with torch.no_grad():
-        expected = _rgb(run())
+    model, run, expected = _int8_reference_frame(dense)
     summary = use_kernels(model, "tvm", filter_fn=lambda module, fqn: isinstance(module, IntShiftLinear))
     assert summary.get("KernelIntShiftLinear", 0) == len(
         [m for m in model.modules() if isinstance(m, KernelIntShiftLinear)]) > 0
@@ -166,11 +164,7 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
     from kernels.dispatch import require_all_kernels
     from kernels.apply import use_kernels
 
-    cfg, model, tensors = dense
-    reparameterize(model, ShiftAddConfig(**INT8))
-    run = calibration_forward(model, tensors, cfg)
-    with torch.no_grad():
-        expected = _rgb(run())
+    model, run, expected = _int8_reference_frame(dense)
     summary = use_kernels(model, "tvm")
     assert summary["skipped"] == []
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gnt_shiftadd.config import ConfigError, ShiftAddConfig, load_config
-from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
+from gnt_shiftadd.experiment import build_model
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention, HashedLinearAttention
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
@@ -13,14 +13,6 @@ from gnt_shiftadd.shiftadd.reparameterize import (ReparameterizeError, check_con
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
 from gnt_shiftadd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gnt_shiftadd.training.warm_start import calibration_forward
-
-
-@pytest.fixture
-def dense(tiny_config):
-    cfg = tiny_config("model.dropout=0.0")
-    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
-    model = build_model(cfg, torch.device("cpu")).eval()
-    return cfg, model, tensors
 
 
 def _power_of_two_weights(model):
