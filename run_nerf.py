@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             report = prepare_scene(args.images, args.out, factor=args.factor, threads=args.threads,
                                    progress=not args.quiet, overwrite=args.overwrite)
             print(json.dumps(report, indent=2))
-            print(f"\nscene ready: python run_nerf.py all --config configs/fern.yaml data.scene={args.out} "
+            print(f"\nscene ready: python run_nerf.py all --config configs/fern_blend.yaml data.scene={args.out} "
                   f"data.factor={args.factor} name={Path(args.out).name}")
             return 0
         cfg = resolve_config(args)
