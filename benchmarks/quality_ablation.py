@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gnt_shiftadd.config import ConfigError, load_config  # noqa: E402
 from gnt_shiftadd.evaluation.baselines import beats, trivial_baselines  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.evaluation.metrics import ImageMetrics  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, load_scene  # noqa: E402
 from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.training.checkpoint import read_checkpoint  # noqa: E402
@@ -57,6 +58,17 @@ def metrics_of(cfg, checkpoint: Path) -> dict:
     return run_eval(cfg, checkpoint, progress=True)
 
 
+def scene_baselines(cfg, cache: dict) -> dict:
+    """The trivial baselines of cfg's scene, scored like its runs (same views, stride); computed once per scene,
+    so an ablation over several scenes compares each run with its own scene's baselines."""
+    key = f"{cfg.data.scene} (factor {cfg.data.factor}, stride {cfg.eval.stride}, views {cfg.eval.views or 'all'})"
+    if key not in cache:
+        tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+        cache[key] = trivial_baselines(tensors, stride=cfg.eval.stride, metrics=ImageMetrics(use_lpips=cfg.eval.lpips),
+                                       max_views=cfg.eval.views)
+    return cache[key]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ablation", required=True, type=Path)
@@ -68,9 +80,9 @@ def main() -> int:
     base, runs = read_ablation(args.ablation)
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
               "ablation": str(args.ablation), "base": base, "runs": {}}
-    if args.out.is_file():
-        record["runs"] = json.loads(args.out.read_text()).get("runs", {})
-    baselines = None
+    previous_record = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    record["runs"] = previous_record.get("runs", {})
+    baselines_by_scene: dict[str, dict] = previous_record.get("baselines_by_scene", {})
     for name, overrides in runs.items():
         cfg = load_config(base, [*overrides, *args.overrides, f"name={name}", "render.kernels=torch"])
         ckpt = checkpoint_path(cfg)
@@ -81,10 +93,8 @@ def main() -> int:
         result = train(cfg, resume="auto")
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         metrics = metrics_of(cfg, result.checkpoint)
-        if baselines is None:
-            tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
-            baselines = trivial_baselines(tensors, stride=cfg.eval.stride, max_views=cfg.eval.views)
-            record["baselines"] = baselines
+        baselines = scene_baselines(cfg, baselines_by_scene)
+        record["baselines_by_scene"] = baselines_by_scene
         previous = record["runs"].get(name, {})
         timing = {"steps_run_by_this_call": result.step - done_before, "wall_seconds": wall, "cpu_seconds": cpu,
                   "torch_threads": torch.get_num_threads(), "load_average_1_5_15": os.getloadavg()}
@@ -95,13 +105,15 @@ def main() -> int:
             "overrides": overrides, "steps": result.step, "rays_per_step": cfg.train.n_rand,
             "rays_seen": result.step * cfg.train.n_rand, "training_timing": timing,
             "heldout_mean": metrics["mean"], "heldout_per_view": metrics["per_view"],
-            "resolution": metrics["resolution"],
+            "resolution": metrics["resolution"], "scene": cfg.data.scene,
+            "baselines": {kind: value["mean"] for kind, value in baselines.items()},
             "beats_nearest_view": beats(metrics["mean"], baselines["nearest"]["mean"]),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2))
         m = metrics["mean"]
-        print(f"{name}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} LPIPS {m['lpips']:.3f} after {result.step} steps")
+        lpips = "off" if m["lpips"] is None else f"{m['lpips']:.3f}"
+        print(f"{name}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} LPIPS {lpips} after {result.step} steps")
     print(f"recorded in {args.out}")
     return 0
 
