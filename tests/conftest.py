@@ -81,3 +81,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/kernels" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.filterwarnings("error:.*falling back.*:RuntimeWarning"))
+
+
+@pytest.fixture
+def dense(tiny_config):
+    """(cfg, a dense tiny GNT in eval mode without dropout, its scene's tensors): what the ShiftAdd conversions
+    start from."""
+    import torch
+
+    from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene
+
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    return cfg, model, tensors

@@ -46,7 +46,7 @@ def test_prepare_recovers_the_shipped_fern_cameras(prepared):
     assert report["points"] > 500 and report["mean_reprojection_error_px"] < 1.5
     assert report["scene_kind"] == "forward_facing"
     assert set(report["stage_seconds"]) == {"features", "matching", "mapping", "undistortion", "writing"}
-    assert sum(report["stage_seconds"].values()) <= report["seconds"]
+    assert sum(report["stage_seconds"].values()) <= report["seconds"] + 0.05  # each figure rounded to 0.01 s
     assert json.loads((out / "prepare.json").read_text())["registered"] == 20
     assert detect_format(out) == "llff"
     ours = load_any_scene(out, factor=1)
