@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import load_config  # noqa: E402
-from gnt_shiftadd.evaluation.baselines import trivial_baselines  # noqa: E402
+from gnt_shiftadd.evaluation.baselines import trivial_baselines_for  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment, evaluate  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resolve_device  # noqa: E402
 from gnt_shiftadd.pretrained import resolve_checkpoint  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> int:
     record.update({"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
                    "init_checkpoint": str(init), "curves": record.get("curves", {})})
     tensors = SceneTensors(load_scene(base), resolve_device(base.device))
-    record["baselines"] = {k: v["mean"] for k, v in trivial_baselines(tensors, stride=base.eval.stride, max_views=base.eval.views).items()}
+    record["baselines"] = {k: v["mean"] for k, v in trivial_baselines_for(base, tensors).items()}
     if args.scratch_snapshots:
         curve = record["curves"].setdefault("scratch", {})
         for snapshot in sorted(args.scratch_snapshots.glob("step*.pt"), key=lambda p: int(p.stem[4:])):

@@ -46,20 +46,7 @@ if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
 fi
 if [ "$DRY_RUN" = 1 ]; then
     # the dry run must not reach TVM's compiler either, exactly like the GPU machine (which has none)
-    cat > "$SITE/sitecustomize.py" <<'EOF'
-import importlib.abc, importlib.machinery, sys
-class _Blocked(importlib.abc.Loader):
-    def create_module(self, spec):
-        raise ImportError(spec.name + " is blocked in the GPU-check dry run: only the TVM runtime is allowed")
-    def exec_module(self, module):
-        pass
-class _NoTVMCompiler(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):  # a spec without origin: torch's probes pass, imports fail
-        if name == "tvm" or name.startswith("tvm."):
-            return importlib.machinery.ModuleSpec(name, _Blocked())
-        return None
-sys.meta_path.insert(0, _NoTVMCompiler())
-EOF
+    cp benchmarks/no_tvm_compiler.py "$SITE/sitecustomize.py"
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export SHIFTADD_GNT_TVM_RUNTIME="$CARRY/tvm_runtime"

@@ -25,9 +25,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import ConfigError, load_config  # noqa: E402
-from gnt_shiftadd.evaluation.baselines import beats, trivial_baselines  # noqa: E402
+from gnt_shiftadd.evaluation.baselines import beats, trivial_baselines_for  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
-from gnt_shiftadd.evaluation.metrics import ImageMetrics  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, load_scene  # noqa: E402
 from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.training.checkpoint import read_checkpoint  # noqa: E402
@@ -64,8 +63,7 @@ def scene_baselines(cfg, cache: dict) -> dict:
     key = f"{cfg.data.scene} (factor {cfg.data.factor}, stride {cfg.eval.stride}, views {cfg.eval.views or 'all'})"
     if key not in cache:
         tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
-        cache[key] = trivial_baselines(tensors, stride=cfg.eval.stride, metrics=ImageMetrics(use_lpips=cfg.eval.lpips),
-                                       max_views=cfg.eval.views)
+        cache[key] = trivial_baselines_for(cfg, tensors)
     return cache[key]
 
 
@@ -83,6 +81,7 @@ def main() -> int:
     previous_record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record["runs"] = previous_record.get("runs", {})
     baselines_by_scene: dict[str, dict] = previous_record.get("baselines_by_scene", {})
+    record["baselines_by_scene"] = baselines_by_scene  # filled per scene as runs are scored
     for name, overrides in runs.items():
         cfg = load_config(base, [*overrides, *args.overrides, f"name={name}", "render.kernels=torch"])
         ckpt = checkpoint_path(cfg)
@@ -94,7 +93,6 @@ def main() -> int:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         metrics = metrics_of(cfg, result.checkpoint)
         baselines = scene_baselines(cfg, baselines_by_scene)
-        record["baselines_by_scene"] = baselines_by_scene
         previous = record["runs"].get(name, {})
         timing = {"steps_run_by_this_call": result.step - done_before, "wall_seconds": wall, "cpu_seconds": cpu,
                   "torch_threads": torch.get_num_threads(), "load_average_1_5_15": os.getloadavg()}

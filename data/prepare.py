@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,24 @@ def list_photos(images_dir: Path) -> list[Path]:
     return photos
 
 
-def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar,
-            stage_seconds: dict | None = None) -> pycolmap.Reconstruction:
-    """Features, matching and incremental mapping -> the reconstruction (or PrepareError naming what failed).
-    Wall seconds per stage go into `stage_seconds` (features, matching, mapping)."""
-    stage_seconds = {} if stage_seconds is None else stage_seconds
-    tic = time.perf_counter()
+class Stages:
+    """The progress bar's steps and their wall seconds: `with stages("features", "prepare: SIFT features"): ...`
+    names the step on the bar, times it into `stages.seconds` and advances the bar when it finishes."""
+
+    def __init__(self, bar):
+        self.bar, self.seconds = bar, {}
+
+    @contextmanager
+    def __call__(self, name: str, description: str):
+        self.bar.set_description(description)
+        tic = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - tic, 2)
+        self.bar.update()
+
+
+def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, stages: Stages) -> pycolmap.Reconstruction:
+    """Features, matching and incremental mapping -> the reconstruction (or PrepareError naming what failed)."""
     database = work / "database.db"
     database.unlink(missing_ok=True)
     names = [p.name for p in photos]
@@ -68,21 +81,16 @@ def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar,
     reader.camera_model = "SIMPLE_RADIAL"
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = threads
-    bar.set_description("prepare: SIFT features")
-    pycolmap.extract_features(database, images_dir, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                              reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
-    stage_seconds["features"], tic = round(time.perf_counter() - tic, 2), time.perf_counter()
-    bar.update()
+    with stages("features", "prepare: SIFT features"):
+        pycolmap.extract_features(database, images_dir, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                                  reader_options=reader, extraction_options=extraction, device=pycolmap.Device.cpu)
     matching = pycolmap.FeatureMatchingOptions()
     matching.num_threads = threads
-    if len(photos) <= EXHAUSTIVE_MAX_IMAGES:
-        bar.set_description(f"prepare: exhaustive matching ({len(photos)} photos)")
-        pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
-    else:
-        bar.set_description(f"prepare: sequential matching ({len(photos)} photos, in name order)")
-        pycolmap.match_sequential(database, matching_options=matching, device=pycolmap.Device.cpu)
-    stage_seconds["matching"], tic = round(time.perf_counter() - tic, 2), time.perf_counter()
-    bar.update()
+    exhaustive = len(photos) <= EXHAUSTIVE_MAX_IMAGES
+    with stages("matching", f"prepare: exhaustive matching ({len(photos)} photos)" if exhaustive else
+                f"prepare: sequential matching ({len(photos)} photos, in name order)"):
+        match = pycolmap.match_exhaustive if exhaustive else pycolmap.match_sequential
+        match(database, matching_options=matching, device=pycolmap.Device.cpu)
     mapping = pycolmap.IncrementalPipelineOptions()
     mapping.num_threads = threads
     mapping.min_model_size = MIN_MODEL_SIZE
@@ -90,10 +98,8 @@ def run_sfm(images_dir: Path, photos: list[Path], work: Path, threads: int, bar,
     sparse = work / "sparse"
     shutil.rmtree(sparse, ignore_errors=True)
     sparse.mkdir(parents=True)
-    bar.set_description("prepare: incremental mapping")
-    models = pycolmap.incremental_mapping(database, images_dir, sparse, options=mapping)
-    stage_seconds["mapping"] = round(time.perf_counter() - tic, 2)
-    bar.update()
+    with stages("mapping", "prepare: incremental mapping"):
+        models = pycolmap.incremental_mapping(database, images_dir, sparse, options=mapping)
     if not models:
         raise PrepareError(f"{images_dir}: no two photos could be matched into a model ({len(photos)} photos): "
                            f"they need more overlap and texture (move less between shots, avoid blank walls, "
@@ -182,32 +188,27 @@ def prepare_scene(images_dir, out, factor: int = 4, threads: int = -1, progress:
     pycolmap.logging.minloglevel = 2  # COLMAP's per-step INFO lines would drown the progress bar
     tic = time.perf_counter()
     with tqdm(total=5, desc="prepare", disable=not progress, unit="step") as bar:
-        stage_seconds: dict = {}
-        model = run_sfm(images_dir, photos, work, threads, bar, stage_seconds)
-        stage_tic = time.perf_counter()
-        bar.set_description("prepare: undistortion")
+        stages = Stages(bar)
+        model = run_sfm(images_dir, photos, work, threads, stages)
         undistorted = work / "undistorted"
-        shutil.rmtree(undistorted, ignore_errors=True)
-        model_dir = work / "sparse" / "0"
-        model.write(model_dir)
-        pycolmap.undistort_images(undistorted, model_dir, images_dir, num_threads=threads)
-        stage_seconds["undistortion"], stage_tic = round(time.perf_counter() - stage_tic, 2), time.perf_counter()
-        bar.update()
-        bar.set_description("prepare: writing the scene")
-        pinhole = pycolmap.Reconstruction(undistorted / "sparse")
-        shutil.rmtree(out / "sparse", ignore_errors=True)
-        (out / "sparse" / "0").mkdir(parents=True)
-        pinhole.write(out / "sparse" / "0")
-        facts = write_llff_scene(pinhole, undistorted / "images", out, factor)
-        stage_seconds["writing"] = round(time.perf_counter() - stage_tic, 2)
-        bar.update()
+        with stages("undistortion", "prepare: undistortion"):
+            shutil.rmtree(undistorted, ignore_errors=True)
+            model_dir = work / "sparse" / "0"
+            model.write(model_dir)
+            pycolmap.undistort_images(undistorted, model_dir, images_dir, num_threads=threads)
+        with stages("writing", "prepare: writing the scene"):
+            pinhole = pycolmap.Reconstruction(undistorted / "sparse")
+            shutil.rmtree(out / "sparse", ignore_errors=True)
+            (out / "sparse" / "0").mkdir(parents=True)
+            pinhole.write(out / "sparse" / "0")
+            facts = write_llff_scene(pinhole, undistorted / "images", out, factor)
     report = {
         "images": str(images_dir), "scene": str(out), "photos": len(photos), "registered": pinhole.num_reg_images(),
         "points": pinhole.num_points3D(), "mean_reprojection_error_px": round(model.compute_mean_reprojection_error(), 4),
         "mean_track_length": round(model.compute_mean_track_length(), 3), "factor": factor,
         "distorted_camera": {"model": model.cameras[next(iter(model.cameras))].model.name,
                              "params": [float(x) for x in model.cameras[next(iter(model.cameras))].params]},
-        **facts, "seconds": round(time.perf_counter() - tic, 2), "stage_seconds": stage_seconds,
+        **facts, "seconds": round(time.perf_counter() - tic, 2), "stage_seconds": stages.seconds,
         "load_average": [round(x, 2) for x in os.getloadavg()], "pycolmap": pycolmap.__version__,
     }
     (out / "prepare.json").write_text(json.dumps(report, indent=2))

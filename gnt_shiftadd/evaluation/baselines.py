@@ -37,6 +37,13 @@ def trivial_baselines(tensors: SceneTensors, stride: int = 1, metrics: ImageMetr
     return out
 
 
+def trivial_baselines_for(cfg, tensors: SceneTensors) -> dict:
+    """trivial_baselines scored exactly as evaluate() scores a model under cfg: same stride, held-out subset
+    (eval.views) and metrics (LPIPS only with eval.lpips)."""
+    return trivial_baselines(tensors, stride=cfg.eval.stride, metrics=ImageMetrics(use_lpips=cfg.eval.lpips),
+                             max_views=cfg.eval.views)
+
+
 def beats(model: dict, baseline: dict) -> dict[str, bool]:
     """Per metric, whether `model`'s mean is better than `baseline`'s (higher PSNR/SSIM, lower LPIPS)."""
     result = {}

@@ -24,18 +24,8 @@ EXPORTED = {"mat_shift", "ffn_sublayer"}
 
 # runs in a fresh interpreter where `import tvm` fails, as on a machine with only the TVM runtime
 CHILD = textwrap.dedent("""
-    import importlib.abc, importlib.machinery, sys
-    class Blocked(importlib.abc.Loader):
-        def create_module(self, spec):
-            raise ImportError(spec.name + " is blocked: this process has no TVM compiler")
-        def exec_module(self, module):
-            pass
-    class NoTVM(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "tvm" or name.startswith("tvm."):
-                return importlib.machinery.ModuleSpec(name, Blocked())
-            return None
-    sys.meta_path.insert(0, NoTVM())
+    import runpy, sys
+    runpy.run_path("benchmarks/no_tvm_compiler.py")
     import torch
     from kernels.aot import install_from_environment
     from kernels.selfcheck import ffn_checks, mat_shift_checks
