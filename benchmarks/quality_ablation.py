@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -55,6 +56,22 @@ def metrics_of(cfg, checkpoint: Path) -> dict:
         if result.get("stride") == cfg.eval.stride:
             return result
     return run_eval(cfg, checkpoint, progress=True)
+
+
+def late_training_psnr(cfg, last_steps: int = 300) -> float | None:
+    """PSNR of the mean training-batch MSE over the run's last `last_steps` steps, from its TensorBoard `train/psnr`
+    (logged every train.log_every steps): next to the held-out PSNR it tells underfitting from overfitting."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415 (only here)
+
+    values = []
+    for events in sorted((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "train/psnr" in accumulator.Tags()["scalars"]:
+            values += [e.value for e in accumulator.Scalars("train/psnr") if e.step > cfg.train.steps - last_steps]
+    if not values:
+        return None
+    return float(-10 * np.log10(np.mean(10 ** (-np.asarray(values) / 10))))
 
 
 def scene_baselines(cfg, cache: dict) -> dict:
@@ -103,6 +120,7 @@ def main() -> int:
             "overrides": overrides, "steps": result.step, "rays_per_step": cfg.train.n_rand,
             "rays_seen": result.step * cfg.train.n_rand, "training_timing": timing,
             "heldout_mean": metrics["mean"], "heldout_per_view": metrics["per_view"],
+            "training_psnr_last_300_steps": late_training_psnr(cfg),
             "resolution": metrics["resolution"], "scene": cfg.data.scene,
             "baselines": {kind: value["mean"] for kind, value in baselines.items()},
             "beats_nearest_view": beats(metrics["mean"], baselines["nearest"]["mean"]),

@@ -33,3 +33,4 @@ def test_each_run_is_compared_with_its_own_scenes_baselines(tiny_scene, tmp_path
         nearest = run["baselines"]["nearest"]
         assert run["beats_nearest_view"]["psnr"] == (run["heldout_mean"]["psnr"] > nearest["psnr"])
         assert run["steps"] == 2 and len(run["heldout_per_view"]) == 1
+        assert run["training_psnr_last_300_steps"] > 0  # from the run's TensorBoard train/psnr

@@ -110,7 +110,7 @@ def test_prepare_refuses_to_redo_a_scene_without_overwrite(prepared):
 def test_short_training_on_the_prepared_fern_matches_the_shipped_poses(prepared, tmp_path):
     """The same small training (seed, steps, rays) on the prepared scene and on the shipped poses_bounds.npy: held-out
     PSNR at most 0.5 dB below the shipped poses' (each scored on its own scene's views 0/8/16; the prepared photos
-    are undistorted and cropped by 7 px, which is why the prepared scene may score higher: +0.67 dB when written).
+    are undistorted and cropped by 7 px, which is why the prepared scene may score higher).
     benchmarks/prepared_vs_shipped.py does the same with the per-scene recipe."""
     from gnt_shiftadd.config import load_config
     from gnt_shiftadd.training.trainer import train
