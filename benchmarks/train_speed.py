@@ -3,7 +3,7 @@
   python benchmarks/train_speed.py --out results/train_speed_cpu.json --steps 30 \
       --run fern=configs/fern.yaml --run fern_gnt=configs/fern_gnt.yaml [--set NAME key=value ...]
 
-Each run builds the model fresh, warms up for 3 steps, then times `--steps` full training steps (batch sampling,
+Each run builds the model fresh (compiled with train.compile=true), warms up for 3 steps (the compile happens there), then times `--steps` full training steps (batch sampling,
 forward, backward, optimizer) and reports the median and mean. The JSON also records threads and load average:
 numbers from a loaded machine are not comparable.
 """
@@ -27,7 +27,8 @@ from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
 from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.training.multiscene import load_training_scenes  # noqa: E402
-from gnt_shiftadd.training.trainer import draw_batch, make_optimizer, perceptual_loss_module, training_step  # noqa: E402
+from gnt_shiftadd.training.trainer import (compile_for_training, draw_batch, make_optimizer,  # noqa: E402
+                                           perceptual_loss_module, training_step)  # noqa: E402
 
 
 def seconds_per_step(cfg, steps: int, warmup: int = 3) -> list[float]:
@@ -38,6 +39,7 @@ def seconds_per_step(cfg, steps: int, warmup: int = 3) -> list[float]:
     model = build_model(cfg, device)
     model.init_pretrained_parts()
     model.train()
+    compile_for_training(model, cfg)
     optimizer, _ = make_optimizer(model, cfg)
     perceptual = perceptual_loss_module(cfg, device)
     times = []

@@ -114,6 +114,9 @@ class TrainConfig:
     calibration_rays: int = 256  # rays of real data used to fit hash codes when converting attention
     val_stride: int = 4  # render every val_stride-th pixel for the validation image
     max_minutes: float = 0.0  # > 0: stop after this much wall-clock training (checkpoint at that step; single process)
+    # torch.compile (inductor) the transformer for the training step; the first two steps compile (~1-2 min on a
+    # 2-core CPU); step time with and without: results/train_speed_compile_cpu.json
+    compile: bool = False
 
 
 @dataclass

@@ -64,6 +64,13 @@ def draw_batch(cfg: Config, training_scenes, step: int, rank: int = 0):
     return batch, generator
 
 
+def compile_for_training(model, cfg: Config) -> None:
+    """train.compile: compile the transformer in place (nn.Module.compile keeps the state_dict keys, so checkpoints
+    stay interchangeable with eager runs); the CNN/feature front end and the loss stay eager."""
+    if cfg.train.compile:
+        getattr(model, "module", model).transformer.compile()
+
+
 def perceptual_loss_module(cfg: Config, device):
     """Frozen LPIPS-Alex for the patch loss (the evaluation metric's own network; see evaluation/lpips.py), or
     None when train.perceptual_weight is 0."""
@@ -175,6 +182,7 @@ def _train(cfg: Config, resume, progress: bool, info: distributed.DistInfo) -> T
         teacher = load_model_of(cfg.train.distill_from, source_config(cfg, cfg.train.distill_from), device).eval()
         teacher.requires_grad_(False)
     perceptual = perceptual_loss_module(cfg, device)
+    compile_for_training(model, cfg)
     optimizer, scheduler = make_optimizer(model, cfg)
     start = 0
     if resume_path is not None:
