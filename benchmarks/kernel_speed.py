@@ -174,34 +174,42 @@ def kernel_benchmarks(cfg, device: torch.device, repeats: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- end to end
 
 
+# the parts ShiftAdd reparameterizes; everything else (CNN, front end, encodings, head, sampling) is shared with
+# dense GNT, so total / (total - these) bounds any ShiftAdd speed-up of the frame (Amdahl)
+BLOCK_PARTS = ("view_attention", "ray_attention", "ffn")
+
+
 class ComponentTimer:
-    """Milliseconds per component of one render: hooks on the CNN, the blocks and the blocks' FFN sublayers (the
-    `ffn` leaf: PyTorch or the fused kernel alike). An FFN's time is booked as FFN, not as its block's."""
+    """Self-time in seconds per part of one render, from hooks on the model's modules (PyTorch leaves or their
+    kernels alike): cnn, view_embedding (per-view MLP + max-pool), view_attention / ray_attention (a block minus its
+    FFN), ffn, pos_fuse, head, transformer (the transformer's own glue: positional encodings, concatenations).
+    A part's time excludes the hooked parts nested in it, so the parts add up to the hooked total."""
 
     def __init__(self, model, device):
-        self.device, self.totals, self.handles, self._starts, self._open_blocks = device, {}, [], {}, []
+        self.device, self.totals, self.handles, self._stack = device, {}, [], []
         transformer = model.transformer
-        hooked = [(model.feature_net, "cnn")]
-        for block in transformer.view_blocks:
-            hooked += [(block, "view_attention"), (block.ffn, "ffn")]
-        for block in transformer.ray_blocks:
-            hooked += [(block, "ray_attention"), (block.ffn, "ffn")]
+        hooked = [(model.feature_net, "cnn"), (transformer, "transformer"),
+                  (transformer.view_embedding, "view_embedding"), (transformer.head, "head")]
+        hooked += [(fuse, "pos_fuse") for fuse in transformer.pos_fuse]
+        for kind, blocks in (("view_attention", transformer.view_blocks), ("ray_attention", transformer.ray_blocks)):
+            for block in blocks:
+                hooked += [(block, kind), (block.ffn, "ffn")]
         for module, kind in hooked:
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, k=kind: self._start(m, k)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o, k=kind: self._stop(m, k)))
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, k=kind: self._start(k)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, k=kind: self._stop(k)))
 
-    def _start(self, module, kind):
+    def _start(self, kind):
         sync(self.device)
-        self._starts[id(module)] = time.perf_counter()
-        self._open_blocks.append(kind)
+        self._stack.append((kind, time.perf_counter()))
 
-    def _stop(self, module, kind):
+    def _stop(self, kind):
         sync(self.device)
-        elapsed = time.perf_counter() - self._starts.pop(id(module))
-        self._open_blocks.pop()
+        opened, started = self._stack.pop()
+        assert opened == kind, (opened, kind)
+        elapsed = time.perf_counter() - started
         self.totals[kind] = self.totals.get(kind, 0.0) + elapsed
-        if kind == "ffn" and self._open_blocks:  # nested in a block: take it out of the block's share
-            parent = self._open_blocks[-1]
+        if self._stack:  # nested: take it out of the enclosing part's share
+            parent = self._stack[-1][0]
             self.totals[parent] = self.totals.get(parent, 0.0) - elapsed
 
     def close(self):
@@ -209,12 +217,16 @@ class ComponentTimer:
             handle.remove()
 
 
-def component_breakdown(model, tensors, cfg, view: int) -> dict:
-    """ms per component of one extra (hooked) render of `view`: cnn, view/ray attention, ffn, rest."""
+def component_breakdown(model, tensors, cfg, view: int, mode: str = "fp32") -> dict:
+    """ms per part of one extra (hooked) render of `view` (ComponentTimer's parts), `rest` (outside every hooked
+    module: rays, sample placement, projection and bilinear gathers from the source views, chunking), the hooked
+    total, and `blocks_bound`: the frame's speed-up if the ShiftAdd-reparameterized parts (BLOCK_PARTS) took no
+    time at all."""
     timer = ComponentTimer(model, tensors.device)
     try:
         tic = time.perf_counter()
-        render_heldout(model, tensors, cfg, view)
+        with precision_context(mode, tensors.device):
+            render_heldout(model, tensors, cfg, view)
         sync(tensors.device)
         total = time.perf_counter() - tic
     finally:
@@ -222,6 +234,8 @@ def component_breakdown(model, tensors, cfg, view: int) -> dict:
     breakdown = {k: v * 1e3 for k, v in timer.totals.items()}
     breakdown["rest"] = total * 1e3 - sum(breakdown.values())
     breakdown["total_with_hooks"] = total * 1e3
+    blocks = sum(breakdown.get(k, 0.0) for k in BLOCK_PARTS)
+    breakdown["blocks_bound"] = breakdown["total_with_hooks"] / max(breakdown["total_with_hooks"] - blocks, 1e-9)
     return breakdown
 
 
@@ -359,7 +373,8 @@ def time_row(spec: RowSpec, overrides: list[str], view: int, repeats: int, break
     target = torch.from_numpy(scene.images[view][::cfg.eval.stride, ::cfg.eval.stride]).to(image.device).float()
     frame_psnr = float(psnr(image.clamp(0, 1), target))
     frame_lpips = lpips_distance(image.clamp(0, 1), target, model=lpips_model) if lpips_model is not None else None
-    parts = component_breakdown(model, tensors, cfg, view) if breakdown and spec.mode == "fp32" else {}
+    # hooks do not fire inside a torch.compile graph: that row has no breakdown
+    parts = component_breakdown(model, tensors, cfg, view, spec.mode) if breakdown and spec.mode != "compile" else {}
     height, width = image.shape[:2]
     print(f"{spec.label:58s} {seconds * 1e3:9.0f} ms/frame  PSNR {frame_psnr:.3f}  " +
           " ".join(f"{k} {v:.0f}" for k, v in parts.items()))
@@ -392,7 +407,10 @@ def summarize(rows: list[dict], peaks: dict) -> dict | None:
             "speedup_vs_dense_eager": best["speedup_vs_dense_eager"],
             "frame_psnr": best["frame_psnr"], "frame_lpips": best["frame_lpips"],
             "fastest_dense_frame_psnr": fastest["frame_psnr"], "fastest_dense_frame_lpips": fastest["frame_lpips"],
-            "dense_eager_frame_psnr": eager["frame_psnr"], "dense_eager_frame_lpips": eager["frame_lpips"]}
+            "dense_eager_frame_psnr": eager["frame_psnr"], "dense_eager_frame_lpips": eager["frame_lpips"],
+            # Amdahl: the best ShiftAdd row with its reparameterized parts (BLOCK_PARTS) taking no time at all
+            "speedup_vs_fastest_dense_if_blocks_were_free": (
+                best["breakdown_ms"]["blocks_bound"] * best["speedup_vs_fastest_dense"] if best.get("breakdown_ms") else None)}
 
 
 def markdown(record: dict) -> str:
@@ -417,6 +435,20 @@ def markdown(record: dict) -> str:
         lines += ["", f"Headline: {head['best_shiftadd']} is {head['speedup_vs_fastest_dense']:.2f}x the speed of the "
                       f"fastest dense peer ({head['fastest_dense']}) and {head['speedup_vs_dense_eager']:.2f}x dense "
                       f"eager; frame PSNR {head['frame_psnr']:.2f} vs {head['fastest_dense_frame_psnr']:.2f} dB."]
+        if head.get("speedup_vs_fastest_dense_if_blocks_were_free"):
+            lines[-1] += (f" With its attention and FFN blocks taking no time at all it would be "
+                          f"{head['speedup_vs_fastest_dense_if_blocks_were_free']:.2f}x the fastest dense peer.")
+    parts = ("cnn", "rest", "view_embedding", "transformer", "pos_fuse", *BLOCK_PARTS, "head")
+    broken_down = [r for r in record["end_to_end"] if r.get("breakdown_ms")]
+    if broken_down:
+        lines += ["", "Where the time goes (ms, self time per part of one extra hooked render; `rest` = rays, sample "
+                      "placement, projection and bilinear gathers; `transformer` = its glue: encodings, concatenations; "
+                      "bound = the frame's speed-up if the ShiftAdd-reparameterized parts took no time):", "",
+                  "| row | " + " | ".join(parts) + " | hooked total | bound |", "|---" * (len(parts) + 3) + "|"]
+        for r in broken_down:
+            b = r["breakdown_ms"]
+            lines.append(f"| {r['label']} | " + " | ".join(f"{b.get(p, 0.0):,.0f}" for p in parts) +
+                         f" | {b['total_with_hooks']:,.0f} | {b['blocks_bound']:.2f}x |")
     peaks = ", ".join(f"{k} {v['gmac_per_s']:.0f}" for k, v in record["peaks"].items() if v.get("gmac_per_s"))
     lines += ["", f"Peaks (GMAC/s, {record['peaks']['fp32']['shape'][0]}^3 products, same run): {peaks}."]
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     out = tmp_path / "speed.json"
     overrides = tiny_overrides(tiny_scene, tmp_path / "runs", "speed")
     command = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--variants", "c_hash_shift_linears",
-               "--peers", "eager", "int8", "tvm", "--peak-size", "64", *overrides]
+               "--peers", "eager", "int8", "tvm", "--peak-size", "64", "--breakdown", *overrides]
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -52,10 +52,22 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     assert shiftadd["kernels_ran"] and all(how != "reference" for kernels in shiftadd["kernels_ran"].values()
                                            for how in kernels.values())
     assert shiftadd["ops"]["shifts_per_ray"] > 0 and eager["ops"]["shifts_per_ray"] == 0
+    # --breakdown: self time per part adds up to the hooked render; every row but torch.compile has one
+    for row in rows.values():
+        parts = row["breakdown_ms"]
+        assert {"cnn", "view_embedding", "view_attention", "ray_attention", "ffn", "head", "rest"} <= parts.keys()
+        summed = sum(v for k, v in parts.items() if k not in ("total_with_hooks", "blocks_bound"))
+        assert summed == pytest.approx(parts["total_with_hooks"])
+        assert all(parts[k] > 0 for k in ("cnn", "view_attention", "ray_attention", "ffn"))
+        blocks = parts["view_attention"] + parts["ray_attention"] + parts["ffn"]
+        assert parts["blocks_bound"] == pytest.approx(parts["total_with_hooks"] / (parts["total_with_hooks"] - blocks))
+    assert "Where the time goes" in out.with_suffix(".md").read_text()
     head = record["headline"]
     assert head["best_shiftadd"] == shiftadd["label"]
     assert head["speedup_vs_fastest_dense"] == pytest.approx(shiftadd["speedup_vs_fastest_dense"])
     assert head["frame_psnr"] == pytest.approx(shiftadd["frame_psnr"])
+    assert head["speedup_vs_fastest_dense_if_blocks_were_free"] == pytest.approx(
+        shiftadd["breakdown_ms"]["blocks_bound"] * shiftadd["speedup_vs_fastest_dense"])
     assert "Headline:" in out.with_suffix(".md").read_text()
 
 
