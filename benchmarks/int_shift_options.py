@@ -20,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -27,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
-from kernels.build import cpu_target, kernel_ready
+from kernels.build import cpu_target, kernel_ready, match_tvm_threads_to_torch, tvm_thread_count
 from kernels.int_shift import int_shift, prepare_int_shift, vnni_available
 from kernels.mat_shift import mat_shift
 
@@ -116,8 +119,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not vnni_available():
         raise SystemExit("int_shift_options: this CPU has no AVX-512 VNNI; nothing to compare")
+    match_tvm_threads_to_torch()  # TVM's pool gets torch's threads, as in every render
+    tune_cpu_allocator()  # as every render does: output buffers are reused, not page-faulted in per call
     tokens = args.tokens - args.tokens % TILE
-    record = {"tokens": tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "allocator": allocator_state(),
+              "tokens": tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "loaded_machine": bool(args.loaded_machine),
               "note": ("cores shared with other jobs during this run: use the numbers to rank options, not as "
@@ -145,9 +151,21 @@ def main(argv=None) -> dict:
                   f"{macs / cpu_ms / 1e6:7.1f} GMAC/CPU-s", flush=True)
 
         print(f"shape [{tokens}, {in_features}] x [{in_features}, {out_features}]", flush=True)
-        for tile, blocks in ((4, 4), (8, 2), (2, 8)):
+        for tile, blocks in ((4, 4), (8, 2), (2, 8), (4, 2), (4, 1), (8, 1), (2, 4)):
             weights = prepare_int_shift(packed)
             add(f"vnni_u8s8_{tile}x{blocks}", lambda w=weights, t=tile, b=blocks: int_shift(x, w, tile=t, blocks=b))
+        # the model's form (configs/shiftadd/h_int8_shift_ffn.yaml): a scale per token, at the default micro-tile
+        per_token = export_int_shift(IntShiftLinear.from_linear(dense, ShiftSpec(exponent_min=-6), 8, "per_token").eval())
+        expected_per_token = int_shift_reference(x, per_token)
+        weights_per_token = prepare_int_shift(per_token)
+        out_per_token = int_shift(x, weights_per_token)
+        assert torch.equal(out_per_token, expected_per_token), "vnni_u8s8_per_token does not match its reference"
+        ms, cpu_ms = _time(lambda: int_shift(x, weights_per_token), args.repeats)
+        rows["vnni_u8s8_per_token"] = {"ms": ms, "cpu_ms": cpu_ms, "gmac_per_s": macs / ms / 1e6,
+                                       "gmac_per_cpu_s": macs / cpu_ms / 1e6, "bit_exact": True,
+                                       "note": "scale per token (its own reference), default micro-tile"}
+        print(f"  {in_features:>3}->{out_features:<3} vnni_u8s8_per_token    {ms:8.2f} ms wall {cpu_ms:8.2f} ms CPU",
+              flush=True)
         layer16 = IntShiftLinear.from_linear(dense, ShiftSpec(exponent_min=-6), 16, "per_tensor").eval()
         layer16.activation_absmax.copy_(layer.activation_absmax)
         packed16 = export_int_shift(layer16)
@@ -193,6 +211,7 @@ def main(argv=None) -> dict:
         fastest = min(rows, key=lambda name: rows[name]["cpu_ms" if args.loaded_machine else "ms"])
         record["shapes"].append({"in": in_features, "out": out_features, "macs": macs, "rows": rows,
                                  "fastest": fastest})
+    record["tvm_threads"] = tvm_thread_count()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")

@@ -65,7 +65,7 @@ from gnt_shiftadd.models.transformers import FeedForward, ViewAttention  # noqa:
 from gnt_shiftadd.variants import variant_config, variant_configs  # noqa: E402
 from gnt_shiftadd.workflows import load_trained  # noqa: E402
 from kernels.apply import kernel_summary  # noqa: E402
-from kernels.build import tvm_available, tvm_version  # noqa: E402
+from kernels.build import match_tvm_threads_to_torch, tvm_available, tvm_thread_count, tvm_version  # noqa: E402
 from kernels.dispatch import all_kernels_required  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights  # noqa: E402
 from kernels.hashed_attention import hash_pack, linear_attention, quadratic_attention  # noqa: E402
@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             write()
         record["headline"] = summarize(rows, record["peaks"])
     record["environment"]["load_average_at_end"] = os.getloadavg()
+    match_tvm_threads_to_torch()
+    record["environment"]["tvm_threads"] = tvm_thread_count()  # TVM's own pool (it ran 1 thread before this was set)
     record["wall_s"] = time.perf_counter() - started
     write()
     head = record["headline"]

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["kernel_ready", "tvm_available", "tvm_version", "cpu_target", "cuda_target", "target_for", "cache_dir", "build_kernel",
+__all__ = ["kernel_ready", "match_tvm_threads_to_torch", "tvm_thread_count", "tvm_available", "tvm_version", "cpu_target", "cuda_target", "target_for", "cache_dir", "build_kernel",
            "library_path", "KernelBuildError"]
 
 _LOCK = threading.Lock()
@@ -41,6 +41,24 @@ def tvm_available() -> bool:
     except Exception:  # an absent or broken install both mean "use the reference"
         return False
     return True
+
+
+def match_tvm_threads_to_torch() -> None:
+    """Give TVM's CPU thread pool torch's thread count. The pool sizes itself once, on its first parallel launch,
+    from $TVM_NUM_THREADS, else from half the hardware threads (TVM assumes SMT siblings): on a 2-vCPU machine
+    every kernel ran on 1 thread while torch, and every PyTorch peer, used 2. Called before any kernel is loaded;
+    a value the user set wins, and the pool cannot follow later changes of torch's thread count."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def tvm_thread_count() -> int | None:
+    """Threads in TVM's CPU pool (sizing it if no kernel ran yet, so call match_tvm_threads_to_torch first);
+    None without TVM."""
+    if not tvm_available():
+        return None
+    import tvm_ffi  # lazy: TVM is optional
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
 def tvm_version() -> str:

@@ -54,7 +54,7 @@ from torch import nn
 
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
-from kernels.build import KernelBuildError, build_kernel, target_for, tvm_available
+from kernels.build import KernelBuildError, build_kernel, match_tvm_threads_to_torch, target_for, tvm_available
 
 __all__ = ["KERNEL_BACKENDS", "resolve_backend", "warn_once", "get_kernel", "register_kernel_loader",
            "unregister_kernel_loader", "run_tiled", "needs_grad", "linear_weight", "note_kernel", "recording",
@@ -105,6 +105,7 @@ def unregister_kernel_loader(loader: Callable) -> None:
 
 
 def _find_kernel(name: str, key: dict, device: torch.device, make: Callable) -> Callable | None:
+    match_tvm_threads_to_torch()  # before the first kernel runs: TVM's pool is sized once
     for loader in list(_LOADERS):
         try:
             kernel = loader(name, key, device)

@@ -11,7 +11,9 @@ Arithmetic (the option that won in benchmarks/int_shift_options.py):
   * 16-bit activations: `vpdpwssd` (s16 x s16 -> s32, 2 products per lane), weights as int16.
 Weights are packed [out/16, in/G, 16 * G] (G = 4 bytes or 2 words: the products one 32-bit lane sums), so one
 512-bit load feeds 16 output channels; a token's G activations are one broadcast 32-bit word, reused across the
-JB output blocks of a micro-tile, and TILE x JB accumulators stay in registers.
+JB output blocks of a micro-tile, and TILE x JB accumulators stay in registers: the reduction over the inputs is
+unrolled at parse time with every accumulator a bound value (`dot_products_and_epilogue`), since an accumulator
+buffer was written back to memory after every dot product (2.6x slower at 128 -> 32, results/int_shift_options_cpu.json).
 
 Layout: x [tiles, TILE, in_padded] fp32 (tile count symbolic: one build serves every token count; the wrapper
 pads tokens to a whole tile and inputs to a multiple of 16 with zeros, which change neither absmax nor sums).
@@ -33,13 +35,13 @@ __all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift"
            "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "relu")
-DEFAULT_TILE = 4  # tokens per micro-tile (x JB = 4 output blocks: 16 zmm accumulators)
+DEFAULT_TILE = 4  # tokens per micro-tile (x JB output blocks of 16 int32 accumulators, all in zmm registers)
 
 
 def micro_tile(out_padded: int) -> tuple[int, int]:
-    """(tokens, output blocks) per micro-tile: 4 x 4 for wide layers, 8 x 2 for 32 outputs (the fastest in
-    results/int_shift_options_cpu.json)."""
-    return (4, 4) if out_padded >= 64 else (8, 2)
+    """(tokens, output blocks) per micro-tile: 4 x 2 for wide layers, 8 x 2 for 32 outputs (the fastest in
+    results/int_shift_options_cpu.json; 4 x 4 needs 16 accumulators + operands, more than 32 zmm registers)."""
+    return (4, 2) if out_padded >= 64 else (8, 2)
 LANES = 16  # int32 lanes of a 512-bit register
 
 
@@ -152,6 +154,29 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
     relu = activation == "relu"
     floor = float(ABSMAX_FLOOR)
 
+    def dot_products_and_epilogue(xq, packed, compensation, scale, out_scale, bias, y, t, p):
+        """Emitted while the kernel is parsed (T.bind / T.buffer_store write into the enclosing loop), fully
+        unrolled over the input groups: the TILE x JB accumulators are bound values, not a buffer, so LLVM keeps
+        them in registers for the whole reduction. (A local accumulator buffer lives in TVM's workspace memory;
+        LLVM cannot prove it does not alias the activations and stores every accumulator after every dot
+        product.) Each group loads its JB weight vectors and TILE broadcast activation words once."""
+        blocks = [p * jb + j for j in range(jb)]
+        acc = {(i, j): T.bind(compensation[T.Ramp(blocks[j] * LANES, 1, LANES)]) for i in range(tile) for j in range(jb)}
+        for kg in range(k_groups):
+            words = [T.bind(T.reinterpret(word_type, T.Broadcast(
+                T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES))) for i in range(tile)]
+            for j in range(jb):
+                weight = T.bind(packed[blocks[j], kg, T.Ramp(0, 1, LANES * group)])
+                for i in range(tile):
+                    acc[i, j] = T.bind(T.call_llvm_pure_intrin(f"int32x{LANES}", intrinsic, acc[i, j], words[i], weight))
+        for i in range(tile):  # the epilogue: one rescale, bias, activation
+            for j in range(jb):
+                value = (T.Cast(f"float32x{LANES}", acc[i, j]) * T.Broadcast(scale[i], LANES)) \
+                    * out_scale[T.Ramp(blocks[j] * LANES, 1, LANES)] + bias[T.Ramp(blocks[j] * LANES, 1, LANES)]
+                if relu:
+                    value = T.max(value, T.Broadcast(T.float32(0), LANES))
+                T.buffer_store(y, value, [t, i, T.Ramp(blocks[j] * LANES, 1, LANES)])
+
     @T.prim_func
     def main(x_handle: T.handle, packed: T.Buffer((out_blocks, k_groups, LANES * group), w_dtype),
              compensation: T.Buffer((out_padded,), "int32"), out_scale: T.Buffer((out_padded,), "float32"),
@@ -165,7 +190,6 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
             scale = T.alloc_buffer((tile,), "float32", scope="local")
             inv = T.alloc_buffer((tile,), "float32", scope="local")
             running = T.alloc_buffer((LANES,), "float32", scope="local")
-            acc = T.alloc_buffer((tile * jb * LANES,), "int32", scope="local")
             # 1. scale per token (own absmax, or the calibrated one) and rounding to fixed point
             for i in T.serial(tile):
                 if per_token:
@@ -187,30 +211,9 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
                     xq[i, T.Ramp(kv * LANES, 1, LANES)] = T.Cast(
                         f"{q_dtype}x{LANES}",
                         T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
-            # 2. integer dot products, JB output blocks x TILE tokens of accumulators at a time
+            # 2. + 3. integer dot products and the epilogue, JB output blocks x TILE tokens at a time
             for p in T.serial(passes):
-                for i in T.unroll(tile):
-                    for j in T.unroll(jb):
-                        acc[T.Ramp((i * jb + j) * LANES, 1, LANES)] = compensation[
-                            T.Ramp((p * jb + j) * LANES, 1, LANES)]
-                for kg in T.serial(k_groups):
-                    for i in T.unroll(tile):
-                        for j in T.unroll(jb):
-                            acc[T.Ramp((i * jb + j) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                f"int32x{LANES}", intrinsic,
-                                acc[T.Ramp((i * jb + j) * LANES, 1, LANES)],
-                                T.reinterpret(word_type, T.Broadcast(
-                                    T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES)),
-                                packed[p * jb + j, kg, T.Ramp(0, 1, LANES * group)])
-                # 3. epilogue: one rescale, bias, activation
-                for i in T.unroll(tile):
-                    for j in T.unroll(jb):
-                        value = (T.Cast(f"float32x{LANES}", acc[T.Ramp((i * jb + j) * LANES, 1, LANES)])
-                                 * T.Broadcast(scale[i], LANES)) * out_scale[T.Ramp((p * jb + j) * LANES, 1, LANES)] \
-                            + bias[T.Ramp((p * jb + j) * LANES, 1, LANES)]
-                        if relu:
-                            value = T.max(value, T.Broadcast(T.float32(0), LANES))
-                        y[t, i, T.Ramp((p * jb + j) * LANES, 1, LANES)] = value
+                dot_products_and_epilogue(xq, packed, compensation, scale, out_scale, bias, y, t, p)
 
     return tvm.IRModule({"main": main})
 

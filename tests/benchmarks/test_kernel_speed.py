@@ -30,6 +30,7 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     record = json.loads(out.read_text())
     assert record["quick"] and "random-initialised" in record["model_source"]
     assert record["environment"]["threads"] >= 1 and "allocator" in record["environment"]
+    assert record["environment"]["tvm_threads"] == record["environment"]["threads"]
     assert record["peaks"]["fp32"]["gmac_per_s"] > 0
     rows = {row["label"]: row for row in record["end_to_end"]}
     eager, int8, dense_tvm = (rows["dense GNT, PyTorch eager fp32"], rows["dense GNT, torch.ao dynamic int8 Linear layers"],

@@ -76,3 +76,26 @@ def test_a_reference_run_is_never_hidden_by_a_later_kernel_run():
         dispatch.note_kernel("mat_shift", "blas")
     dispatch.note_kernel("view_attention", "tvm")  # outside any recording: not kept
     assert record == {"ffn_sublayer": "reference", "mat_shift": "blas"}
+
+
+@pytest.mark.parametrize("preset,expected", [(None, 2), ("1", 1)])
+def test_tvm_thread_pool_gets_torchs_thread_count_unless_the_user_set_one(preset, expected):
+    """TVM sizes its CPU pool once, from half the hardware threads unless told: on a 2-vCPU machine the kernels
+    ran on 1 thread beside 2-thread PyTorch peers. The first kernel lookup now sets it to torch's count."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("tvm")
+    script = ("import torch; torch.set_num_threads(2)\n"
+              "from torch import nn\n"
+              "from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec\n"
+              "from kernels.mat_shift import mat_shift\n"
+              "mat_shift(torch.randn(64, 16), ShiftLinear.from_linear(nn.Linear(16, 16), ShiftSpec()).export_codes())\n"
+              "import tvm_ffi; print(tvm_ffi.get_global_func('runtime.NumThreads')())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    if preset is not None:
+        env["TVM_NUM_THREADS"] = preset
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) == expected

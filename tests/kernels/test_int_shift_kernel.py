@@ -108,7 +108,9 @@ def test_int8_weights_required_for_8_bit_kernel_and_overflow_guard():
 @pytest.mark.parametrize("in_padded,out_padded", [(32, 128), (128, 32)])
 def test_kernel_uses_vnni_with_register_accumulators(in_padded, out_padded):
     """Built for znver4, the 8-bit kernel's inner loop is one vpdpbusd per (token, 16 outputs) of the micro-tile,
-    all accumulating into distinct zmm registers (nothing moved to or from the stack)."""
+    all accumulating into distinct zmm registers that never go to memory: no spill to the stack, and from the
+    first dot product on the only 512-bit stores are the fp32 outputs (the accumulator buffer of an earlier
+    version was stored after every vpdpbusd)."""
     import re
 
     from kernels.int_shift import micro_tile
@@ -120,3 +122,6 @@ def test_kernel_uses_vnni_with_register_accumulators(in_padded, out_padded):
     dots = re.findall(r"vpdpbusd\s+[^\n]*%(zmm\d+)\n", asm)
     assert len(dots) >= tile * blocks and len(set(dots[:tile * blocks])) == tile * blocks, dots
     assert not re.search(r"vmov\w+\s+%zmm\d+, -?\d*\(%rsp\)", asm), "a zmm register is spilled to the stack"
+    after_first_dot = asm[asm.index("vpdpbusd"):]
+    stores = re.findall(r"\n\s*(vmov\w+)\s+%zmm\d+, [^\n]*\(", after_first_dot)
+    assert stores and set(stores) <= {"vmovaps", "vmovups"}, stores
