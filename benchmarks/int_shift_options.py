@@ -8,7 +8,8 @@ integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel un
   vnni_s16s16      the same kernel with 16-bit activations on vpdpwssd (per-tensor scale)
   llvm_int_mul     TVM TE int32 multiply-accumulate of the rounded activations by the integer weights, LLVM-vectorized
   llvm_var_shift   TVM TE shift form: acc += +-(q << e) (variable shifts, vpsllvd), LLVM-vectorized
-and, for scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
+and the whole FFN half-block (record["ffn"]): the fused integer FFN kernel vs the two integer layers as separate
+kernels vs dense fp32 on MKL. For scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
 blas_fp32 (torch F.linear on the decoded weights, MKL), plus torch_int_mm (torch._int_mm int8 GEMM with the
 quantization and rescale as separate torch ops, i.e. unfused). Each row is checked against the integer reference
 (bit for bit for the integer options) before it is timed. Timings are medians of `--repeats` calls after one warm-up, as wall time and as this process's CPU time (all
@@ -33,7 +34,8 @@ from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels.build import cpu_target, kernel_ready, match_tvm_threads_to_torch, tvm_thread_count
-from kernels.int_shift import int_shift, prepare_int_shift, vnni_available
+from kernels.int_shift import FFN_BLOCKS, FFN_TILE, int_ffn, int_shift, prepare_int_shift, reference_int_ffn, \
+    vnni_available
 from kernels.mat_shift import mat_shift
 
 SHAPES = [(32, 128), (128, 32), (32, 32)]  # (in, out): FFN fc1, FFN fc2, attention linears
@@ -107,6 +109,35 @@ def _build(mod):
     import tvm
 
     return tvm.compile(mod, target=tvm.target.Target(cpu_target()))["main"]
+
+
+def ffn_options(tokens: int, repeats: int) -> dict:
+    """The model's whole FFN half-block after its LayerNorm, x + fc2(relu(fc1(h))) at 32 -> 128 -> 32 with 8-bit
+    per-token activations: the fused integer kernel (int_ffn) against the two integer layers as separate kernels
+    plus a torch residual add, and against the dense fp32 FFN on MKL. The LayerNorm (same for all) is left out."""
+    torch.manual_seed(0)
+    dense1, dense2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    fc1 = IntShiftLinear.from_linear(dense1, ShiftSpec(exponent_min=-6), 8, "per_token").eval()
+    fc2 = IntShiftLinear.from_linear(dense2, ShiftSpec(exponent_min=-6), 8, "per_token").eval()
+    w1, w2 = prepare_int_shift(export_int_shift(fc1)), prepare_int_shift(export_int_shift(fc2))
+    x = torch.randn(tokens, 32)
+    h = F.layer_norm(x, (32,))
+    expected = reference_int_ffn(h, x, w1, w2)
+    macs = tokens * 2 * 32 * 128
+    options = {"int_ffn_fused": lambda: int_ffn(h, x, w1, w2),
+               "int_shift_x2_plus_add": lambda: x + int_shift(int_shift(h, w1, "relu"), w2),
+               "blas_fp32": lambda: x + dense2(torch.relu(dense1(h)))}
+    rows = {}
+    with torch.no_grad():
+        for name, fn in options.items():
+            exact = name != "blas_fp32"
+            if exact and not torch.equal(fn(), expected):
+                raise AssertionError(f"{name} does not match the integer FFN reference")
+            ms, cpu_ms = _time(fn, repeats)
+            rows[name] = {"ms": ms, "cpu_ms": cpu_ms, "gmac_per_s": macs / ms / 1e6, "bit_exact": exact or None}
+            print(f"  ffn 32->128->32 {name:<22} {ms:8.2f} ms wall {cpu_ms:8.2f} ms CPU {macs / ms / 1e6:7.1f} GMAC/s",
+                  flush=True)
+    return {"tokens": tokens, "macs": macs, "tile": FFN_TILE, "blocks": list(FFN_BLOCKS), "rows": rows}
 
 
 def main(argv=None) -> dict:
@@ -211,6 +242,7 @@ def main(argv=None) -> dict:
         fastest = min(rows, key=lambda name: rows[name]["cpu_ms" if args.loaded_machine else "ms"])
         record["shapes"].append({"in": in_features, "out": out_features, "macs": macs, "rows": rows,
                                  "fastest": fastest})
+    record["ffn"] = ffn_options(tokens, args.repeats)
     record["tvm_threads"] = tvm_thread_count()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

@@ -12,7 +12,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   HashedQuadratic/LinearAttention (ray_blocks.i.attn.core) -> KernelHashedAttention: hash + pack, then the
                       XOR/popcount softmax kernel or the additive linear form (dense SDPA and the seed form stay)
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
-                      residual in one kernel, for dense, shift and MoE FFNs
+                      residual in one kernel, for dense, shift and MoE FFNs; with integer shift layers (CPU)
+                      KernelIntFFNSublayer: LN in PyTorch, fc1 + ReLU + fc2 + residual in one VNNI kernel
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
   IntShiftLinear      (integer activations, CPU)    -> KernelIntShiftLinear: the VNNI integer kernel; the fused
                       fp32 leaves above refuse blocks holding them, which then run their integer layers on this
@@ -38,21 +39,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.models.gnt import ViewEmbedding
-from gnt_shiftadd.models.transformers import PreNormFeedForward, ViewAttention
+from gnt_shiftadd.models.transformers import FeedForward, PreNormFeedForward, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
 from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kernel, resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
-from kernels.ops import ffn_sublayer, hash_pack, int_shift, linear_attention, mat_shift, quadratic_attention, \
+from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_shift, linear_attention, mat_shift, quadratic_attention, \
     view_attention, view_features
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
            "KernelViewEmbedding", "KernelViewAttention", "KernelHashedAttention", "KernelFFNSublayer",
-           "KernelShiftLinear", "KernelIntShiftLinear", "kernel_summary"]
+           "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
 
@@ -119,6 +120,36 @@ class KernelIntShiftLinear(KernelLeaf):
             note_kernel("int_shift", "reference")
             return self.source(x)
         return int_shift(x, self.weights)
+
+
+class KernelIntFFNSublayer(KernelLeaf):
+    """PreNormFeedForward whose FFN is two integer shift layers (FeedForward with IntShiftLinear fc1/fc2): the
+    LayerNorm in PyTorch, then fc1 + ReLU + fc2 + the residual in one VNNI kernel (the [tokens, hidden]
+    activations stay in the core), bit-identical to the modules. CPU only; calls that need gradients run the
+    modules. Same call: (x [..., C], norm, ff) -> x + ff(norm(x))."""
+
+    def __init__(self, norm: nn.LayerNorm, ff: FeedForward):
+        super().__init__()
+        if not integer_feedforward(ff):
+            raise TypeError("KernelIntFFNSublayer needs a FeedForward of two IntShiftLinear layers")
+        if ff.fc1.sign_param.device.type != "cpu":
+            raise ValueError("the integer FFN kernel runs on CPU (AVX-512 VNNI)")
+        self.fc1, self.fc2 = prepare_int_shift(export_int_shift(ff.fc1)), prepare_int_shift(export_int_shift(ff.fc2))
+        self._layer_ids = (id(norm), id(ff))
+        self.covered_ids = {id(m) for m in ff.modules()}  # the kernel computes the whole FFN
+
+    def run(self, x, norm, ff):
+        _check_same_layers(self, (norm, ff))
+        if needs_grad(x):
+            note_kernel("int_ffn", "reference")
+            return x + ff(norm(x))
+        return int_ffn(norm(x), x, self.fc1, self.fc2)
+
+
+def integer_feedforward(ff: nn.Module) -> bool:
+    """A FeedForward whose two layers take integer activations of the same width and scale mode."""
+    return (type(ff) is FeedForward and isinstance(ff.fc1, IntShiftLinear) and isinstance(ff.fc2, IntShiftLinear)
+            and (ff.fc1.activation_bits, ff.fc1.act_scale) == (ff.fc2.activation_bits, ff.fc2.act_scale))
 
 
 class KernelViewEmbedding(KernelLeaf):
@@ -237,6 +268,8 @@ def _hashed_attention(module, parent, cfg):
 
 @register_kernel_handler(PreNormFeedForward)
 def _ffn_sublayer(module, parent, cfg):
+    if integer_feedforward(parent.ff) and parent.ff_norm.weight.device.type == "cpu":
+        return KernelIntFFNSublayer(parent.ff_norm, parent.ff)
     return KernelFFNSublayer(parent.ff_norm, parent.ff, cfg)
 
 

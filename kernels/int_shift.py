@@ -32,6 +32,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
 __all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
+           "make_int_ffn", "int_ffn", "reference_int_ffn", "FFN_TILE", "FFN_BLOCKS",
            "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "relu")
@@ -43,6 +44,7 @@ def micro_tile(out_padded: int) -> tuple[int, int]:
     results/int_shift_options_cpu.json; 4 x 4 needs 16 accumulators + operands, more than 32 zmm registers)."""
     return (4, 2) if out_padded >= 64 else (8, 2)
 LANES = 16  # int32 lanes of a 512-bit register
+TILES_PER_TASK = 16  # token tiles per parallel task: the tile's scratch buffers are allocated once per task
 
 
 @lru_cache(maxsize=1)
@@ -129,6 +131,81 @@ def _blocks_per_pass(out_blocks: int, wanted: int) -> int:
     return 1
 
 
+class _KernelParts:
+    """The pieces both integer kernels are made of, for one activation width and token tile; used while a kernel
+    is parsed (TVMScript), so they emit TIR into the enclosing loop nest.
+
+    quantize(src, t, width, xq, scale, inv, running, per_token, absmax): tokens src[t, 0..tile) [width fp32] ->
+        xq [tile, width] (fixed point, +128 for vpdpbusd), scale[i] (dequantization), by the token's own absmax or
+        the calibrated one.
+    dot_products(xq, weights..., scale, p, width_in, blocks_per_pass, store): output blocks p*JB .. p*JB+JB-1 of
+        every token of the tile, rescaled (fp32(acc) * scale_t * 2^(c_o + p_min) + b_o) and handed to
+        store(i, block, value), which applies the activation / residual and writes.
+    """
+
+    def __init__(self, bits: int, tile: int):
+        from tvm.script import tirx as T  # lazy: TVM is optional
+
+        self.T, self.tile, self.bits = T, tile, bits
+        self.group = _group(bits)
+        self.level = float((1 << (bits - 1)) - 1)
+        self.q_dtype = "uint8" if bits == 8 else "int16"
+        self.w_dtype = "int8" if bits == 8 else "int16"
+        self.word_type = f"{self.w_dtype}x{64 if bits == 8 else 32}"  # operands of one 512-bit register
+        self.intrinsic = "llvm.x86.avx512.vpdpbusd.512" if bits == 8 else "llvm.x86.avx512.vpdpwssd.512"
+        level, offset, floor, q_dtype = self.level, 128 if bits == 8 else 0, float(ABSMAX_FLOOR), self.q_dtype
+
+        @T.macro
+        def quantize(src, t, width, xq, scale, inv, running, per_token, absmax):
+            for i in T.serial(tile):
+                if per_token:
+                    running[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                    for kv in T.serial(width // LANES):
+                        running[T.Ramp(0, 1, LANES)] = T.max(running[T.Ramp(0, 1, LANES)],
+                                                             T.abs(src[t, i, T.Ramp(kv * LANES, 1, LANES)]))
+                    for lane in T.serial(1, LANES):
+                        running[0] = T.max(running[0], running[lane])
+                    inv[i] = T.float32(level) / T.max(running[0], T.float32(floor))
+                    scale[i] = T.max(running[0], T.float32(floor)) / T.float32(level)
+                else:
+                    inv[i] = T.float32(level) / T.max(absmax[0], T.float32(floor))
+                    scale[i] = T.max(absmax[0], T.float32(floor)) / T.float32(level)
+                for kv in T.serial(width // LANES):
+                    scaled = src[t, i, T.Ramp(kv * LANES, 1, LANES)] * T.Broadcast(inv[i], LANES)
+                    clamped = T.min(T.max(scaled, T.Broadcast(T.float32(-level), LANES)),
+                                    T.Broadcast(T.float32(level), LANES))
+                    xq[i, T.Ramp(kv * LANES, 1, LANES)] = T.Cast(
+                        f"{q_dtype}x{LANES}",
+                        T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
+
+        self.quantize = quantize
+
+    def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store):
+        """Fully unrolled over the input groups: the TILE x JB accumulators are bound values (T.bind), not a
+        buffer, so LLVM keeps them in registers for the whole reduction. (A local accumulator buffer lives in TVM's
+        workspace memory; LLVM cannot prove it does not alias the activations and stored every accumulator after
+        every dot product.) Each group loads its JB weight vectors and TILE broadcast activation words once."""
+        T, tile, group = self.T, self.tile, self.group
+        blocks = [p * jb + j for j in range(jb)]
+        acc = {(i, j): T.bind(compensation[T.Ramp(blocks[j] * LANES, 1, LANES)]) for i in range(tile) for j in range(jb)}
+        for kg in range(width_in // group):
+            words = [T.bind(T.reinterpret(self.word_type, T.Broadcast(
+                T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES))) for i in range(tile)]
+            for j in range(jb):
+                weight = T.bind(packed[blocks[j], kg, T.Ramp(0, 1, LANES * group)])
+                for i in range(tile):
+                    acc[i, j] = T.bind(T.call_llvm_pure_intrin(f"int32x{LANES}", self.intrinsic, acc[i, j], words[i],
+                                                               weight))
+        for i in range(tile):  # one rescale and the bias (out_scale is a power of two: an FMA rounds the same)
+            for j in range(jb):
+                value = (T.Cast(f"float32x{LANES}", acc[i, j]) * T.Broadcast(scale[i], LANES)) \
+                    * out_scale[T.Ramp(blocks[j] * LANES, 1, LANES)] + bias[T.Ramp(blocks[j] * LANES, 1, LANES)]
+                store(i, blocks[j], value)
+
+    def relu(self, value):
+        return self.T.max(value, self.T.Broadcast(self.T.float32(0), LANES))
+
+
 def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, activation: str,
                    tile: int = DEFAULT_TILE, blocks: int = 4):
     """IRModule "main"(x fp32 [tiles, tile, in_padded], packed, compensation int32 [out_padded], out_scale fp32,
@@ -138,82 +215,88 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
 
     if in_padded % LANES or out_padded % LANES:
         raise ValueError(f"int_shift kernel: padded sizes must be multiples of {LANES}, got {in_padded}, {out_padded}")
-    group = _group(bits)
-    k_groups = in_padded // group
+    parts = _KernelParts(bits, tile)
     out_blocks = out_padded // LANES
     jb = _blocks_per_pass(out_blocks, blocks)
-    passes = out_blocks // jb
-    k_vectors = in_padded // LANES
-    level = float((1 << (bits - 1)) - 1)
-    offset = 128 if bits == 8 else 0
-    q_dtype = "uint8" if bits == 8 else "int16"
-    w_dtype = "int8" if bits == 8 else "int16"
-    word_lanes = 64 if bits == 8 else 32  # operand lanes of one 512-bit register
-    word_type = f"{w_dtype}x{word_lanes}"
-    intrinsic = "llvm.x86.avx512.vpdpbusd.512" if bits == 8 else "llvm.x86.avx512.vpdpwssd.512"
     relu = activation == "relu"
-    floor = float(ABSMAX_FLOOR)
-
-    def dot_products_and_epilogue(xq, packed, compensation, scale, out_scale, bias, y, t, p):
-        """Emitted while the kernel is parsed (T.bind / T.buffer_store write into the enclosing loop), fully
-        unrolled over the input groups: the TILE x JB accumulators are bound values, not a buffer, so LLVM keeps
-        them in registers for the whole reduction. (A local accumulator buffer lives in TVM's workspace memory;
-        LLVM cannot prove it does not alias the activations and stores every accumulator after every dot
-        product.) Each group loads its JB weight vectors and TILE broadcast activation words once."""
-        blocks = [p * jb + j for j in range(jb)]
-        acc = {(i, j): T.bind(compensation[T.Ramp(blocks[j] * LANES, 1, LANES)]) for i in range(tile) for j in range(jb)}
-        for kg in range(k_groups):
-            words = [T.bind(T.reinterpret(word_type, T.Broadcast(
-                T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES))) for i in range(tile)]
-            for j in range(jb):
-                weight = T.bind(packed[blocks[j], kg, T.Ramp(0, 1, LANES * group)])
-                for i in range(tile):
-                    acc[i, j] = T.bind(T.call_llvm_pure_intrin(f"int32x{LANES}", intrinsic, acc[i, j], words[i], weight))
-        for i in range(tile):  # the epilogue: one rescale, bias, activation
-            for j in range(jb):
-                value = (T.Cast(f"float32x{LANES}", acc[i, j]) * T.Broadcast(scale[i], LANES)) \
-                    * out_scale[T.Ramp(blocks[j] * LANES, 1, LANES)] + bias[T.Ramp(blocks[j] * LANES, 1, LANES)]
-                if relu:
-                    value = T.max(value, T.Broadcast(T.float32(0), LANES))
-                T.buffer_store(y, value, [t, i, T.Ramp(blocks[j] * LANES, 1, LANES)])
 
     @T.prim_func
-    def main(x_handle: T.handle, packed: T.Buffer((out_blocks, k_groups, LANES * group), w_dtype),
+    def main(x_handle: T.handle, packed: T.Buffer((out_blocks, in_padded // parts.group, LANES * parts.group),
+                                                  parts.w_dtype),
              compensation: T.Buffer((out_padded,), "int32"), out_scale: T.Buffer((out_padded,), "float32"),
              bias: T.Buffer((out_padded,), "float32"), absmax: T.Buffer((1,), "float32"), y_handle: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         tiles = T.int32()
         x = T.match_buffer(x_handle, (tiles, tile, in_padded), "float32")
         y = T.match_buffer(y_handle, (tiles, tile, out_padded), "float32")
-        for t in T.parallel(tiles):
-            xq = T.alloc_buffer((tile, in_padded), q_dtype, scope="local")
+        for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+            xq = T.alloc_buffer((tile, in_padded), parts.q_dtype, scope="local")
             scale = T.alloc_buffer((tile,), "float32", scope="local")
             inv = T.alloc_buffer((tile,), "float32", scope="local")
             running = T.alloc_buffer((LANES,), "float32", scope="local")
-            # 1. scale per token (own absmax, or the calibrated one) and rounding to fixed point
-            for i in T.serial(tile):
-                if per_token:
-                    running[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                    for kv in T.serial(k_vectors):
-                        running[T.Ramp(0, 1, LANES)] = T.max(running[T.Ramp(0, 1, LANES)],
-                                                             T.abs(x[t, i, T.Ramp(kv * LANES, 1, LANES)]))
-                    for lane in T.serial(1, LANES):
-                        running[0] = T.max(running[0], running[lane])
-                    inv[i] = T.float32(level) / T.max(running[0], T.float32(floor))
-                    scale[i] = T.max(running[0], T.float32(floor)) / T.float32(level)
-                else:
-                    inv[i] = T.float32(level) / T.max(absmax[0], T.float32(floor))
-                    scale[i] = T.max(absmax[0], T.float32(floor)) / T.float32(level)
-                for kv in T.serial(k_vectors):
-                    scaled = x[t, i, T.Ramp(kv * LANES, 1, LANES)] * T.Broadcast(inv[i], LANES)
-                    clamped = T.min(T.max(scaled, T.Broadcast(T.float32(-level), LANES)),
-                                    T.Broadcast(T.float32(level), LANES))
-                    xq[i, T.Ramp(kv * LANES, 1, LANES)] = T.Cast(
-                        f"{q_dtype}x{LANES}",
-                        T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
-            # 2. + 3. integer dot products and the epilogue, JB output blocks x TILE tokens at a time
-            for p in T.serial(passes):
-                dot_products_and_epilogue(xq, packed, compensation, scale, out_scale, bias, y, t, p)
+            for within in T.serial(TILES_PER_TASK):
+                if chunk * TILES_PER_TASK + within < tiles:
+                    t = chunk * TILES_PER_TASK + within
+                    parts.quantize(x, t, in_padded, xq, scale, inv, running, per_token, absmax)
+                    for p in T.serial(out_blocks // jb):
+                        parts.dot_products(xq, packed, compensation, out_scale, bias, scale, p, in_padded, jb,
+                                           lambda i, block, value: T.buffer_store(
+                                               y, parts.relu(value) if relu else value,
+                                               [t, i, T.Ramp(block * LANES, 1, LANES)]))
+
+    return tvm.IRModule({"main": main})
+
+
+def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool, tile: int = DEFAULT_TILE,
+                 blocks: tuple[int, int] = (4, 2)):
+    """A whole integer FFN half-block after its LayerNorm: y = x + fc2(relu(fc1(h))) with fc1, fc2 integer shift
+    layers (same activation width and scale mode), per token tile, so the [tokens, hidden] activations never leave
+    the core. IRModule "main"(h fp32 [tiles, tile, C] (the normed tokens), x fp32 [tiles, tile, C] (the residual),
+    fc1's packed, compensation, out_scale, bias, absmax, fc2's (the same five), y fp32 [tiles, tile, C])."""
+    import tvm  # lazy: TVM is optional (the integer reference runs without it)
+    from tvm.script import tirx as T  # lazy: TVM is optional
+
+    if dim_padded % LANES or hidden_padded % LANES:
+        raise ValueError(f"int_ffn kernel: padded sizes must be multiples of {LANES}, got {dim_padded}, {hidden_padded}")
+    parts = _KernelParts(bits, tile)
+    group, w_dtype = parts.group, parts.w_dtype
+    hidden_blocks, dim_blocks = hidden_padded // LANES, dim_padded // LANES
+    jb1, jb2 = _blocks_per_pass(hidden_blocks, blocks[0]), _blocks_per_pass(dim_blocks, blocks[1])
+
+    @T.prim_func
+    def main(h_handle: T.handle, x_handle: T.handle,
+             packed1: T.Buffer((hidden_blocks, dim_padded // group, LANES * group), w_dtype),
+             compensation1: T.Buffer((hidden_padded,), "int32"), out_scale1: T.Buffer((hidden_padded,), "float32"),
+             bias1: T.Buffer((hidden_padded,), "float32"), absmax1: T.Buffer((1,), "float32"),
+             packed2: T.Buffer((dim_blocks, hidden_padded // group, LANES * group), w_dtype),
+             compensation2: T.Buffer((dim_padded,), "int32"), out_scale2: T.Buffer((dim_padded,), "float32"),
+             bias2: T.Buffer((dim_padded,), "float32"), absmax2: T.Buffer((1,), "float32"), y_handle: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        tiles = T.int32()
+        h = T.match_buffer(h_handle, (tiles, tile, dim_padded), "float32")
+        x = T.match_buffer(x_handle, (tiles, tile, dim_padded), "float32")
+        y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
+        for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+            xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
+            hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
+            hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
+            scale = T.alloc_buffer((tile,), "float32", scope="local")
+            inv = T.alloc_buffer((tile,), "float32", scope="local")
+            running = T.alloc_buffer((LANES,), "float32", scope="local")
+            for within in T.serial(TILES_PER_TASK):
+                if chunk * TILES_PER_TASK + within < tiles:
+                    t = chunk * TILES_PER_TASK + within
+                    parts.quantize(h, t, dim_padded, xq, scale, inv, running, per_token, absmax1)
+                    for p in T.serial(hidden_blocks // jb1):
+                        parts.dot_products(xq, packed1, compensation1, out_scale1, bias1, scale, p, dim_padded, jb1,
+                                           lambda i, block, value: T.buffer_store(
+                                               hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
+                    parts.quantize(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2)
+                    for p in T.serial(dim_blocks // jb2):
+                        parts.dot_products(hq, packed2, compensation2, out_scale2, bias2, scale, p, hidden_padded, jb2,
+                                           lambda i, block, value: T.buffer_store(
+                                               y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
+                                               [t, i, T.Ramp(block * LANES, 1, LANES)]))
 
     return tvm.IRModule({"main": main})
 
@@ -256,6 +339,57 @@ def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none
     if weights.out_padded != weights.out_features:
         out = out[:, :weights.out_features]
     return out.reshape(*lead, weights.out_features)
+
+
+FFN_TILE = 4  # tokens per tile of the fused FFN kernel (results/int_shift_options_cpu.json, "ffn")
+FFN_BLOCKS = (4, 2)  # output blocks of 16 per pass in fc1 and in fc2
+
+
+def int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: IntShiftWeights,
+            tile: int | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """x + fc2(relu(fc1(normed))) for integer shift layers fc1 (C -> H) and fc2 (H -> C) in one VNNI kernel:
+    normed, x [..., C] (CPU float; normed = the block's LayerNorm of x) -> [..., C] fp32, bit-identical to
+    `reference_int_ffn`; the reference (one warning) where this CPU has no AVX-512 VNNI or no kernel builds."""
+    dim = x.shape[-1]
+    if normed.shape != x.shape:
+        raise ValueError(f"int_ffn: normed {tuple(normed.shape)} and x {tuple(x.shape)} must have the same shape")
+    if (fc1.in_features, fc1.out_features, fc2.in_features, fc2.out_features) != (dim, fc2.in_features, fc1.out_features, dim):
+        raise ValueError(f"int_ffn: layers {fc1.in_features}->{fc1.out_features}, {fc2.in_features}->{fc2.out_features} "
+                         f"do not form an FFN on {dim} channels")
+    if (fc1.bits, fc1.per_token) != (fc2.bits, fc2.per_token):
+        raise ValueError("int_ffn: both layers must have the same activation width and scale mode")
+    if x.device.type != "cpu":
+        raise ValueError(f"int_ffn: the integer kernel runs on CPU, got a tensor on {x.device}")
+    tile, blocks = tile or FFN_TILE, tuple(blocks or FFN_BLOCKS)
+    kernel = None
+    if vnni_available():
+        key = {"dim": fc1.in_padded, "hidden": fc1.out_padded, "bits": fc1.bits, "per_token": fc1.per_token,
+               "tile": tile, "blocks": list(blocks)}
+        kernel = get_kernel("int_ffn", key, x.device, lambda _: make_int_ffn(
+            fc1.in_padded, fc1.out_padded, fc1.bits, fc1.per_token, tile, blocks))
+    else:
+        warn_once("int_ffn: this CPU has no AVX-512 VNNI; integer FFNs run on the PyTorch reference")
+        note_kernel("int_ffn", "reference")
+    if kernel is None:
+        return reference_int_ffn(normed, x, fc1, fc2)
+    lead = x.shape[:-1]
+    rows = [t.reshape(-1, dim).float() for t in (normed, x)]
+    if fc1.in_padded != dim:  # odd widths only (the model's are multiples of 16)
+        rows = [F.pad(r, (0, fc1.in_padded - dim)) for r in rows]
+    rows = [kernel_ready(r) for r in rows]
+    out = torch.empty(rows[0].shape[0], fc1.in_padded, dtype=torch.float32)
+    tensors = (*fc1.tensors(), *fc2.tensors())
+
+    def launch(inputs, outputs):
+        kernel(*(t.view(-1, tile, fc1.in_padded) for t in inputs), *tensors, outputs[0].view(-1, tile, fc1.in_padded))
+
+    run_tiled(launch, tile, rows[0].shape[0], rows, [out])
+    return out[:, :dim].reshape(*lead, dim)
+
+
+def reference_int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: IntShiftWeights) -> torch.Tensor:
+    """Ground truth of the fused integer FFN: the two integer layers' references and the residual add."""
+    return x.float() + reference_from_weights(reference_from_weights(normed, fc1, "relu"), fc2)
 
 
 def reference_from_weights(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none") -> torch.Tensor:

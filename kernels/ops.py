@@ -21,6 +21,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
   hashed_quadratic / hashed_linear    q_words, k_words int32 [R, H, S, W], v [R, H, S, d] -> [R, H, Sq, d]
   int_shift                           x [N.., in], IntShiftWeights tensors (packed int8/int16, compensation,
                                       out_scale, bias, absmax) -> fp32 [N.., out]
+  int_ffn                             normed, x [N.., C], both layers' IntShiftWeights tensors
+                                      -> x + fc2(relu(fc1(normed))) fp32 [N.., C]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from kernels import view_attention as _view
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -225,6 +227,27 @@ def int_shift(x: Tensor, w: "_int_shift.IntShiftWeights", activation: str = "non
                                             w.out_features, activation)
 
 
-OPS = {"int_shift": _int_shift_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+@torch.library.custom_op(f"{NAMESPACE}::int_ffn", mutates_args=())
+def _int_ffn_op(normed: Tensor, x: Tensor, packed1: Tensor, compensation1: Tensor, out_scale1: Tensor, bias1: Tensor,
+                absmax1: Tensor, packed2: Tensor, compensation2: Tensor, out_scale2: Tensor, bias2: Tensor,
+                absmax2: Tensor, bits: int, per_token: bool, dim: int, hidden: int) -> Tensor:
+    fc1 = _int_shift.IntShiftWeights(packed1, compensation1, out_scale1, bias1, absmax1, bits, per_token, dim, hidden)
+    fc2 = _int_shift.IntShiftWeights(packed2, compensation2, out_scale2, bias2, absmax2, bits, per_token, hidden, dim)
+    return _int_shift.int_ffn(normed, x, fc1, fc2)
+
+
+@_int_ffn_op.register_fake
+def _(normed, x, packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2, bias2, absmax2,
+      bits, per_token, dim, hidden):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def int_ffn(normed: Tensor, x: Tensor, fc1: "_int_shift.IntShiftWeights", fc2: "_int_shift.IntShiftWeights") -> Tensor:
+    """x + fc2(relu(fc1(normed))) for integer shift layers, one kernel (kernels/int_shift.py); inference only."""
+    return torch.ops.shiftadd_gnt.int_ffn(normed.detach(), x.detach(), *fc1.tensors(), *fc2.tensors(), fc1.bits,
+                                          fc1.per_token, fc1.in_features, fc1.out_features)
+
+
+OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_features": _view_features_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -59,9 +59,9 @@ def _hash_inputs(rays=3, heads=2, samples=7, head_dim=8, bits=16):
             torch.randn(heads, bits) * 0.1, torch.randn(rays, heads, samples, head_dim))
 
 
-def _int_weights(seed=5):
+def _int_weights(seed=5, dims=(DIM, HIDDEN)):
     torch.manual_seed(seed)
-    layer = IntShiftLinear.from_linear(torch.nn.Linear(DIM, HIDDEN), ShiftSpec(exponent_min=-6), 8)
+    layer = IntShiftLinear.from_linear(torch.nn.Linear(*dims), ShiftSpec(exponent_min=-6), 8)
     return prepare_int_shift(export_int_shift(layer))
 
 
@@ -83,6 +83,8 @@ def _op_cases():
         "hashed_quadratic": (words, words.flip(2).contiguous(), v, torch.full((2,), 0.3), 16),
         "hashed_linear": (words, words.flip(2).contiguous(), v, 16, "hashed"),
         "int_shift": (torch.randn(11, DIM) * 2, *_int_weights().tensors(), 8, True, DIM, HIDDEN, "relu"),
+        "int_ffn": (torch.randn(11, DIM), torch.randn(11, DIM), *_int_weights().tensors(),
+                    *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True, DIM, HIDDEN),
     }
 
 

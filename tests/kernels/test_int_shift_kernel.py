@@ -8,8 +8,8 @@ tvm = pytest.importorskip("tvm")
 
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
-from kernels.int_shift import int_shift, make_int_shift, prepare_int_shift, reference_from_weights, \
-    vnni_available  # noqa: E402
+from kernels.int_shift import int_ffn, int_shift, make_int_shift, prepare_int_shift, reference_from_weights, \
+    reference_int_ffn, vnni_available  # noqa: E402
 
 needs_vnni = pytest.mark.skipif(not vnni_available(), reason="this CPU has no AVX-512 VNNI")
 SPEC8 = ShiftSpec(exponent_min=-6, exponent_max=0)  # weights exact in int8
@@ -125,3 +125,31 @@ def test_kernel_uses_vnni_with_register_accumulators(in_padded, out_padded):
     after_first_dot = asm[asm.index("vpdpbusd"):]
     stores = re.findall(r"\n\s*(vmov\w+)\s+%zmm\d+, [^\n]*\(", after_first_dot)
     assert stores and set(stores) <= {"vmovaps", "vmovups"}, stores
+
+
+@needs_vnni
+@pytest.mark.parametrize("dim,hidden,tokens", [(32, 128, 1003), (20, 40, 7), (16, 16, 1)])
+@pytest.mark.parametrize("bits,act_scale", [(8, "per_token"), (8, "per_tensor"), (16, "per_token")])
+def test_fused_int_ffn_is_bit_exact(dim, hidden, tokens, bits, act_scale):
+    """x + fc2(relu(fc1(normed))) in one kernel equals the two layers' integer references plus the residual, and
+    the modules themselves, bit for bit (odd widths: padded channels stay zero through ReLU and fc2)."""
+    fc1, fc2 = _layer(dim, hidden, bits, act_scale, seed=1), _layer(hidden, dim, bits, act_scale, seed=2)
+    w1, w2 = prepare_int_shift(export_int_shift(fc1)), prepare_int_shift(export_int_shift(fc2))
+    x = torch.randn(tokens, dim) * 2
+    normed = torch.nn.functional.layer_norm(x, (dim,))
+    out = int_ffn(normed, x, w1, w2)
+    assert out.shape == x.shape
+    assert torch.equal(out, reference_int_ffn(normed, x, w1, w2))
+    with torch.no_grad():
+        assert torch.equal(out, x + fc2(torch.relu(fc1(normed))))
+
+
+def test_fused_int_ffn_refuses_layers_that_do_not_chain():
+    fc1, fc2 = _layer(32, 64), _layer(48, 32)
+    w1, w2 = prepare_int_shift(export_int_shift(fc1)), prepare_int_shift(export_int_shift(fc2))
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="do not form an FFN"):
+        int_ffn(x, x, w1, w2)
+    w16 = prepare_int_shift(export_int_shift(_layer(64, 32, bits=16)))
+    with pytest.raises(ValueError, match="same activation width"):
+        int_ffn(x, x, w1, w16)
