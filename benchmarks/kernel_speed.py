@@ -340,7 +340,10 @@ def frame_macs(ckpt: str, overrides: list[str], view: int, rendered_pixels: int)
     cnn_mults = ops["per_frame"]["by_component"].get("cnn", {}).get("mult_fp32", 0.0)
     return {"macs": (per_ray["mults"] + per_ray["shifts"]) * rendered_pixels + cnn_mults,
             "mults_per_ray": per_ray["mults"], "shifts_per_ray": per_ray["shifts"], "cnn_mults": cnn_mults,
-            "rendered_pixels": rendered_pixels}
+            "rendered_pixels": rendered_pixels,
+            # the unit-energy model (opcount.UNIT_ENERGY_PJ; 8-bit shifts where activations are 8-bit) for one
+            # full-resolution frame, CNN included, as in the grid's table
+            "energy_mj_full_frame": ops["per_frame"]["energy_pj"] * 1e-9}
 
 
 @torch.no_grad()
@@ -418,7 +421,7 @@ def markdown(record: dict) -> str:
     lines = [f"{record['environment']['device']}, torch {record['environment']['torch']}, "
              f"TVM {record['environment'].get('tvm')}; {record['model_source']}", "",
              "| row | ms/frame | vs fastest dense | vs dense eager | frame PSNR | frame LPIPS | GMAC/s | "
-             "% of fp32 peak | % of own peak | what ran |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "% of fp32 peak | % of own peak | energy/frame (mJ) | what ran |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(x):
         return f"{100 * x:.0f}%" if x is not None else "n/a"
@@ -429,7 +432,8 @@ def markdown(record: dict) -> str:
         lp = f"{r['frame_lpips']:.3f}" if r["frame_lpips"] is not None else "n/a"
         lines.append(f"| {r['label']} | {r['ms_per_frame']:,.0f} | {r['speedup_vs_fastest_dense']:.2f}x | "
                      f"{r['speedup_vs_dense_eager']:.2f}x | {r['frame_psnr']:.2f} | {lp} | {r['gmac_per_s']:.1f} | "
-                     f"{pct(r['peak_fraction'].get('fp32'))} | {pct(r['peak_fraction_own_arithmetic'])} | {r['ran']} |")
+                     f"{pct(r['peak_fraction'].get('fp32'))} | {pct(r['peak_fraction_own_arithmetic'])} | "
+                     f"{r['ops']['energy_mj_full_frame']:,.0f} | {r['ran']} |")
     head = record.get("headline")
     if head:
         lines += ["", f"Headline: {head['best_shiftadd']} is {head['speedup_vs_fastest_dense']:.2f}x the speed of the "

@@ -53,6 +53,7 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     assert shiftadd["kernels_ran"] and all(how != "reference" for kernels in shiftadd["kernels_ran"].values()
                                            for how in kernels.values())
     assert shiftadd["ops"]["shifts_per_ray"] > 0 and eager["ops"]["shifts_per_ray"] == 0
+    assert 0 < shiftadd["ops"]["energy_mj_full_frame"] < eager["ops"]["energy_mj_full_frame"]
     # --breakdown: self time per part adds up to the hooked render; every row but torch.compile has one
     for row in rows.values():
         parts = row["breakdown_ms"]
