@@ -141,6 +141,8 @@ class _KernelParts:
     dot_products(xq, weights..., scale, p, width_in, blocks_per_pass, store): output blocks p*JB .. p*JB+JB-1 of
         every token of the tile, rescaled (fp32(acc) * scale_t * 2^(c_o + p_min) + b_o) and handed to
         store(i, block, value), which applies the activation / residual and writes.
+    layer(src, t, width, scratch..., per_token, absmax, packed, compensation, out_scale, bias, out_blocks, jb, store):
+        one integer layer on a tile: quantize, then every pass of dot_products.
     """
 
     def __init__(self, bits: int, tile: int):
@@ -179,6 +181,16 @@ class _KernelParts:
                         T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
 
         self.quantize = quantize
+        dot_products = self.dot_products
+
+        @T.macro
+        def layer(src, t, width_in, xq, scale, inv, running, per_token, absmax, packed, compensation, out_scale, bias,
+                  out_blocks, jb, store):
+            quantize(src, t, width_in, xq, scale, inv, running, per_token, absmax)
+            for p in T.serial(out_blocks // jb):
+                dot_products(xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store)
+
+        self.layer = layer
 
     def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store):
         """Fully unrolled over the input groups: the TILE x JB accumulators are bound values (T.bind), not a
@@ -237,12 +249,9 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
             for within in T.serial(TILES_PER_TASK):
                 if chunk * TILES_PER_TASK + within < tiles:
                     t = chunk * TILES_PER_TASK + within
-                    parts.quantize(x, t, in_padded, xq, scale, inv, running, per_token, absmax)
-                    for p in T.serial(out_blocks // jb):
-                        parts.dot_products(xq, packed, compensation, out_scale, bias, scale, p, in_padded, jb,
-                                           lambda i, block, value: T.buffer_store(
-                                               y, parts.relu(value) if relu else value,
-                                               [t, i, T.Ramp(block * LANES, 1, LANES)]))
+                    parts.layer(x, t, in_padded, xq, scale, inv, running, per_token, absmax, packed, compensation,
+                                out_scale, bias, out_blocks, jb, lambda i, block, value: T.buffer_store(
+                                    y, parts.relu(value) if relu else value, [t, i, T.Ramp(block * LANES, 1, LANES)]))
 
     return tvm.IRModule({"main": main})
 
@@ -286,16 +295,12 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
             for within in T.serial(TILES_PER_TASK):
                 if chunk * TILES_PER_TASK + within < tiles:
                     t = chunk * TILES_PER_TASK + within
-                    parts.quantize(h, t, dim_padded, xq, scale, inv, running, per_token, absmax1)
-                    for p in T.serial(hidden_blocks // jb1):
-                        parts.dot_products(xq, packed1, compensation1, out_scale1, bias1, scale, p, dim_padded, jb1,
-                                           lambda i, block, value: T.buffer_store(
-                                               hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
-                    parts.quantize(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2)
-                    for p in T.serial(dim_blocks // jb2):
-                        parts.dot_products(hq, packed2, compensation2, out_scale2, bias2, scale, p, hidden_padded, jb2,
-                                           lambda i, block, value: T.buffer_store(
-                                               y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
+                    parts.layer(h, t, dim_padded, xq, scale, inv, running, per_token, absmax1, packed1,
+                                compensation1, out_scale1, bias1, hidden_blocks, jb1, lambda i, block, value:
+                                T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
+                    parts.layer(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2, packed2,
+                                compensation2, out_scale2, bias2, dim_blocks, jb2, lambda i, block, value:
+                                T.buffer_store(y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
                                                [t, i, T.Ramp(block * LANES, 1, LANES)]))
 
     return tvm.IRModule({"main": main})
