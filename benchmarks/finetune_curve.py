@@ -73,7 +73,7 @@ def main() -> int:
         if start == "scratch" and args.scratch_snapshots:
             continue
         curve = record["curves"].setdefault(start, {})
-        name = f"{base.name}_curve_{'from_' + Path(str(args.init)).stem if start == 'init' else 'scratch'}"
+        name = f"{base.name}_curve_{'from_' + _start_name(args.init) if start == 'init' else 'scratch'}"
         for milestone in sorted(args.milestones):
             if str(milestone) in curve:
                 continue
@@ -93,6 +93,13 @@ def main() -> int:
             m = metrics["mean"]
             print(f"{start} @ {milestone}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} LPIPS {m['lpips']}")
     return 0
+
+
+def _start_name(init) -> str:
+    """A run name per starting checkpoint: <run>/checkpoints/latest.pt is named by its run (every run's latest.pt
+    would otherwise share one folder, and the trainer refuses to resume a folder started from another init)."""
+    path = Path(str(init))
+    return path.parent.parent.name if path.stem == "latest" and path.parent.name == "checkpoints" else path.stem
 
 
 if __name__ == "__main__":

@@ -42,6 +42,21 @@ def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tiny_confi
         train(tiny_config(name="never_trained"), resume=True, progress=False)
 
 
+def test_resuming_a_run_that_started_from_another_init_is_refused(tiny_config):
+    """A run folder reused for a different train.init_from must not silently continue the old run."""
+    teacher_a = train(tiny_config("train.steps=1", name="teacher_a"), progress=False).checkpoint
+    teacher_b = train(tiny_config("train.steps=1", name="teacher_b"), progress=False).checkpoint
+    tuned = train(tiny_config("train.steps=1", f"train.init_from={teacher_a}", name="tuned"), progress=False)
+    before = tuned.checkpoint.read_bytes()
+    with pytest.raises(CheckpointError, match=r"(?s)started from train.init_from=.*teacher_a.*asks for.*teacher_b"):
+        train(tiny_config("train.steps=2", f"train.init_from={teacher_b}", name="tuned"), resume="auto", progress=False)
+    assert tuned.checkpoint.read_bytes() == before
+    # the same start (however the path is spelled) resumes
+    again = train(tiny_config("train.steps=2", f"train.init_from={teacher_a.parent}/../checkpoints/{teacher_a.name}",
+                              name="tuned"), resume="auto", progress=False)
+    assert read_checkpoint(again.checkpoint)["step"] == 2
+
+
 def test_checkpoint_from_another_model_configuration_is_refused(tiny_config):
     run = train(tiny_config("train.steps=1", name="small"), progress=False)
     other = tiny_config("model.netwidth=32", name="small")

@@ -132,11 +132,25 @@ def _resolve_resume(cfg: Config, resume: str | bool | None) -> Path | None:
             )
         return None
     if resume == "auto":
-        return latest if latest.exists() else None
-    path = latest if resume is True else Path(resume)
-    if not path.exists():
-        raise CheckpointError(f"--resume: checkpoint {path} does not exist")
+        path = latest if latest.exists() else None
+    else:
+        path = latest if resume is True else Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"--resume: checkpoint {path} does not exist")
+    if path is not None:
+        _check_same_start(path, cfg)
     return path
+
+
+def _check_same_start(path: Path, cfg: Config) -> None:
+    """Resuming continues the run in `path`, which began from its own train.init_from: refuse when this run asks
+    for another starting point (a run folder reused for a different init would silently carry on the old one)."""
+    stored = (read_checkpoint(path).get("config") or {}).get("train", {}).get("init_from")
+    wanted = cfg.train.init_from
+    if wanted and (not stored or Path(stored).resolve() != Path(wanted).resolve()):
+        raise CheckpointError(
+            f"{path} continues a run that started from train.init_from={stored!r}, but this run asks for "
+            f"{wanted!r}; choose another name=... / out_dir=... for the new start (nothing was overwritten)")
 
 
 def validation_image(model, tensors: SceneTensors, cfg: Config):
