@@ -157,3 +157,23 @@ def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
 def test_dense_core_is_the_default(dense):
     _, model, _ = dense
     assert all(isinstance(b.attn.core, DotProductAttention) for b in model.transformer.ray_blocks)
+
+
+@pytest.mark.parametrize("variant", sorted(p.stem for p in __import__("pathlib").Path("configs/shiftadd").glob("*.yaml")))
+def test_every_shipped_variant_converts_and_renders(dense, variant):
+    """Each configs/shiftadd/*.yaml converts the model into what it names, and the result renders finite colours."""
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+
+    cfg, model, tensors = dense
+    variant_cfg = load_config(f"configs/shiftadd/{variant}.yaml", (), base=copy.deepcopy(cfg))
+    model = copy.deepcopy(model)
+    run = calibration_forward(model, tensors, variant_cfg)
+    reparameterize(model, variant_cfg.shiftadd, run_calibration=run)
+    kinds = variant_of(model)
+    s = variant_cfg.shiftadd
+    assert kinds["attention_linears"] == s.attention_linears and kinds["ffn"] == s.ffn
+    integer = sum(isinstance(m, IntShiftLinear) for m in model.modules())
+    assert (integer > 0) == bool(s.int_activations)
+    out = _outputs(model, run)
+    rgb = out["rgb"] if isinstance(out, dict) else out
+    assert torch.isfinite(rgb).all()
