@@ -3,7 +3,7 @@
 Forward hooks on every module of a known type count the arithmetic that module performs on the tensors it
 actually sees (so MoE experts count only the tokens routed to them, and shift layers only their nonzero
 weights). Ops are keyed by (kind, precision): kind in mult | add | shift | special (exp, division, sin/cos,
-rsqrt), precision in fp32 | int32.
+rsqrt), precision in fp32 | int32 | int8 | int16.
 
 Counted: feature CNN (convolutions, norms), every linear / shift linear, both attentions (including the
 view attention's subtraction, softmax and weighted sum), hashing and Hamming similarity, layer norms,
@@ -144,6 +144,21 @@ def _count_int_shift_linear(ops, comp, module: IntShiftLinear, inputs, _out):
         ops.add(comp, "add", "fp32", t * module.out_features)
 
 
+def _count_int8_linear(ops, comp, module: nn.Linear, inputs, _out):
+    """A dense nn.Linear as a CPU user would quantize it (dynamic int8: torch.ao's quantize_dynamic): each input
+    rounded (one fp32 mult), a per-token scale (two divisions), int8 x int8 products with int32 accumulation, and
+    per output one fp32 rescale (the weight's scale folded in) and the fp32 bias. The same overheads as
+    IntShiftLinear, so the two differ only in multiply vs shift."""
+    t = _tokens(inputs[0], module.in_features)
+    ops.add(comp, "mult", "fp32", t * module.in_features)
+    ops.add(comp, "special", "fp32", 2 * t)
+    ops.add(comp, "mult", "int8", t * module.in_features * module.out_features)
+    ops.add(comp, "add", "int32", t * (module.in_features - 1) * module.out_features)
+    ops.add(comp, "mult", "fp32", t * module.out_features)
+    if module.bias is not None:
+        ops.add(comp, "add", "fp32", t * module.out_features)
+
+
 def _count_conv(ops, comp, module: nn.Conv2d, _inputs, out):
     per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
     ops.add(comp, "mult", "fp32", out.numel() * per_output)
@@ -251,14 +266,20 @@ class OpCounter:
     tokens routed to it, as a fused kernel would.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, int8_linears: bool = False):
         self.model = model
         self.ops = OpCounts()
+        self.int8_linears = int8_linears
         self._handles: list = []
         self._dispatch: list = []
 
     def __enter__(self) -> "OpCounter":
+        int8 = _reparameterizable_linears(self.model) if self.int8_linears else set()
         for name, module in self.model.named_modules():
+            if name in int8:
+                self._handles.append(module.register_forward_hook(
+                    lambda m, i, o, comp=component_of(name): _count_int8_linear(self.ops, comp, m, i, o)))
+                continue
             for types, fn in _COUNTERS:
                 if isinstance(module, types):
                     comp = component_of(name)
@@ -277,11 +298,25 @@ class OpCounter:
             module.dispatch = dispatch
 
 
+def _reparameterizable_linears(model: nn.Module) -> set[str]:
+    """Names of the plain nn.Linear layers ShiftAddViT reparameterizes: inside the attentions and the FFNs."""
+    from gnt_shiftadd.models.transformers import FeedForward, RayAttention  # the block types (no cycle at import)
+
+    names = set()
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, (RayAttention, ViewAttention, FeedForward)):
+            names.update(f"{parent_name}.{child}" for child, m in parent.named_children() if type(m) is nn.Linear)
+    return names
+
+
 @torch.no_grad()
-def count_frame_ops(model, tensors, cfg, view: int | None = None, n_rays: int = 256, seed: int = 0) -> dict:
+def count_frame_ops(model, tensors, cfg, view: int | None = None, n_rays: int = 256, seed: int = 0,
+                    int8_linears: bool = False) -> dict:
     """Ops and energy per rendered ray and per frame of a held-out view, measured on `n_rays` random pixels.
 
-    Per frame = per-ray ops x H x W + the feature CNN on the source views (run once per frame).
+    Per frame = per-ray ops x H x W + the feature CNN on the source views (run once per frame). int8_linears:
+    count the dense nn.Linear layers of the attentions and FFNs as dynamic int8 layers (the dense model at the
+    integer variants' precision: the "saving vs dense int8" reference); every other op as it runs.
     """
     scene = tensors.scene
     view = int(scene.test_ids[0] if len(scene.test_ids) else scene.train_ids[0]) if view is None else view
@@ -296,7 +331,7 @@ def count_frame_ops(model, tensors, cfg, view: int | None = None, n_rays: int = 
     origins, directions = origins[pick].to(tensors.device), directions[pick].to(tensors.device)
     near, far = scene.depth_range(view)
     renderer = Renderer(RenderSettings.from_config(cfg).with_(autocast="none"), kind=scene.kind)  # fp32 counts
-    with OpCounter(model) as ray_counter:
+    with OpCounter(model, int8_linears=int8_linears) as ray_counter:
         renderer.render_rays(lambda p, d, o: model.render_points(p, d, o[0], views), origins, directions, near, far)
     per_ray = ray_counter.ops.scaled(1.0 / len(pick))
     pixels = scene.height * scene.width

@@ -95,3 +95,32 @@ def test_moe_charges_each_expert_only_for_its_tokens(tiny_config):
     norm_mults = 2 * cfg.model.trans_depth * 3 * cfg.model.netwidth * cfg.render.n_samples
     assert ffn["mult_fp32"] == pytest.approx(router_mults + gate_mults + norm_mults)  # no dense-expert multiplies
     assert ffn["shift_int32"] > 0 and dense_ffn.get("shift_int32", 0) == 0
+
+
+def test_dense_int8_counterfactual_counts_the_block_linears_as_int8_by_hand():
+    """int8_linears: only the attention/FFN linears become int8 (with the same quantization overheads an
+    IntShiftLinear is charged); anything else (here a head) stays fp32."""
+    from gnt_shiftadd.models.transformers import FeedForward
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff = FeedForward(4, 8)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.ff(x))
+
+    model = Tiny().eval()
+    with OpCounter(model, int8_linears=True) as counter:
+        model(torch.randn(5, 4))
+    t = 5
+    expected = Counter()
+    for fin, fout in ((4, 8), (8, 4)):
+        expected.update({("mult", "fp32"): t * fin + t * fout, ("special", "fp32"): 2 * t, ("mult", "int8"): t * fin * fout,
+                         ("add", "int32"): t * (fin - 1) * fout, ("add", "fp32"): t * fout})
+    expected.update({("mult", "fp32"): t * 4 * 3, ("add", "fp32"): t * 3 * 3 + t * 3})
+    assert counter.ops.total() == expected
+    with OpCounter(model) as plain:
+        model(torch.randn(5, 4))
+    assert OpCounts.energy_pj(counter.ops.total()) < OpCounts.energy_pj(plain.ops.total())
