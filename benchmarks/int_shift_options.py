@@ -9,7 +9,8 @@ integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel un
   llvm_int_mul     TVM TE int32 multiply-accumulate of the rounded activations by the integer weights, LLVM-vectorized
   llvm_var_shift   TVM TE shift form: acc += +-(q << e) (variable shifts, vpsllvd), LLVM-vectorized
 and the whole FFN half-block (record["ffn"]): the fused integer FFN kernel vs the two integer layers as separate
-kernels vs dense fp32 on MKL. For scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
+kernels vs dense fp32 on MKL; and (record["view_attention"]) how much of the fused fp32 view-attention kernel its
+k|v product is, against that product as an integer layer. For scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
 blas_fp32 (torch F.linear on the decoded weights, MKL), plus torch_int_mm (torch._int_mm int8 GEMM with the
 quantization and rescale as separate torch ops, i.e. unfused). Each row is checked against the integer reference
 (bit for bit for the integer options) before it is timed. Timings are medians of `--repeats` calls after one warm-up, as wall time and as this process's CPU time (all
@@ -140,6 +141,61 @@ def ffn_options(tokens: int, repeats: int) -> dict:
     return {"tokens": tokens, "macs": macs, "tile": FFN_TILE, "blocks": list(FFN_BLOCKS), "rows": rows}
 
 
+def view_attention_options(points: int, repeats: int, views: int = 6, channels: int = 32, hidden: int = 4) -> dict:
+    """What integer k|v could buy in GNT's view attention: the fused fp32 kernel (kernels/view_attention.py), the
+    same kernel built to read k|v from memory instead of computing it (so: the cost of everything else: pos MLP,
+    attention MLP, masked softmax over the views, weighted sum), and the k|v product alone as one integer shift
+    layer (C -> 2C, 8-bit per-token activations, power-of-two int8 weights) on the VNNI kernel."""
+    from kernels.view_attention import PreparedViewWeights, make_view_attention, reference_view_attention, TILE as VA_TILE, \
+        view_attention
+
+    torch.manual_seed(0)
+    points -= points % VA_TILE
+    linears = {name: torch.nn.Linear(i, o) for name, (i, o) in {"k": (channels, channels), "v": (channels, channels),
+               "pos1": (4, hidden), "pos2": (hidden, channels), "attn1": (channels, hidden), "attn2": (hidden, channels)}.items()}
+    shifts = {name: IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8, "per_token").eval()
+              for name, layer in linears.items()}
+    decoded = {name: layer.effective_weight().detach() for name, layer in shifts.items()}
+    weights = {"k": decoded["k"], "v": decoded["v"]}
+    for name in ("pos1", "pos2", "attn1", "attn2"):
+        weights[f"{name}_w"], weights[f"{name}_b"] = decoded[name], linears[name].bias.detach()
+    prepared = PreparedViewWeights.from_dict(weights)
+    qp, features = torch.randn(points, channels), torch.randn(points, views, channels)
+    ray_diff, mask = torch.randn(points, views, 4), (torch.rand(points, views) > 0.2).float()
+    expected = reference_view_attention(qp, features, ray_diff, mask, weights)
+    kv = kernel_ready(torch.cat([features @ weights["k"].t(), features @ weights["v"].t()], dim=-1))
+    without_kv = _build(make_view_attention(cpu_target(), views, channels, hidden, kv_input=True))
+    out = torch.empty(points, channels)
+    arguments = [kernel_ready(qp).view(-1, VA_TILE, channels), kernel_ready(features).view(-1, VA_TILE, views, channels),
+                 kernel_ready(ray_diff).view(-1, VA_TILE, views, 4), kernel_ready(mask).view(-1, VA_TILE, views),
+                 kv.view(-1, VA_TILE, views, 2 * channels), *prepared.kernel_arguments()[1:], out.view(-1, VA_TILE, channels)]
+    packed = export_int_shift(shifts["k"])
+    packed_v = export_int_shift(shifts["v"])
+    kv_layer = prepare_int_shift({**packed, "weight_int": torch.cat([packed["weight_int"], packed_v["weight_int"]]),
+                                  "out_scale": torch.cat([packed["out_scale"], packed_v["out_scale"]]),
+                                  "bias": torch.zeros(2 * channels)})
+    rows_in = features.reshape(-1, channels)
+    options = {"fp32_fused": lambda: view_attention(qp, features, ray_diff, mask, prepared),
+               "fp32_fused_without_kv": lambda: (without_kv(*arguments), out)[1],
+               "int8_kv_layer_alone": lambda: int_shift(rows_in, kv_layer)}
+    kv_macs = points * views * channels * 2 * channels
+    rows = {}
+    for name, fn in options.items():
+        result = fn()
+        if name != "int8_kv_layer_alone":
+            torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+        ms, cpu_ms = _time(fn, repeats)
+        rows[name] = {"ms": ms, "cpu_ms": cpu_ms}
+        print(f"  view attention {name:<24} {ms:8.2f} ms wall {cpu_ms:8.2f} ms CPU", flush=True)
+    full, rest, integer = (rows[n]["ms"] for n in ("fp32_fused", "fp32_fused_without_kv", "int8_kv_layer_alone"))
+    return {"points": points, "views": views, "channels": channels, "hidden": hidden, "kv_macs": kv_macs, "rows": rows,
+            "kv_share_of_fp32_kernel": (full - rest) / full, "fp32_kv_gmac_per_s": kv_macs / (full - rest) / 1e6,
+            "int8_kv_gmac_per_s": kv_macs / integer / 1e6,
+            "fused_int8_kv_estimate_ms": rest + integer,
+            "note": ("fused_int8_kv_estimate_ms = the kernel without k|v + the integer k|v layer alone: a sum of two "
+                     "measured kernels (the integer one writes k|v to memory), not a kernel that exists")}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -230,6 +286,7 @@ def main(argv=None) -> dict:
         record["shapes"].append({"in": in_features, "out": out_features, "macs": macs, "rows": rows,
                                  "fastest": fastest})
     record["ffn"] = ffn_options(tokens, args.repeats)
+    record["view_attention"] = view_attention_options(tokens, args.repeats)
     record["tvm_threads"] = tvm_thread_count()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

@@ -179,8 +179,10 @@ def _check_weight_shapes(weights: dict) -> None:
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool):
-    """TE definition; returns the arguments in call order (output last). Shapes in the module docstring."""
+def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False):
+    """TE definition; returns the arguments in call order (output last). Shapes in the module docstring.
+    kv_input: k|v [NT, tile, V, 2C] comes in precomputed in place of kv_t (a profiling build: what the kernel costs
+    without its k|v product, benchmarks/view_attention_split.py)."""
     from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     exp = vector_exp if fast_exp else tirx.exp
@@ -201,9 +203,12 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
     zero = tirx.const(0.0, "float32")
     lowest = tirx.const(float(torch.finfo(torch.float32).min), "float32")
 
-    j = te.reduce_axis((0, channels), name="j")
-    kv = te.compute((num_tiles, tile, views, 2 * channels),
-                    lambda n, t, v, o: te.sum(features[n, t, v, j] * kv_t[j, o], axis=j), name="kv")
+    if kv_input:
+        kv = te.placeholder((num_tiles, tile, views, 2 * channels), name="kv")
+    else:
+        j = te.reduce_axis((0, channels), name="j")
+        kv = te.compute((num_tiles, tile, views, 2 * channels),
+                        lambda n, t, v, o: te.sum(features[n, t, v, j] * kv_t[j, o], axis=j), name="kv")
     pos_hidden = te.compute(
         (num_tiles, tile, views, hidden),
         lambda n, t, v, h: te.max(pos1_b[h] + sum(ray_diff[n, t, v, i] * pos1_t[i, h] for i in range(_RAY_DIFF_DIM)),
@@ -245,8 +250,8 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
             lambda a, b: a + b,
             lambda view: exps[n, t, view, c] / denominator[n, t, c] * mask[n, t, view]
             * (kv[n, t, view, channels + c] + pos[n, t, view, c])), name="out")
-    arguments = [qp, features, ray_diff, mask, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t,
-                 attn2_b, out]
+    arguments = [qp, features, ray_diff, mask, kv if kv_input else kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t,
+                 attn1_b, attn2_t, attn2_b, out]
     return arguments
 
 
@@ -260,7 +265,7 @@ _PER_TOKEN_STAGES = ("denominator", "exps", "peak", "logits", "attn_hidden", "at
                      "pos_hidden", "kv")
 
 
-def _schedule_cpu(sch, channels: int) -> None:
+def _schedule_cpu(sch, channels: int, kv_input: bool = False) -> None:
     """Parallel over tiles, then token by token: each token's [V, C] stages live in small L1-resident buffers.
 
     The k|v product keeps one 16-channel output chunk of all V views in registers while it runs over the input
@@ -271,20 +276,22 @@ def _schedule_cpu(sch, channels: int) -> None:
     sch.parallel(n)
     sch.vectorize(channel)
     for name in _PER_TOKEN_STAGES:
-        sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
+        if not (kv_input and name == "kv"):
+            sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
 
     for name in ("denominator", "peak", "exps", "logits", "attn_in", "pos"):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])  # over channels
     for name in ("pos_hidden", "attn_hidden"):
         sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])  # over hidden
 
-    kv = sch.get_sblock("kv")
-    view, out_channel, j = sch.get_loops(kv)[-3:]
-    chunk, lane = sch.split(out_channel, factors=[None, _vector_lanes(2 * channels)])
-    sch.reorder(chunk, j, view, lane)
-    sch.unroll(view)
-    sch.vectorize(lane)
-    sch.decompose_reduction(kv, j)
+    if not kv_input:
+        kv = sch.get_sblock("kv")
+        view, out_channel, j = sch.get_loops(kv)[-3:]
+        chunk, lane = sch.split(out_channel, factors=[None, _vector_lanes(2 * channels)])
+        sch.reorder(chunk, j, view, lane)
+        sch.unroll(view)
+        sch.vectorize(lane)
+        sch.decompose_reduction(kv, j)
 
     attn_pre = sch.get_sblock("attn_pre")
     view, unit, c_in = sch.get_loops(attn_pre)[-3:]
@@ -338,7 +345,7 @@ def kernel_tile(target_kind: str, views: int, channels: int) -> int:
     return tile
 
 
-def make_view_attention(target: dict, views: int, channels: int, hidden: int):
+def make_view_attention(target: dict, views: int, channels: int, hidden: int, kv_input: bool = False):
     """The scheduled IRModule for one (views, channels, hidden) configuration on `target` (a TVM target dict).
 
     Arguments of `main`, in order: qp [NT, tile, C], features [NT, tile, V, C], ray_diff [NT, tile, V, 4],
@@ -350,12 +357,14 @@ def make_view_attention(target: dict, views: int, channels: int, hidden: int):
 
     on_cuda = target["kind"] == "cuda"
     tile = kernel_tile(target["kind"], views, channels)
-    arguments = _view_attention_compute(views, channels, hidden, tile, fast_exp=not on_cuda)
+    if kv_input and on_cuda:
+        raise ValueError("make_view_attention: kv_input (a CPU profiling build) has no CUDA schedule")
+    arguments = _view_attention_compute(views, channels, hidden, tile, fast_exp=not on_cuda, kv_input=kv_input)
     sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(arguments)}))
     if on_cuda:
         _schedule_cuda(sch, CUDA_THREADS)
     else:
-        _schedule_cpu(sch, channels)
+        _schedule_cpu(sch, channels, kv_input)
     return sch.mod
 
 

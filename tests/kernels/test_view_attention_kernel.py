@@ -73,6 +73,28 @@ def test_kernel_matches_reference(tokens, views, channels):
     assert torch.count_nonzero(out[0]) == 0
 
 
+def test_profiling_build_with_kv_from_memory_matches_reference():
+    """make_view_attention(kv_input=True) (benchmarks/int_shift_options.py's "without k|v" row) computes the same
+    output from a precomputed k|v as the full kernel does from the features."""
+    from kernels.build import cpu_target, kernel_ready
+
+    tokens, views, channels = 2 * va.TILE, 6, 32
+    weights = view_attention_weights(_module(channels, seed=5))
+    prepared = PreparedViewWeights.from_dict(weights)
+    qp, features, ray_diff, mask = _inputs(tokens, views, channels, seed=3)
+    kv = kernel_ready(torch.cat([features @ weights["k"].t(), features @ weights["v"].t()], dim=-1))
+    kernel = tvm.compile(make_view_attention(cpu_target(), views, channels, prepared.hidden, kv_input=True),
+                         target=tvm.target.Target(cpu_target()))["main"]
+    out = torch.empty(tokens, channels)
+    tile = va.TILE
+    kernel(kernel_ready(qp).view(-1, tile, channels), kernel_ready(features).view(-1, tile, views, channels),
+           kernel_ready(ray_diff).view(-1, tile, views, 4), kernel_ready(mask).view(-1, tile, views),
+           kv.view(-1, tile, views, 2 * channels), *prepared.kernel_arguments()[1:], out.view(-1, tile, channels))
+    torch.testing.assert_close(out, reference_view_attention(qp, features, ray_diff, mask, weights), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no CUDA schedule"):
+        make_view_attention(cuda_target("sm_90"), views, channels, prepared.hidden, kv_input=True)
+
+
 def test_odd_hidden_and_shift_weights():
     """C = 24 gives hidden = 3 (odd vector widths); ShiftLinear weights go through unchanged."""
     module = _module(24, shift=True)
