@@ -16,7 +16,7 @@ import torch
 from gnt_shiftadd.training.checkpoint import FORMAT, CheckpointError, read_checkpoint
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
-DEFAULT_NAME = "gnt_llff_cpu_v2"  # the model `pretrained` means (v1 still ships: `--init gnt_llff_cpu_v1`)
+DEFAULT_NAME = "gnt_llff_cpu_v3"  # the model `pretrained` means (v1, v2 still ship: `--init gnt_llff_cpu_v2`)
 ALIASES = ("pretrained",)
 
 
