@@ -1,6 +1,7 @@
 """Which integer arithmetic runs a shift layer fastest on this CPU: measured at the model's shapes, written as JSON.
 
   python benchmarks/int_shift_options.py --out results/int_shift_options_cpu.json [--tokens 49152] [--repeats 7]
+      [--sections layers ffn view_attention]
 
 Every option computes the same layer (8-bit activations with one calibrated per-tensor scale, exact power-of-two
 integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel unless said otherwise):
@@ -201,6 +202,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--tokens", type=int, default=49152, help="tokens per call (default: one fern chunk)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sections", nargs="+", choices=("layers", "ffn", "view_attention"),
+                        default=["layers", "ffn", "view_attention"], help="what to measure (default: all)")
     parser.add_argument("--loaded-machine", action="store_true",
                         help="record that other work shared the cores (numbers then only rank the options)")
     args = parser.parse_args(argv)
@@ -215,7 +218,7 @@ def main(argv=None) -> dict:
               "loaded_machine": bool(args.loaded_machine),
               "note": ("cores shared with other jobs during this run: use the numbers to rank options, not as "
                        "speeds") if args.loaded_machine else "", "shapes": []}
-    for in_features, out_features in SHAPES:
+    for in_features, out_features in SHAPES if "layers" in args.sections else []:
         torch.manual_seed(0)
         dense = torch.nn.Linear(in_features, out_features)
         layer = IntShiftLinear.from_linear(dense, ShiftSpec(exponent_min=-6), 8, "per_tensor").eval()
@@ -285,8 +288,10 @@ def main(argv=None) -> dict:
         fastest = min(rows, key=lambda name: rows[name]["cpu_ms" if args.loaded_machine else "ms"])
         record["shapes"].append({"in": in_features, "out": out_features, "macs": macs, "rows": rows,
                                  "fastest": fastest})
-    record["ffn"] = ffn_options(tokens, args.repeats)
-    record["view_attention"] = view_attention_options(tokens, args.repeats)
+    if "ffn" in args.sections:
+        record["ffn"] = ffn_options(tokens, args.repeats)
+    if "view_attention" in args.sections:
+        record["view_attention"] = view_attention_options(tokens, args.repeats)
     record["tvm_threads"] = tvm_thread_count()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
