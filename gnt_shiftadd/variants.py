@@ -60,10 +60,6 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
         cfg = variant_config(base, name, path, steps)
         done = record["variants"].get(name, {})
         if done.get("steps") == steps and checkpoint_path(cfg).exists():
-            if name == "a_dense" and "ops_dense_int8" not in done:  # a record from before the int8 reference
-                model, tensors, _ = load_trained(cfg, done["checkpoint"], backend="torch")
-                done["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
-                _write(record, out_json)
             continue  # finished earlier
         result = run_finetune(cfg, teacher, progress=progress)
         metrics = run_eval(cfg, result.checkpoint, progress=progress)
@@ -72,9 +68,12 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
         record["variants"][name] = {"config": str(path), "shiftadd": copy.deepcopy(cfg.to_dict()["shiftadd"]),
                                     "steps": steps, "checkpoint": str(result.checkpoint), "heldout_mean": metrics["mean"],
                                     "ops": ops, "moe": _moe_summary(model)}
-        if name == "a_dense":  # the same dense model with its attention/FFN linears as dynamic int8 layers
-            record["variants"][name]["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
         _write(record, out_json)
+    dense = record["variants"].get("a_dense")
+    if dense and "ops_dense_int8" not in dense:  # the same dense model, its attention/FFN linears as dynamic int8
+        cfg = variant_config(base, "a_dense", variant_configs()["a_dense"], steps)
+        model, tensors, _ = load_trained(cfg, dense["checkpoint"], backend="torch")
+        dense["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
     _write(record, out_json)
     return record
 

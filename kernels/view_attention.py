@@ -182,7 +182,7 @@ def _check_weight_shapes(weights: dict) -> None:
 def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False):
     """TE definition; returns the arguments in call order (output last). Shapes in the module docstring.
     kv_input: k|v [NT, tile, V, 2C] comes in precomputed in place of kv_t (a profiling build: what the kernel costs
-    without its k|v product, benchmarks/view_attention_split.py)."""
+    without its k|v product, `benchmarks/int_shift_options.py --sections view_attention`)."""
     from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     exp = vector_exp if fast_exp else tirx.exp

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gnt_shiftadd.models.encodings import PositionalEncoding
-from gnt_shiftadd.models.transformers import DotProductAttention, ViewAttention
+from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
@@ -127,36 +127,38 @@ def _count_shift_linear(ops, comp, module: ShiftLinear, inputs, _out):
         ops.add(comp, "shift", "int32", t * module.out_features)  # the per-channel power-of-two scale
 
 
+def _count_quantized_io(ops, comp, tokens: int, module: nn.Module, per_token_scale: bool) -> None:
+    """What every integer linear layer pays around its products: rounding each input (one fp32 mult; round/clamp
+    are comparisons), two divisions per token for a dynamic scale, and per output one fp32 rescale and the fp32
+    bias. One function for the integer shift layers and the dense int8 reference, so they differ only in their
+    products."""
+    ops.add(comp, "mult", "fp32", tokens * module.in_features)
+    if per_token_scale:
+        ops.add(comp, "special", "fp32", 2 * tokens)
+    ops.add(comp, "mult", "fp32", tokens * module.out_features)
+    if module.bias is not None:
+        ops.add(comp, "add", "fp32", tokens * module.out_features)
+
+
 def _count_int_shift_linear(ops, comp, module: IntShiftLinear, inputs, _out):
-    """Integer activations: rounding each input (one fp32 mult; round/clamp are comparisons), per token two
-    divisions for a dynamic scale, one shift at the activation width per nonzero weight, int32 accumulation, and
-    per output one fp32 rescale, the channel's power-of-two (a shift) and the fp32 bias."""
+    """Integer activations: the quantization around the products, one shift at the activation width per nonzero
+    weight, int32 accumulation, and per output the channel's power-of-two (a shift)."""
     t = _tokens(inputs[0], module.in_features)
     nonzero = module.nonzero_weights()
-    ops.add(comp, "mult", "fp32", t * module.in_features)
-    if module.act_scale == "per_token":
-        ops.add(comp, "special", "fp32", 2 * t)
+    _count_quantized_io(ops, comp, t, module, module.act_scale == "per_token")
     ops.add(comp, "shift", f"int{module.activation_bits}", t * nonzero)
     ops.add(comp, "add", "int32", t * max(nonzero - module.out_features, 0))
-    ops.add(comp, "mult", "fp32", t * module.out_features)
     ops.add(comp, "shift", "int32", t * module.out_features)
-    if module.bias is not None:
-        ops.add(comp, "add", "fp32", t * module.out_features)
 
 
 def _count_int8_linear(ops, comp, module: nn.Linear, inputs, _out):
-    """A dense nn.Linear as a CPU user would quantize it (dynamic int8: torch.ao's quantize_dynamic): each input
-    rounded (one fp32 mult), a per-token scale (two divisions), int8 x int8 products with int32 accumulation, and
-    per output one fp32 rescale (the weight's scale folded in) and the fp32 bias. The same overheads as
-    IntShiftLinear, so the two differ only in multiply vs shift."""
+    """A dense nn.Linear as a CPU user would quantize it (dynamic int8: torch.ao's quantize_dynamic): the same
+    quantization around the products as an IntShiftLinear with a per-token scale, and int8 x int8 products with
+    int32 accumulation (the weight's scale folds into the rescale)."""
     t = _tokens(inputs[0], module.in_features)
-    ops.add(comp, "mult", "fp32", t * module.in_features)
-    ops.add(comp, "special", "fp32", 2 * t)
+    _count_quantized_io(ops, comp, t, module, per_token_scale=True)
     ops.add(comp, "mult", "int8", t * module.in_features * module.out_features)
     ops.add(comp, "add", "int32", t * (module.in_features - 1) * module.out_features)
-    ops.add(comp, "mult", "fp32", t * module.out_features)
-    if module.bias is not None:
-        ops.add(comp, "add", "fp32", t * module.out_features)
 
 
 def _count_conv(ops, comp, module: nn.Conv2d, _inputs, out):
@@ -269,7 +271,7 @@ class OpCounter:
     def __init__(self, model: nn.Module, int8_linears: bool = False):
         self.model = model
         self.ops = OpCounts()
-        self.int8_linears = int8_linears
+        self.int8_linears = int8_linears  # count the reparameterizable nn.Linear layers as dynamic int8
         self._handles: list = []
         self._dispatch: list = []
 
@@ -300,8 +302,6 @@ class OpCounter:
 
 def _reparameterizable_linears(model: nn.Module) -> set[str]:
     """Names of the plain nn.Linear layers ShiftAddViT reparameterizes: inside the attentions and the FFNs."""
-    from gnt_shiftadd.models.transformers import FeedForward, RayAttention  # the block types (no cycle at import)
-
     names = set()
     for parent_name, parent in model.named_modules():
         if isinstance(parent, (RayAttention, ViewAttention, FeedForward)):

@@ -1,5 +1,6 @@
 """reparameterize(): in-place conversion of GNT, filters, exactness where the math says so, save/load, staging."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_dense_core_is_the_default(dense):
     assert all(isinstance(b.attn.core, DotProductAttention) for b in model.transformer.ray_blocks)
 
 
-@pytest.mark.parametrize("variant", sorted(p.stem for p in __import__("pathlib").Path("configs/shiftadd").glob("*.yaml")))
+@pytest.mark.parametrize("variant", sorted(p.stem for p in Path("configs/shiftadd").glob("*.yaml")))
 def test_every_shipped_variant_converts_and_renders(dense, variant):
     """Each configs/shiftadd/*.yaml converts the model into what it names, and the result renders finite colours."""
     from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
