@@ -52,6 +52,7 @@ from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene, resol
 from gnt_shiftadd.training.checkpoint import config_of_checkpoint, save_checkpoint  # noqa: E402
 from gnt_shiftadd.training.trainer import checkpoint_path  # noqa: E402
 from gnt_shiftadd.training.warm_start import warm_start  # noqa: E402
+from gnt_shiftadd.evaluation.baselines import trivial_baselines_for  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.evaluation.lpips import LPIPSUnavailable, load_lpips, lpips_distance  # noqa: E402
 from gnt_shiftadd.evaluation.metrics import psnr  # noqa: E402
@@ -434,6 +435,11 @@ def markdown(record: dict) -> str:
                      f"{r['speedup_vs_dense_eager']:.2f}x | {r['frame_psnr']:.2f} | {lp} | {r['gmac_per_s']:.1f} | "
                      f"{pct(r['peak_fraction'].get('fp32'))} | {pct(r['peak_fraction_own_arithmetic'])} | "
                      f"{r['ops']['energy_mj_full_frame']:,.0f} | {r['ran']} |")
+    photo = record.get("nearest_photo")
+    if photo:
+        lpips = f"{photo['lpips']:.3f}" if photo.get("lpips") is not None else "n/a"
+        lines += ["", f"Showing the nearest training photo instead, on the same view and resolution: PSNR "
+                      f"{photo['psnr']:.2f}, SSIM {photo['ssim']:.3f}, LPIPS {lpips}."]
     head = record.get("headline")
     if head:
         lines += ["", f"Headline: {head['best_shiftadd']} is {head['speedup_vs_fastest_dense']:.2f}x the speed of the "
@@ -589,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         if "end_to_end" in record and any("speedup_vs_fastest_dense" in r for r in record["end_to_end"]):
             out.with_suffix(".md").write_text(markdown(record))
 
+    # the trivial baseline every frame is read against: the nearest training photo on the same view and stride
+    nearest = trivial_baselines_for(cfg, SceneTensors(load_scene(cfg), device))["nearest"]["per_view"]
+    record["nearest_photo"] = next((row for row in nearest if row["view"] == args.view), None)
     print("arithmetic peaks:")
     record["peaks"] = measure_peaks(device, args.peak_size, repeats=3 if args.quick else 5)
     if not (args.quick or args.skip_kernels):

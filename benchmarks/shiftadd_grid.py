@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import load_config  # noqa: E402
-from gnt_shiftadd.variants import run_variant_grid  # noqa: E402
+from gnt_shiftadd.variants import run_variant_grid, variant_configs  # noqa: E402
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="scene/model config the teacher was trained with")
     parser.add_argument("--teacher", required=True, help="checkpoint of the trained dense GNT")
@@ -29,7 +29,19 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.only:  # key=value after --only are overrides, which argparse would otherwise read as variant names
+        args.overrides = [item for item in args.only if "=" in item] + args.overrides
+        args.only = [item for item in args.only if "=" not in item]
+        unknown = sorted(set(args.only) - set(variant_configs()))
+        if unknown:
+            parser.error(f"--only: no variant config named {unknown} in configs/shiftadd/ "
+                         f"(known: {', '.join(variant_configs())})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     base = load_config(args.config, args.overrides)
     record = run_variant_grid(base, args.teacher, args.steps, args.out, only=args.only)
     record["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)

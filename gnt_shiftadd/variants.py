@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gnt_shiftadd.config import Config, load_config
+from gnt_shiftadd.evaluation.baselines import trivial_baselines_for
 from gnt_shiftadd.evaluation.evaluate import environment, evaluate
 from gnt_shiftadd.experiment import SceneTensors, load_scene, resolve_device
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
@@ -74,6 +75,9 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
         cfg = variant_config(base, "a_dense", variant_configs()["a_dense"], steps)
         model, tensors, _ = load_trained(cfg, dense["checkpoint"], backend="torch")
         dense["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
+    if "baselines" not in record:  # the trivial baselines on the same held-out views, scored as the variants are
+        tensors = SceneTensors(load_scene(base), resolve_device(base.device))
+        record["baselines"] = trivial_baselines_for(base, tensors)
     _write(record, out_json)
     return record
 
@@ -127,6 +131,11 @@ def markdown_table(record: dict) -> str:
         rows.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {lpips} | {ops['per_ray']['mults']:,.0f} | "
                     f"{ops['per_ray']['adds']:,.0f} | {ops['per_ray']['shifts']:,.0f} | "
                     f"{ops['per_frame']['energy_pj'] / 1e9:.1f} | {saving} | {saving_int8} | {share} |")
+    for name, label in (("nearest", "show the nearest training photo"), ("mean_image", "show the mean training photo")):
+        if name in record.get("baselines", {}):
+            m = record["baselines"][name]["mean"]
+            lpips = f"{m['lpips']:.3f}" if m.get("lpips") is not None else "n/a"
+            rows.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.3f} | {lpips} | - | - | - | - | - | - | - |")
     dense_int8 = record["variants"].get("a_dense", {}).get("ops_dense_int8")
     if dense_int8:
         rows.append(f"\n(a) as int8: the same dense model with its attention and FFN linears counted as dynamic int8 "

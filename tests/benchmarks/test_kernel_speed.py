@@ -71,6 +71,9 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     assert head["speedup_vs_fastest_dense_if_blocks_were_free"] == pytest.approx(
         shiftadd["breakdown_ms"]["blocks_bound"] * shiftadd["speedup_vs_fastest_dense"])
     assert "Headline:" in out.with_suffix(".md").read_text()
+    # the frame's trivial baseline: the nearest training photo on the same view
+    assert record["nearest_photo"]["view"] == record["view"] and record["nearest_photo"]["psnr"] > 0
+    assert "Showing the nearest training photo instead" in out.with_suffix(".md").read_text()
 
 
 def test_bad_arguments_stop_with_one_message(tiny_scene, tmp_path, capsys):

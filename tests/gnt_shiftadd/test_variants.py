@@ -19,6 +19,8 @@ def test_grid_records_energy_against_dense_fp32_and_dense_int8_and_reuses_finish
     assert integer["energy_saving_vs_a"] > integer["energy_saving_vs_a_int8"]
     table = out.with_suffix(".md").read_text()
     assert "saving vs (a) as int8" in table and "(a) as int8:" in table
+    nearest = record["baselines"]["nearest"]["mean"]
+    assert f"| show the nearest training photo | {nearest['psnr']:.2f} |" in table
     # a re-run reuses both (same steps, checkpoints present) and keeps the record
     stamp = out.stat().st_mtime_ns
     again = run_variant_grid(base, teacher, 2, out, only=["a_dense", "j_int8_shift_all"], progress=False)
