@@ -14,6 +14,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
                       residual in one kernel, for dense, shift and MoE FFNs; with integer shift layers (CPU)
                       KernelIntFFNSublayer: LN in PyTorch, fc1 + ReLU + fc2 + residual in one VNNI kernel
+  ViewColorBlend      (transformer.head.view_blend) -> KernelViewColorBlend: the blend colour head's per-view MLP,
+                      masked softmax over views and colour blend in one kernel (no [R, S, V, 2C + 4] concatenation)
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
   IntShiftLinear      (integer activations, CPU)    -> KernelIntShiftLinear: the VNNI integer kernel; the fused
                       fp32 leaves above refuse blocks holding them, which then run their integer layers on this
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.models.gnt import ViewEmbedding
+from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.transformers import FeedForward, PreNormFeedForward, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
@@ -47,12 +50,13 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kerne
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    view_attention, view_features
+    view_attention, view_blend, view_features
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
+from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelViewEmbedding", "KernelViewAttention", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -190,6 +194,26 @@ class KernelViewAttention(KernelLeaf):
         return self.source.out_fc(mixed).reshape(rays, samples, dim)
 
 
+class KernelViewColorBlend(KernelLeaf):
+    """ViewColorBlend on the view-blend kernel. Same call: (h [R, S, C], features [R, S, V, C], colors [R, S, V, 3],
+    ray_diff [R, S, V, 4], mask [R, S, V, 1], fc1, fc2) -> sample colours [R, S, 3]; fc1/fc2 must be the layers it
+    was built from (plain nn.Linear: TypeError otherwise, and the leaf stays on the reference)."""
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.weights = PreparedBlendWeights.from_linears(fc1, fc2)
+        self._layer_ids = (id(fc1), id(fc2))
+
+    def run(self, h, features, colors, ray_diff, mask, fc1, fc2):
+        _check_same_layers(self, (fc1, fc2))
+        rays, samples, views, _ = features.shape
+        blended = view_blend(self.weights.per_sample(h).reshape(rays * samples, -1),
+                             features.reshape(rays * samples, views, -1), colors.reshape(rays * samples, views, 3),
+                             ray_diff.reshape(rays * samples, views, 4), mask.reshape(rays * samples, views),
+                             self.weights)
+        return blended.view(rays, samples, 3).to(features.dtype)
+
+
 class KernelHashedAttention(KernelLeaf):
     """A hashed ray-attention core on the MatAdd kernels: q, k, v [R, H, S, d] -> [R, H, S, d]."""
 
@@ -258,6 +282,11 @@ def _view_embedding(module, parent, cfg):
 @register_kernel_handler(ViewAttention)
 def _view_attention(module, parent, cfg):
     return KernelViewAttention(module)
+
+
+@register_kernel_handler(ViewColorBlend)
+def _view_color_blend(module, parent, cfg):
+    return KernelViewColorBlend(parent.view_fc1, parent.view_fc2)
 
 
 @register_kernel_handler(HashedQuadraticAttention)

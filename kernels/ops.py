@@ -23,6 +23,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       out_scale, bias, absmax) -> fp32 [N.., out]
   int_ffn                             normed, x [N.., C], both layers' IntShiftWeights tensors
                                       -> x + fc2(relu(fc1(normed))) fp32 [N.., C]
+  view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
+                                      mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
 from kernels import mat_shift as _mat_shift
 from kernels import view_attention as _view
+from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_features", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "view_features", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -125,6 +128,29 @@ def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
     if _needs_grad("view_attention", qp, features, ray_diff, mask):
         return _view.reference_view_attention(qp, features, ray_diff, mask, weights.source)
     return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
+
+
+# -------------------------------------------------------------------------------------------------- view blend
+
+@torch.library.custom_op(f"{NAMESPACE}::view_blend", mutates_args=())
+def _view_blend_op(hq: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, mask: Tensor, features_t: Tensor,
+                   ray_t: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
+    weights = _blend.PreparedBlendWeights(features_t, ray_t, fc2_w, fc2_b, per_sample_w=features_t.new_empty(0),
+                                          fc1_b=features_t.new_empty(0))  # hq is made by the caller
+    return _blend.view_blend(hq, features, colors, ray_diff, mask, weights)
+
+
+@_view_blend_op.register_fake
+def _(hq, features, colors, ray_diff, mask, features_t, ray_t, fc2_w, fc2_b):
+    return features.new_empty(*features.shape[:-2], 3, dtype=torch.float32)
+
+
+def view_blend(hq: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, mask: Tensor,
+               weights: "_blend.PreparedBlendWeights") -> Tensor:
+    """The blend head's per-view blend through the custom op (the reference when gradients are needed)."""
+    if _needs_grad("view_blend", hq, features, colors, ray_diff, mask):
+        return _blend.reference_view_blend(hq, features, colors, ray_diff, mask, *weights.kernel_arguments())
+    return torch.ops.shiftadd_gnt.view_blend(hq, features, colors, ray_diff, mask, *weights.kernel_arguments())
 
 
 # ----------------------------------------------------------------------------------------------- view features
@@ -249,5 +275,5 @@ def int_ffn(normed: Tensor, x: Tensor, fc1: "_int_shift.IntShiftWeights", fc2: "
 
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
-       "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "view_features": _view_features_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -30,6 +30,7 @@ from kernels.hashed_attention import hash_pack, linear_attention, quadratic_atte
 from kernels.mat_shift import mat_shift, reference_mat_shift
 from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
     view_attention_weights
+from kernels.view_blend import PreparedBlendWeights, reference_view_blend, view_blend
 from kernels.view_features import ViewFeatureWeights, reference_view_features, view_features
 
 __all__ = ["TOKENS", "RAYS", "Check", "mat_shift_checks", "ffn_checks", "view_checks", "hashed_checks", "run_checks"]
@@ -100,7 +101,8 @@ def ffn_checks(device: torch.device, tokens: int, kind: str) -> list[Check]:
 
 
 def view_checks(device: torch.device, tokens: int) -> list[Check]:
-    """The fused view attention and the fused front end (8 views, width 32), a token no view sees included."""
+    """The fused view attention, the fused front end and the blend head's view blend (8 views, width 32), a token no
+    view sees included."""
     torch.manual_seed(2)
     views, dim = 8, 32
     weights = PreparedViewWeights.from_dict(view_attention_weights(ViewAttention(dim).to(device).eval()))
@@ -117,6 +119,12 @@ def view_checks(device: torch.device, tokens: int) -> list[Check]:
     expected_features, expected_q = reference_view_features(rgb, feat, mask, front)
     checks += [Check(f"view_features.features[{tokens}]", got_features, expected_features, 1e-4, ran),
                Check(f"view_features.q0[{tokens}]", got_q, expected_q, 1e-4, ran)]
+    blend = PreparedBlendWeights.from_linears(torch.nn.Linear(2 * dim + 4, dim).to(device),
+                                              torch.nn.Linear(dim, 1).to(device))
+    hq, colors = blend.per_sample(qp), torch.rand(tokens, views, 3, device=device)
+    got, ran = _ran(lambda: view_blend(hq, features, colors, ray_diff, mask, blend))
+    checks.append(Check(f"view_blend[{tokens}]", got, reference_view_blend(hq, features, colors, ray_diff, mask,
+                                                                          *blend.kernel_arguments()), 1e-4, ran))
     return checks
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gnt_shiftadd.models.encodings import PositionalEncoding
+from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
@@ -235,6 +236,24 @@ def _count_view_attention(ops, comp, _module, inputs, _out):
     _softmax(ops, comp, rows * q.shape[-1], views)
 
 
+def _count_view_color_blend(ops, comp, _module, inputs, _out):
+    """BlendColorHead's per-view blend: fc1 split by input block (models.heads.split_view_linear; a fc1 that is not a
+    plain nn.Linear is called whole and counted by its own hook), the masked softmax over views and the colour
+    blend. fc2 is a module call and counts itself."""
+    h, features, fc1 = inputs[0], inputs[1], inputs[5]
+    channels, views = features.shape[-1], features.shape[-2]
+    per_view = features.numel() // channels  # (sample, view) pairs
+    samples = h.numel() // h.shape[-1]
+    if type(fc1) is nn.Linear:
+        hidden, ray_dims = fc1.out_features, fc1.in_features - 2 * channels
+        ops.add(comp, "mult", "fp32", per_view * (channels + ray_dims) * hidden + samples * channels * hidden)
+        ops.add(comp, "add", "fp32", per_view * (channels + ray_dims) * hidden  # both blocks' sums, + per sample
+                + samples * channels * hidden)  # (C - 1) sums and the bias per hidden unit
+    _softmax(ops, comp, samples, views)
+    ops.add(comp, "mult", "fp32", per_view * 4)  # weight x mask, weight x rgb
+    ops.add(comp, "add", "fp32", samples * (views - 1) * 3)
+
+
 def _count_positional_encoding(ops, comp, module, inputs, _out):
     x = inputs[0]
     freqs = (module.out_dim - x.shape[-1]) // (2 * x.shape[-1])
@@ -256,6 +275,7 @@ _COUNTERS = [  # most specific first: the first matching type counts a module
     (HashedQuadraticAttention, _count_hash_quadratic),
     ((HashedLinearAttention, SeedLinearAttention), _count_hash_linear),
     (ViewAttention, _count_view_attention),
+    (ViewColorBlend, _count_view_color_blend),
     (PositionalEncoding, _count_positional_encoding),
     (MoEFeedForward, _count_moe_gate),
 ]

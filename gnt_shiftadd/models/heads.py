@@ -32,6 +32,38 @@ class RegressColorHead(nn.Module):
         return self.rgb_fc(self.norm(q).mean(dim=1))
 
 
+def split_view_linear(fc1: nn.Module, h: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor) -> torch.Tensor:
+    """fc1([features, h expanded over the views, ray_diff]) without building that [R, S, V, 2C + 4] concatenation.
+
+    fc1 is linear, so its weight splits by input block: W_f features (per sample and view) + (W_q h + b) (once per
+    sample, broadcast over the views) + W_r ray_diff (per sample and view). Exact algebra (fp32 rounding aside):
+    40% fewer multiply-accumulates at GNT's widths and no concatenation copy. A layer that is not a plain
+    nn.Linear (e.g. torch.ao's dynamic int8 Linear) gets the concatenation it was built for.
+    h [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4] -> [R, S, V, hidden]."""
+    if type(fc1) is not nn.Linear:
+        return fc1(torch.cat([features, h[:, :, None, :].expand_as(features), ray_diff], dim=-1))
+    channels = features.shape[-1]
+    weight = fc1.weight
+    per_sample = F.linear(h, weight[:, channels:2 * channels], fc1.bias)  # [R, S, hidden]
+    per_view = F.linear(features, weight[:, :channels]) + F.linear(ray_diff, weight[:, 2 * channels:])
+    return per_view + per_sample[:, :, None, :]
+
+
+class ViewColorBlend(nn.Module):
+    """The per-(sample, view) half of BlendColorHead as one swappable leaf (kernels.view_blend fuses it): per sample,
+    the colours the source views see there, blended by a softmax over the visible views of
+    fc2(relu(fc1([feature_v, h, ray_diff_v]))). No parameters of its own: the head owns fc1/fc2 (state_dict keys
+    unchanged) and passes them in.
+    h [R, S, C] (normed tokens), features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
+    mask [R, S, V, 1] (1 = visible) -> sample colours [R, S, 3] (0 for a sample no view sees)."""
+
+    def forward(self, h, features, colors, ray_diff, mask, fc1: nn.Module, fc2: nn.Module) -> torch.Tensor:
+        logits = fc2(F.relu(split_view_linear(fc1, h, features, ray_diff)))  # [R, S, V, 1]
+        logits = logits.masked_fill(mask <= 0, torch.finfo(logits.dtype).min)
+        view_weights = torch.softmax(logits, dim=2) * mask
+        return (view_weights * colors).sum(dim=2)
+
+
 class BlendColorHead(nn.Module):
     """rgb = sum_s a_s sum_v w_{s,v} colors_{s,v}; w = softmax over visible views of MLP(feature_v, q_s, ray_diff_v),
     a = softmax over samples of Linear(LN(q_s)). A sample no view sees has no colour (its blend is 0) and is left
@@ -45,16 +77,12 @@ class BlendColorHead(nn.Module):
         self.view_fc1 = nn.Linear(2 * dim + 4, hidden)
         self.view_fc2 = nn.Linear(hidden, 1)
         self.sample_fc = nn.Linear(dim, 1)
+        self.view_blend = ViewColorBlend()
 
     def forward(self, q, features, colors, ray_diff, mask) -> torch.Tensor:
         h = self.norm(q)  # [R, S, C]
-        per_view = torch.cat([features, h[:, :, None, :].expand_as(features), ray_diff], dim=-1)
-        logits = self.view_fc2(F.relu(self.view_fc1(per_view)))  # [R, S, V, 1]
-        visible = mask > 0
-        logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
-        view_weights = torch.softmax(logits, dim=2) * mask  # 0 for a sample no view sees
-        sample_colors = (view_weights * colors).sum(dim=2)  # [R, S, 3]
-        seen = visible.any(dim=2)  # [R, S, 1]
+        sample_colors = self.view_blend(h, features, colors, ray_diff, mask, self.view_fc1, self.view_fc2)  # [R, S, 3]
+        seen = (mask > 0).any(dim=2)  # [R, S, 1]
         sample_logits = self.sample_fc(h).masked_fill(~seen, -1e4)  # unseen samples only when nothing is seen
         sample_weights = torch.softmax(sample_logits, dim=1)  # [R, S, 1]
         return (sample_weights * sample_colors).sum(dim=1)

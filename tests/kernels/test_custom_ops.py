@@ -19,6 +19,8 @@ from kernels.int_shift import prepare_int_shift  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
 from kernels.view_attention import view_attention as direct_view_attention  # noqa: E402
+from kernels.view_blend import PreparedBlendWeights  # noqa: E402
+from kernels.view_blend import view_blend as direct_view_blend  # noqa: E402
 from kernels.view_features import ViewFeatureWeights  # noqa: E402
 
 DIM, HIDDEN, VIEWS = 16, 32, 5
@@ -44,6 +46,11 @@ def _view_weights():
 def _feature_weights():
     torch.manual_seed(6)
     return ViewFeatureWeights.from_linears(torch.nn.Linear(3 + 8, DIM), torch.nn.Linear(DIM, DIM))
+
+
+def _blend_weights():
+    torch.manual_seed(7)
+    return PreparedBlendWeights.from_linears(torch.nn.Linear(2 * DIM + 4, HIDDEN), torch.nn.Linear(HIDDEN, 1))
 
 
 def _view_inputs(tokens=13):
@@ -77,6 +84,8 @@ def _op_cases():
         "ffn_sublayer": (torch.randn(3, 7, DIM), w.fc1, w.b1, w.fc2, w.b2, w.router_w, w.router_b, w.ln_w, w.ln_b,
                          float(w.eps)),
         "view_attention": (*_view_inputs(), *vw.kernel_arguments()),
+        "view_blend": (torch.randn(13, HIDDEN), *_view_inputs()[1:2], torch.rand(13, VIEWS, 3), *_view_inputs()[2:],
+                       *_blend_weights().kernel_arguments()),
         "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
                           (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),
         "hash_pack": (x, hw, hb),
@@ -104,6 +113,11 @@ def test_ops_equal_the_direct_kernel_calls():
     vw = _view_weights()
     inputs = _view_inputs()
     assert torch.equal(ops.view_attention(*inputs, vw), direct_view_attention(*inputs, vw))
+    bw = _blend_weights()
+    _, features, ray_diff, mask = inputs
+    hq, colors = torch.randn(13, HIDDEN), torch.rand(13, VIEWS, 3)
+    assert torch.equal(ops.view_blend(hq, features, colors, ray_diff, mask, bw),
+                       direct_view_blend(hq, features, colors, ray_diff, mask, bw))
     # weights that went through the op's tensor arguments rebuild the same reference weights
     rebuilt = PreparedViewWeights.from_kernel_arguments(*vw.kernel_arguments())
     for key, value in vw.source.items():

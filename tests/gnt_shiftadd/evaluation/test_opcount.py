@@ -39,6 +39,28 @@ def test_dense_attention_counts_by_hand():
     assert total[("special", "fp32")] == 2 * 2 * 3 * 5 * 5
 
 
+def test_blend_head_counts_its_split_first_layer_by_hand():
+    """BlendColorHead: fc1 split by input block (C + 4 inputs per sample and view, C once per sample), fc2 per
+    (sample, view), sample_fc per sample, the LayerNorm; softmaxes over views and samples."""
+    from gnt_shiftadd.models.heads import BlendColorHead
+
+    head = BlendColorHead(dim=8, hidden=6)
+    rays, samples, views = 2, 5, 3
+    q, features = torch.randn(rays, samples, 8), torch.randn(rays, samples, views, 8)
+    colors, ray_diff = torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4)
+    mask = torch.ones(rays, samples, views, 1)
+    with OpCounter(head) as counter:
+        head(q, features, colors, ray_diff, mask)
+    pairs, tokens = rays * samples * views, rays * samples
+    fc1 = pairs * (8 + 4) * 6 + tokens * 8 * 6
+    fc2 = pairs * 6 * 1
+    sample_fc = tokens * 8 * 1
+    norm = 3 * tokens * 8
+    blend = pairs * 4
+    assert counter.ops.total()[("mult", "fp32")] == fc1 + fc2 + sample_fc + norm + blend
+    assert counter.ops.total()[("special", "fp32")] == 2 * tokens * views + tokens  # view softmax + LN rsqrt
+
+
 def test_energy_uses_the_stated_table():
     counts = Counter({("mult", "fp32"): 10, ("add", "fp32"): 100, ("shift", "int32"): 1000})
     assert OpCounts.energy_pj(counts) == pytest.approx(10 * 3.7 + 100 * 0.9 + 1000 * 0.13)

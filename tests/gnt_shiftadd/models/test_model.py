@@ -157,6 +157,38 @@ def test_blend_head_ignores_invisible_views():
     assert torch.allclose(_run(model, rgb_feat, ray_diff, mask, points, dirs), _run(model, other, ray_diff, mask, points, dirs))
 
 
+def test_split_view_linear_equals_the_concatenated_layer_and_falls_back_for_other_layers():
+    """fc1 on [features, h over the views, ray_diff] computed block by block is the same function (and gradient)
+    as the layer on the concatenation; a layer that is not a plain nn.Linear gets the concatenation."""
+    from torch import nn
+
+    from gnt_shiftadd.models.heads import split_view_linear
+
+    torch.manual_seed(0)
+    fc1 = nn.Linear(2 * 8 + 4, 6)
+    h, features, ray_diff = torch.randn(3, 5, 8), torch.randn(3, 5, 4, 8), torch.randn(3, 5, 4, 4)
+    whole = fc1(torch.cat([features, h[:, :, None, :].expand_as(features), ray_diff], dim=-1))
+    split = split_view_linear(fc1, h, features, ray_diff)
+    assert split.shape == (3, 5, 4, 6)
+    assert torch.allclose(split, whole, atol=1e-5)
+    grad_whole = torch.autograd.grad(whole.square().sum(), fc1.weight)[0]
+    grad_split = torch.autograd.grad(split.square().sum(), fc1.weight)[0]
+    assert torch.allclose(grad_split, grad_whole, atol=1e-4)
+
+    class Wrapped(nn.Module):  # stands for torch.ao's dynamic int8 Linear: callable on the concatenation only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, []
+
+        def forward(self, x):
+            self.calls.append(x.shape)
+            return self.inner(x)
+
+    wrapped = Wrapped(fc1)
+    assert torch.equal(split_view_linear(wrapped, h, features, ray_diff), whole)
+    assert wrapped.calls == [torch.Size([3, 5, 4, 20])]
+
+
 def test_old_checkpoint_head_keys_are_renamed():
     from gnt_shiftadd.training.checkpoint import _renamed_head_keys
 
