@@ -70,14 +70,43 @@ def run_variant_grid(base: Config, teacher: str | Path, steps: int, out_json: st
                                     "steps": steps, "checkpoint": str(result.checkpoint), "heldout_mean": metrics["mean"],
                                     "ops": ops, "moe": _moe_summary(model)}
         _write(record, out_json)
-    dense = record["variants"].get("a_dense")
-    if dense and "ops_dense_int8" not in dense:  # the same dense model, its attention/FFN linears as dynamic int8
-        cfg = variant_config(base, "a_dense", variant_configs()["a_dense"], steps)
-        model, tensors, _ = load_trained(cfg, dense["checkpoint"], backend="torch")
-        dense["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
+    _count_dense_int8(record, base, steps)
     if "baselines" not in record:  # the trivial baselines on the same held-out views, scored as the variants are
         tensors = SceneTensors(load_scene(base), resolve_device(base.device))
         record["baselines"] = trivial_baselines_for(base, tensors)
+    _write(record, out_json)
+    return record
+
+
+def _count_dense_int8(record: dict, base: Config, steps: int) -> None:
+    """(a)'s op counts with its attention/FFN linears as dynamic int8 (the "saving vs dense int8" reference)."""
+    dense = record["variants"].get("a_dense")
+    if dense and "ops_dense_int8" not in dense:
+        cfg = variant_config(base, "a_dense", variant_configs()["a_dense"], steps)
+        model, tensors, _ = load_trained(cfg, dense["checkpoint"], backend="torch")
+        dense["ops_dense_int8"] = count_frame_ops(model, tensors, cfg, int8_linears=True)
+
+
+def recount_variant_ops(base: Config, out_json: str | Path, only: list[str] | None = None) -> dict:
+    """Count ops and energy again for the variants `out_json` already holds (their recorded checkpoints), without
+    fine-tuning or evaluating: for when the op counter or the model's arithmetic changed but not the weights
+    (e.g. the blend head's split first layer). Rewrites out_json and its table; quality stays as recorded."""
+    out_json = Path(out_json)
+    if not out_json.exists():
+        raise FileNotFoundError(f"{out_json}: no variant grid to recount (run the grid first)")
+    record = json.loads(out_json.read_text())
+    steps = record.get("extra_steps")
+    for name, entry in record.get("variants", {}).items():
+        if only and name not in only:
+            continue
+        checkpoint = Path(entry["checkpoint"])
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"{out_json}: variant {name!r} names checkpoint {checkpoint}, which does not exist")
+        cfg = variant_config(base, name, Path(entry["config"]), steps)
+        model, tensors, _ = load_trained(cfg, checkpoint, backend="torch")
+        entry["ops"] = count_frame_ops(model, tensors, cfg)
+        entry.pop("ops_dense_int8", None)
+    _count_dense_int8(record, base, steps)
     _write(record, out_json)
     return record
 

@@ -1,8 +1,10 @@
 """The variant grid (gnt_shiftadd/variants.py): fine-tune, evaluate, count, tabulate; reuse on re-run."""
 import json
 
+import pytest
+
 from gnt_shiftadd.training.trainer import train
-from gnt_shiftadd.variants import run_variant_grid
+from gnt_shiftadd.variants import recount_variant_ops, run_variant_grid
 
 
 def test_grid_records_energy_against_dense_fp32_and_dense_int8_and_reuses_finished_variants(tiny_config, tmp_path):
@@ -27,3 +29,24 @@ def test_grid_records_energy_against_dense_fp32_and_dense_int8_and_reuses_finish
     assert again["variants"]["j_int8_shift_all"]["checkpoint"] == integer["checkpoint"]
     assert json.loads(out.read_text())["variants"].keys() == record["variants"].keys()
     assert out.stat().st_mtime_ns >= stamp
+
+    # recounting ops keeps quality and checkpoints, replaces the counts (here: a doctored one comes back right)
+    doctored = json.loads(out.read_text())
+    doctored["variants"]["j_int8_shift_all"]["ops"]["per_frame"]["energy_pj"] = 1.0
+    out.write_text(json.dumps(doctored))
+    recounted = recount_variant_ops(base, out)
+    j = recounted["variants"]["j_int8_shift_all"]
+    assert j["ops"]["per_frame"]["energy_pj"] == integer["ops"]["per_frame"]["energy_pj"]
+    assert j["heldout_mean"] == integer["heldout_mean"] and j["checkpoint"] == integer["checkpoint"]
+    assert recounted["variants"]["a_dense"]["ops_dense_int8"] == dense["ops_dense_int8"]
+
+
+def test_recount_names_a_missing_grid_or_checkpoint(tiny_config, tmp_path):
+    base = tiny_config(name="grid_missing")
+    with pytest.raises(FileNotFoundError, match="no variant grid to recount"):
+        recount_variant_ops(base, tmp_path / "none.json")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"extra_steps": 2, "variants": {"a_dense": {
+        "config": "configs/shiftadd/a_dense.yaml", "checkpoint": str(tmp_path / "gone.pt")}}}))
+    with pytest.raises(FileNotFoundError, match="variant 'a_dense' names checkpoint .*gone.pt"):
+        recount_variant_ops(base, grid)
