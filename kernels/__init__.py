@@ -8,6 +8,7 @@ mat_shift.py        MatShift: y = act(x W^T + b) with W given by packed sign/exp
 ffn.py              LN + FFN (+ in-kernel MoE routing) + residual in one kernel
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
 view_attention.py   the view transformer's attention per (ray, sample) token, fused over views
+ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused
 hashed_attention.py hash + pack, XOR/popcount softmax attention, additive linear attention
 ops.py              every kernel as a torch custom op (torch.ops.shiftadd_gnt.*)

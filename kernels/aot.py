@@ -208,7 +208,7 @@ def model_requests(cfg, variants: dict[str, Path] | None = None, target: dict | 
             try:
                 model = build_model(variant_cfg, torch.device("cpu")).eval()
                 with record_requests(target) as recorded:
-                    use_kernels(model, "tvm", gemm="tvm")
+                    use_kernels(model, "tvm", gemm="tvm", device_type="cuda" if target["kind"] == "cuda" else "cpu")
                     with torch.no_grad():
                         calibration_forward(model, scene, variant_cfg)()
             except Exception as error:  # one variant that cannot run must not stop the others' export

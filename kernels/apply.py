@@ -9,6 +9,9 @@ with the same call signature, chosen by a handler registered per module type (`r
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
                       projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc
+  PreNormAttention    (ray_blocks.i.attn_sublayer)  -> KernelRayAttentionSublayer (CPU): LN + q/k/v projections +
+                      dense or hashed-quadratic core (XOR/popcount) + out_fc + residual in one kernel per ray
+                      (dense/shift fp32 linears; otherwise, and on CUDA, its parts are swapped as below)
   HashedQuadratic/LinearAttention (ray_blocks.i.attn.core) -> KernelHashedAttention: hash + pack, then the
                       XOR/popcount softmax kernel or the additive linear form (dense SDPA and the seed form stay)
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
@@ -42,21 +45,24 @@ from torch import nn
 
 from gnt_shiftadd.models.gnt import ViewEmbedding
 from gnt_shiftadd.models.heads import ViewColorBlend
-from gnt_shiftadd.models.transformers import FeedForward, PreNormFeedForward, ViewAttention
+from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
+    RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
-from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, needs_grad, note_kernel, resolve_backend, warn_once
+from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, linear_weight, needs_grad, note_kernel, \
+    resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    view_attention, view_blend, view_features
+    ray_attention, view_attention, view_blend, view_features
+from kernels.ray_attention import RayAttentionWeights
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -65,10 +71,16 @@ GEMM_CHOICES = ("auto", "tvm", "blas")
 @dataclass(frozen=True)
 class KernelConfig:
     """backend: "tvm" (the compiled kernels), "auto" (tvm when TVM is importable, else the reference with one
-    warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc)."""
+    warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc);
+    device_type: the device the kernels are chosen for, when not the model's own (the AOT export records a CUDA
+    model's kernel requests on CPU tensors)."""
 
     backend: str = "tvm"
     gemm: str = "auto"
+    device_type: str | None = None
+
+    def kernel_device(self, device: torch.device) -> str:
+        return self.device_type or device.type
 
     def __post_init__(self) -> None:
         if self.backend not in KERNEL_BACKENDS:
@@ -79,7 +91,7 @@ class KernelConfig:
     def gemm_on_tvm(self, device: torch.device) -> bool:
         """Dense-shaped products on the kernels: always with "tvm", on CUDA with "auto" (a CPU has no cheaper
         fp32 shift-multiply than MKL's FMA on the decoded weights)."""
-        return self.gemm == "tvm" or (self.gemm == "auto" and device.type == "cuda")
+        return self.gemm == "tvm" or (self.gemm == "auto" and self.kernel_device(device) == "cuda")
 
 
 # ------------------------------------------------------------------------------------------------- kernel leaves
@@ -214,6 +226,38 @@ class KernelViewColorBlend(KernelLeaf):
         return blended.view(rays, samples, 3).to(features.dtype)
 
 
+class KernelRayAttentionSublayer(KernelLeaf):
+    """PreNormAttention of a ray block on the fused ray-attention kernel (CPU). Same call: (x [R, S, C], norm, attn)
+    -> x + attn(norm(x)); norm/attn must be the modules it was built from. KernelNotApplicable (the parts are
+    swapped instead) for a core other than dot-product or hashed-quadratic, or linears with integer activations."""
+
+    def __init__(self, norm: nn.Module, attn: nn.Module):
+        super().__init__()
+        if type(attn) is not RayAttention or not isinstance(norm, nn.LayerNorm):
+            raise KernelNotApplicable(f"no fused ray attention for {type(norm).__name__} + {type(attn).__name__}")
+        core = attn.core
+        if type(core) is DotProductAttention:
+            kind, extra = "dense", {}
+        elif type(core) is HashedQuadraticAttention:
+            kind, extra = "hashed", {"scale": core.scale.detach(), "hash_w": core.hasher.weight.detach(),
+                                     "hash_b": core.hasher.bias.detach()}
+        else:
+            raise KernelNotApplicable(f"the fused ray attention has no {type(core).__name__} core")
+        if any(getattr(layer, "bias", None) is not None for layer in (attn.q_fc, attn.k_fc, attn.v_fc)):
+            raise KernelNotApplicable("the fused ray attention expects q/k/v projections without bias")
+        out_bias = attn.out_fc.bias.detach() if attn.out_fc.bias is not None else None
+        self.weights = RayAttentionWeights.from_parts(
+            norm.weight.detach(), norm.bias.detach(), norm.eps, *(linear_weight(layer) for layer in
+                                                                  (attn.q_fc, attn.k_fc, attn.v_fc, attn.out_fc)),
+            out_bias, attn.num_heads, kind, **extra)
+        self._layer_ids = (id(norm), id(attn))
+        self.covered_ids = {id(m) for m in attn.modules()}  # the kernel computes the whole attention
+
+    def run(self, x, norm, attn):
+        _check_same_layers(self, (norm, attn))
+        return ray_attention(x, self.weights).to(x.dtype)
+
+
 class KernelHashedAttention(KernelLeaf):
     """A hashed ray-attention core on the MatAdd kernels: q, k, v [R, H, S, d] -> [R, H, S, d]."""
 
@@ -289,6 +333,13 @@ def _view_color_blend(module, parent, cfg):
     return KernelViewColorBlend(parent.view_fc1, parent.view_fc2)
 
 
+@register_kernel_handler(PreNormAttention)
+def _ray_attention_sublayer(module, parent, cfg):
+    if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
+        raise KernelNotApplicable("the fused ray attention kernel is CPU-only; on CUDA its core has its own kernel")
+    return KernelRayAttentionSublayer(parent.attn_norm, parent.attn)
+
+
 @register_kernel_handler(HashedQuadraticAttention)
 @register_kernel_handler(HashedLinearAttention)
 def _hashed_attention(module, parent, cfg):
@@ -297,7 +348,7 @@ def _hashed_attention(module, parent, cfg):
 
 @register_kernel_handler(PreNormFeedForward)
 def _ffn_sublayer(module, parent, cfg):
-    if integer_feedforward(parent.ff) and parent.ff_norm.weight.device.type == "cpu":
+    if integer_feedforward(parent.ff) and cfg.kernel_device(parent.ff_norm.weight.device) == "cpu":
         return KernelIntFFNSublayer(parent.ff_norm, parent.ff)
     return KernelFFNSublayer(parent.ff_norm, parent.ff, cfg)
 
@@ -318,7 +369,10 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
     kernel leaf; pass 2 swaps the ShiftLinears still called in PyTorch (e.g. the view attention's q_fc/out_fc),
     skipping those a kernel leaf already computes (`covered`, ids) and never entering a KernelShiftLinear. So a
     kernel leaf is built from the original layers, and a second use_kernels_ wraps nothing twice."""
-    for name, child in list(parent.named_children()):
+    # children with a handler first: a fused sublayer leaf (e.g. a ray block's attn_sublayer) is built from the
+    # original layers before a handler for one of its parts (the attention core) could swap that part
+    children = sorted(parent.named_children(), key=lambda item: type(item[1]) not in _HANDLERS)
+    for name, child in children:
         fqn = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (KernelShiftLinear, KernelIntShiftLinear)) or id(child) in covered:
             continue
@@ -329,7 +383,7 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
                 and (filter_fn is None or filter_fn(child, fqn)):
             try:
                 replacement = handler(child, parent, cfg)
-            except IntegerLayerError:
+            except (IntegerLayerError, KernelNotApplicable):
                 pass  # not a fallback: its integer layers run on the integer kernel (swapped in pass 2), the rest
                 # of the block (norms, softmax over views) is PyTorch glue between them, as in the model itself
             except (TypeError, ValueError) as error:
@@ -367,9 +421,9 @@ def use_kernels_(model: nn.Module, cfg: KernelConfig = KernelConfig(),
 
 
 def use_kernels(model: nn.Module, backend: str = "tvm", gemm: str = "auto",
-                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict:
+                filter_fn: Callable[[nn.Module, str], bool] | None = None, device_type: str | None = None) -> dict:
     """use_kernels_ with the config given as strings (what the CLI and the config's render.kernels hold)."""
-    return use_kernels_(model, KernelConfig(backend=backend, gemm=gemm), filter_fn)
+    return use_kernels_(model, KernelConfig(backend=backend, gemm=gemm, device_type=device_type), filter_fn)
 
 
 def kernel_summary(model: nn.Module) -> str:

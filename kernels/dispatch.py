@@ -56,7 +56,7 @@ from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
 from kernels.build import KernelBuildError, build_kernel, match_tvm_threads_to_torch, target_for, tvm_available
 
-__all__ = ["KERNEL_BACKENDS", "resolve_backend", "warn_once", "get_kernel", "register_kernel_loader",
+__all__ = ["KERNEL_BACKENDS", "KernelNotApplicable", "resolve_backend", "warn_once", "get_kernel", "register_kernel_loader",
            "unregister_kernel_loader", "run_tiled", "needs_grad", "linear_weight", "note_kernel", "recording",
            "KernelLeaf", "KernelFallbackError", "kernel_map", "require_all_kernels", "all_kernels_required"]
 
@@ -65,6 +65,11 @@ _WARNED: set[str] = set()
 _LOADERS: list[Callable] = []
 _MEMO: dict[tuple, Callable | None] = {}
 _RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shiftadd_gnt_kernel_record", default=None)
+
+
+class KernelNotApplicable(ValueError):
+    """A kernel handler's answer "this fused kernel does not cover that module here (e.g. not on this device, or
+    another core); swap its parts instead". Not a fallback: use_kernels_ descends into the module silently."""
 
 
 class KernelFallbackError(RuntimeError):

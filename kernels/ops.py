@@ -23,6 +23,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       out_scale, bias, absmax) -> fp32 [N.., out]
   int_ffn                             normed, x [N.., C], both layers' IntShiftWeights tensors
                                       -> x + fc2(relu(fc1(normed))) fp32 [N.., C]
+  ray_attention                       x [R, S, C], RayAttentionWeights.kernel_arguments(), eps, heads, core
+                                      -> x + out_fc(core(LN(x))) fp32 [R, S, C]
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
 """
@@ -38,12 +40,13 @@ from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
 from kernels import mat_shift as _mat_shift
+from kernels import ray_attention as _ray
 from kernels import view_attention as _view
 from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "view_features", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -128,6 +131,28 @@ def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
     if _needs_grad("view_attention", qp, features, ray_diff, mask):
         return _view.reference_view_attention(qp, features, ray_diff, mask, weights.source)
     return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
+
+
+# ----------------------------------------------------------------------------------------------- ray attention
+
+@torch.library.custom_op(f"{NAMESPACE}::ray_attention", mutates_args=())
+def _ray_attention_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_t: Tensor, out_t: Tensor, out_b: Tensor, scale: Tensor,
+                      hash_w: Optional[Tensor], hash_b: Optional[Tensor], eps: float, heads: int, core: str) -> Tensor:
+    weights = _ray.RayAttentionWeights(ln_w, ln_b, eps, qkv_t, out_t, out_b, heads, core, scale, hash_w, hash_b)
+    return _ray.ray_attention(x, weights)
+
+
+@_ray_attention_op.register_fake
+def _(x, ln_w, ln_b, qkv_t, out_t, out_b, scale, hash_w, hash_b, eps, heads, core):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def ray_attention(x: Tensor, w: "_ray.RayAttentionWeights") -> Tensor:
+    """The fused attention half of a ray block through the custom op (the reference when gradients are needed)."""
+    if _needs_grad("ray_attention", x):
+        return _ray.reference_ray_attention(x, w)
+    return torch.ops.shiftadd_gnt.ray_attention(x, w.ln_w, w.ln_b, w.qkv_t, w.out_t, w.out_b, w.scale, w.hash_w,
+                                                w.hash_b, w.eps, w.heads, w.core)
 
 
 # -------------------------------------------------------------------------------------------------- view blend
@@ -275,5 +300,5 @@ def int_ffn(normed: Tensor, x: Tensor, fc1: "_int_shift.IntShiftWeights", fc2: "
 
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
-       "view_blend": _view_blend_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

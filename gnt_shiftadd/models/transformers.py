@@ -3,8 +3,9 @@
 The ShiftAdd reparameterization replaces: the ray attention's `core` (dot-product -> hashed additive), the
 `nn.Linear` layers (-> shift layers) and the `ff` modules (-> shift FFN or Mult/Shift mixture of experts).
 Every such piece is therefore its own named submodule with a plain tensor-in/tensor-out interface.
-The compiled kernels (kernels.apply.use_kernels_) swap leaves the same way: the view `attn`, the ray attention's
-`core` and each block's pre-norm FFN sublayer `ffn` (x + ff(ff_norm(x)) as one call); the block forwards stay.
+The compiled kernels (kernels.apply.use_kernels_) swap leaves the same way: the view `attn`, the ray block's pre-norm
+attention sublayer `attn_sublayer` (x + attn(attn_norm(x)) as one call; where no fused kernel covers it, the ray
+attention's `core`) and each block's pre-norm FFN sublayer `ffn` (x + ff(ff_norm(x))); the block forwards stay.
 
 Shapes: R rays, S samples per ray, V source views, C = netwidth.
 """
@@ -35,6 +36,15 @@ class PreNormFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module, ff: nn.Module) -> torch.Tensor:
         return x + ff(norm(x))
+
+
+class PreNormAttention(nn.Module):
+    """The attention half of a pre-norm ray block, x + attn(norm(x)), as one swappable leaf (the fused ray-attention
+    kernel covers LN, projections, core, out projection and residual). No parameters of its own: the block owns
+    `attn_norm` and `attn` and passes them in. x [R, S, C] -> [R, S, C]."""
+
+    def forward(self, x: torch.Tensor, norm: nn.Module, attn: nn.Module) -> torch.Tensor:
+        return x + attn(norm(x))
 
 
 class ViewAttention(nn.Module):
@@ -131,8 +141,9 @@ class RayTransformerBlock(nn.Module):
         self.attn = RayAttention(dim, num_heads, dropout)
         self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
         self.ff = FeedForward(dim, ff_hidden, dropout)
+        self.attn_sublayer = PreNormAttention()
         self.ffn = PreNormFeedForward()
 
     def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
+        x = self.attn_sublayer(x, self.attn_norm, self.attn)
         return self.ffn(x, self.ff_norm, self.ff)

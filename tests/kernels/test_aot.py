@@ -131,11 +131,18 @@ def test_model_requests_cover_every_kernel_of_the_variants(tiny_config):
     assert {"view_features", "view_attention", "ffn_sublayer", "mat_shift", "hash_pack",
             "hashed_quadratic"} <= names, names
     assert {r.key["experts"] for r in requests if r.name == "ffn_sublayer"} == {1, 2}
+    assert "ray_attention" not in names  # CPU-only: a CUDA model keeps the per-core kernels (recorded above)
     for r in requests:
         if r.name == "view_attention":  # recorded on CPU tensors, keyed as a CUDA device asks
             assert r.key["tile"] == kernel_tile("cuda", r.key["views"], r.key["channels"])
         if r.name in ("hash_pack", "hashed_quadratic"):
             assert r.key.get("samples", r.key.get("queries")) == cfg.render.n_samples
+
+
+def test_cpu_model_requests_use_the_fused_ray_attention(tiny_config):
+    variants = {"c_hash_shift_linears": REPO_ROOT / "configs" / "shiftadd" / "c_hash_shift_linears.yaml"}
+    names = {r.name for r in aot.model_requests(tiny_config(), variants, target={"kind": "llvm"}, rays=4)}
+    assert "ray_attention" in names and "hashed_quadratic" not in names, names
 
 
 def _nvrtc_ready() -> bool:

@@ -13,8 +13,8 @@ from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock  # noqa: E402
-from kernels.apply import KernelConfig, KernelFFNSublayer, KernelHashedAttention, KernelShiftLinear, \
-    KernelViewAttention, KernelViewEmbedding, kernel_summary, use_kernels, use_kernels_  # noqa: E402
+from kernels.apply import KernelConfig, KernelFFNSublayer, KernelHashedAttention, KernelRayAttentionSublayer, \
+    KernelShiftLinear, KernelViewAttention, KernelViewEmbedding, kernel_summary, use_kernels, use_kernels_  # noqa: E402
 from kernels.dispatch import KernelFallbackError, all_kernels_required, kernel_map, require_all_kernels  # noqa: E402
 
 VARIANTS = {
@@ -53,8 +53,10 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     assert isinstance(transformer.view_embedding, KernelViewEmbedding)
     assert all(isinstance(b.attn, KernelViewAttention) and isinstance(b.ffn, KernelFFNSublayer)
                for b in transformer.view_blocks)
-    hashed = shiftadd.ray_attention != "dense"
-    assert all(isinstance(b.attn.core, KernelHashedAttention) == hashed for b in transformer.ray_blocks)
+    # the fused ray-attention sublayer covers dense and hashed-quadratic cores; the linear form keeps its core kernel
+    fused = shiftadd.ray_attention in ("dense", "hash_quadratic")
+    assert all(isinstance(b.attn_sublayer, KernelRayAttentionSublayer) == fused for b in transformer.ray_blocks)
+    assert all(isinstance(b.attn.core, KernelHashedAttention) == (not fused) for b in transformer.ray_blocks)
     if shiftadd.attention_linears == "shift":
         assert any(isinstance(m, KernelShiftLinear) for m in model.modules())
     assert "KernelViewAttention" in kernel_summary(model)
@@ -64,9 +66,10 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     assert ran["transformer.view_embedding"] == {"view_features": "tvm"}
     expected_ffn = "tvm" if gemm == "tvm" or shiftadd.ffn == "moe" else "blas"
     assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
-    if hashed:
-        kernel = "hashed_quadratic" if shiftadd.ray_attention == "hash_quadratic" else "hashed_linear"
-        assert ran["transformer.ray_blocks.0.attn.core"] == {"hash_pack": "tvm", kernel: "tvm"}
+    if fused:
+        assert ran["transformer.ray_blocks.0.attn_sublayer"] == {"ray_attention": "tvm"}
+    else:
+        assert ran["transformer.ray_blocks.0.attn.core"] == {"hash_pack": "tvm", "hashed_linear": "tvm"}
 
 
 def test_torch_backend_leaves_the_model_alone_and_training_mode_is_refused(tiny_config):

@@ -13,12 +13,14 @@ from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from kernels import ops  # noqa: E402
-from kernels.apply import KernelFFNSublayer, KernelHashedAttention, KernelViewAttention, use_kernels  # noqa: E402
+from kernels.apply import KernelFFNSublayer, KernelRayAttentionSublayer, KernelViewAttention, use_kernels  # noqa: E402
 from kernels.ffn import ffn_sublayer as direct_ffn, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import prepare_int_shift  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
 from kernels.view_attention import view_attention as direct_view_attention  # noqa: E402
+from kernels.ray_attention import RayAttentionWeights  # noqa: E402
+from kernels.ray_attention import ray_attention as direct_ray_attention  # noqa: E402
 from kernels.view_blend import PreparedBlendWeights  # noqa: E402
 from kernels.view_blend import view_blend as direct_view_blend  # noqa: E402
 from kernels.view_features import ViewFeatureWeights  # noqa: E402
@@ -46,6 +48,20 @@ def _view_weights():
 def _feature_weights():
     torch.manual_seed(6)
     return ViewFeatureWeights.from_linears(torch.nn.Linear(3 + 8, DIM), torch.nn.Linear(DIM, DIM))
+
+
+def _ray_weights(core):
+    torch.manual_seed(8)
+    linears = [torch.randn(DIM, DIM) / 4 for _ in range(4)]
+    return RayAttentionWeights.from_parts(torch.ones(DIM), torch.zeros(DIM), 1e-6, *linears, torch.randn(DIM), 2, core,
+                                          scale=torch.full((2,), 0.3), hash_w=torch.randn(2, DIM // 2, 16),
+                                          hash_b=torch.randn(2, 16) * 0.1)
+
+
+def _ray_case(core):
+    w = _ray_weights(core)
+    return (torch.randn(3, 7, DIM), w.ln_w, w.ln_b, w.qkv_t, w.out_t, w.out_b, w.scale, w.hash_w, w.hash_b, w.eps,
+            w.heads, w.core)
 
 
 def _blend_weights():
@@ -86,6 +102,7 @@ def _op_cases():
         "view_attention": (*_view_inputs(), *vw.kernel_arguments()),
         "view_blend": (torch.randn(13, HIDDEN), *_view_inputs()[1:2], torch.rand(13, VIEWS, 3), *_view_inputs()[2:],
                        *_blend_weights().kernel_arguments()),
+        "ray_attention": _ray_case("hashed"),
         "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
                           (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),
         "hash_pack": (x, hw, hb),
@@ -118,6 +135,9 @@ def test_ops_equal_the_direct_kernel_calls():
     hq, colors = torch.randn(13, HIDDEN), torch.rand(13, VIEWS, 3)
     assert torch.equal(ops.view_blend(hq, features, colors, ray_diff, mask, bw),
                        direct_view_blend(hq, features, colors, ray_diff, mask, bw))
+    for core in ("dense", "hashed"):
+        rw, rx = _ray_weights(core), torch.randn(5, 7, DIM)
+        assert torch.equal(ops.ray_attention(rx, rw), direct_ray_attention(rx, rw))
     # weights that went through the op's tensor arguments rebuild the same reference weights
     rebuilt = PreparedViewWeights.from_kernel_arguments(*vw.kernel_arguments())
     for key, value in vw.source.items():
@@ -150,7 +170,8 @@ def test_kernel_backed_blocks_trace_without_graph_breaks(tiny_config):
     with torch.no_grad():
         use_kernels(model, "tvm")
         view_block, ray_block = model.transformer.view_blocks[0], model.transformer.ray_blocks[0]
-        assert isinstance(view_block.attn, KernelViewAttention) and isinstance(ray_block.attn.core, KernelHashedAttention)
+        assert isinstance(view_block.attn, KernelViewAttention)
+        assert isinstance(ray_block.attn_sublayer, KernelRayAttentionSublayer)
         assert isinstance(view_block.ffn, KernelFFNSublayer) and isinstance(ray_block.ffn, KernelFFNSublayer)
         torch.manual_seed(5)
         rays, samples, views, dim = 3, 5, cfg.data.num_source_views, cfg.model.netwidth
