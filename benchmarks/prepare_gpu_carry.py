@@ -77,8 +77,9 @@ def download_wheels(dest: Path) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
-def current_export(folder: Path, target: dict) -> bool:
-    """Whether an existing export can be reused: same format, TVM, target and kernel sources as here."""
+def current_export(folder: Path, target: dict, requests: list) -> bool:
+    """Whether an existing export can be reused: same format, TVM and target as here, and every requested kernel
+    in it, compiled from the kernel sources as they are now (a kernel added since is a reason to rebuild)."""
     manifest_path = folder / aot.MANIFEST_NAME
     if not manifest_path.is_file():
         return False
@@ -86,7 +87,10 @@ def current_export(folder: Path, target: dict) -> bool:
     if manifest.get("format") != aot.FORMAT_VERSION or manifest.get("tvm_version") != aot.runtime_version() \
             or {k: manifest.get("target", {}).get(k) for k in target} != target:
         return False
-    return all(entry.get("source_sha256") == aot.kernel_source_sha256(entry["module"]) for entry in manifest["kernels"])
+    problems = aot.export_serves(manifest, requests)
+    for problem in problems[:5]:
+        print(f"{folder}: rebuilding the export: {problem}")
+    return not problems
 
 
 def copy_scene(scene: Path, factor: int, dest: Path) -> None:
@@ -130,7 +134,8 @@ def prepare(carry: Path, config: str, scene: Path, kernels: Path | None, arch: s
         folder, kind = carry / "kernels_cuda", "cuda"
         variants, checks = None, True
     target = {"kind": "cuda", "arch": arch} if kind == "cuda" else None
-    if kernels is not None and target is not None and current_export(kernels, target):
+    if kernels is not None and target is not None \
+            and current_export(kernels, target, aot.config_requests(cfg, kind, arch, variants, checks)[0]):
         if folder.resolve() != kernels.resolve():
             if folder.exists():
                 shutil.rmtree(folder)

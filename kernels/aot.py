@@ -335,6 +335,14 @@ def export_for_config(cfg, target_kind: str, out_dir: str | Path, arch: str = "s
                       variants: list[str] | None = None, checks: bool = True, progress: bool = True) -> dict:
     """What `run_nerf.py export-kernels` does: every kernel of cfg's model in each variant (default: all of
     configs/shiftadd/), plus the self-check's kernels, compiled for "cuda" (arch) or "llvm" (this CPU)."""
+    requests, target, description = config_requests(cfg, target_kind, arch, variants, checks)
+    return export_kernels(requests, target, out_dir, description=description, progress=progress)
+
+
+def config_requests(cfg, target_kind: str, arch: str = "sm_90", variants: list[str] | None = None,
+                    checks: bool = True) -> tuple[list[KernelRequest], dict, dict]:
+    """(requests, target, manifest description) of export_for_config, without compiling anything: also what
+    decides whether an existing export still serves (`export_serves`)."""
     from gnt_shiftadd.variants import variant_configs  # noqa: PLC0415 (export-only)
     from kernels.build import cpu_target  # noqa: PLC0415 (needs the compiler)
 
@@ -360,7 +368,21 @@ def export_for_config(cfg, target_kind: str, out_dir: str | Path, arch: str = "s
                    "self_check": checks,
                    "model": {"netwidth": cfg.model.netwidth, "trans_depth": cfg.model.trans_depth,
                              "num_source_views": cfg.data.num_source_views, "n_samples": cfg.render.n_samples}}
-    return export_kernels(requests, target, out_dir, description=description, progress=progress)
+    return requests, target, description
+
+
+def export_serves(manifest: dict, requests: list[KernelRequest]) -> list[str]:
+    """Why an existing export's manifest does not serve `requests` (empty: it does): kernels it lacks or whose
+    kernel sources changed since it was compiled."""
+    exported = {(e["name"], json.dumps(e["key"], sort_keys=True)): e for e in manifest.get("kernels", [])}
+    problems = []
+    for request in requests:
+        entry = exported.get(request.identity())
+        if entry is None:
+            problems.append(f"{request.name} {request.identity()[1]} is not in the export")
+        elif entry.get("source_sha256") != kernel_source_sha256(entry["module"]):
+            problems.append(f"{request.name}: its kernel source changed since the export")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------- runtime loading

@@ -113,6 +113,21 @@ def test_a_missing_manifest_or_library_is_named(llvm_export, tmp_path):
         aot.AOTKernels(copy, "cpu")
 
 
+def test_an_export_serves_only_the_requests_it_holds_from_current_sources(llvm_export):
+    """What benchmarks/prepare_gpu_carry.py checks before reusing an export: a kernel added to the model since (the
+    carry once reused an export that lacked the new view-blend kernel) or an edited kernel source means rebuild."""
+    _, _, manifest = llvm_export
+    target = cpu_target()
+    held = [r for r in aot.check_requests(target) if r.name in EXPORTED and r.key.get("dtype") != "float16"
+            and r.key.get("experts", 1) == 1]
+    assert aot.export_serves(manifest, held) == []
+    added = [r for r in aot.check_requests(target) if r.name == "view_blend"]
+    assert added and any("view_blend" in p and "not in the export" in p for p in aot.export_serves(manifest, held + added))
+    edited = json.loads(json.dumps(manifest))
+    edited["kernels"][0]["source_sha256"] = "0" * 64
+    assert any("source changed" in p for p in aot.export_serves(edited, held))
+
+
 def test_the_loader_answers_only_its_kernels_and_device(llvm_export):
     folder, _, manifest = llvm_export
     loader = aot.AOTKernels(folder, "cpu")
