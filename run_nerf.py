@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+# commands that only render (on the TVM kernels by default): PyTorch's OpenMP workers must not spin beside them
+# (gnt_shiftadd.runtime.quiet_openmp_workers); training commands keep libgomp's default
+RENDERING_COMMANDS = ("eval", "render", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The CLI imports the library inside its functions on purpose: `--help` and argument errors answer without
     # loading torch, and the allocator is tuned before the library allocates anything.
-    from gnt_shiftadd.runtime import tune_cpu_allocator
+    from gnt_shiftadd.runtime import quiet_openmp_workers, tune_cpu_allocator
 
     tune_cpu_allocator()  # large tensors reuse heap memory instead of page-faulting fresh mmaps (see runtime.py)
+    if args.command in RENDERING_COMMANDS and getattr(args, "kernels", None) != "torch":
+        quiet_openmp_workers()  # before torch loads: no spinning OpenMP workers beside the TVM kernels
     from data.scene import SceneError
     from gnt_shiftadd import workflows
     from gnt_shiftadd.config import ConfigError

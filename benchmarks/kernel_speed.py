@@ -42,7 +42,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
+
+OPENMP_NOTE = ("kept libgomp's default (--openmp-default)" if "--openmp-default" in sys.argv
+               else quiet_openmp_workers())  # idle OpenMP workers sleep instead of spinning beside the TVM kernels
+
+import torch  # noqa: E402
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -562,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-repeats", type=int, default=7)
     parser.add_argument("--skip-kernels", action="store_true", help="no per-kernel table (always with --quick)")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate matrix products")
+    parser.add_argument("--openmp-default", action="store_true",
+                        help="keep libgomp's spinning idle workers (default: OMP_WAIT_POLICY=PASSIVE unless set; "
+                             "see gnt_shiftadd/runtime.py and benchmarks/thread_policy.py)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -586,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv[:1] + (argv or sys.argv[1:])),
               "environment": environment() | {"tvm": tvm_version() if tvm_available() else None,
                                               "allocator": allocator_state()} | machine(),
-              "device": str(device), "view": args.view, "repeats": repeats, "quick": args.quick}
+              "device": str(device), "view": args.view, "repeats": repeats, "quick": args.quick,
+              "openmp": OPENMP_NOTE}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

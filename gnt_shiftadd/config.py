@@ -88,7 +88,7 @@ class RenderConfig:
     # inference backend for eval/render/all/report (training always uses the PyTorch modules): auto (the compiled
     # TVM kernels where they build or load, else the PyTorch reference with one warning) | tvm | torch
     kernels: str = "auto"
-    gemm: str = "auto"  # dense-shaped products on the kernels: auto (TVM on CUDA, BLAS on CPU) | tvm | blas
+    gemm: str = "auto"  # auto (fused FFN kernel; shift linears on TVM on CUDA, BLAS on CPU) | tvm | blas
 
 
 @dataclass

@@ -6,6 +6,13 @@ written: on the 2-core CI machine that was more than half of a dense GNT frame's
 7.0 s per fern frame with the tuning below). Keeping large blocks in the heap (no mmap, no trimming) makes
 freed chunks reusable without faults. The price is that the process keeps its peak memory until it exits,
 which suits a training or rendering job. Set SHIFTADD_GNT_MALLOC_TUNING=0 to leave the allocator alone.
+
+OpenMP waiting (`quiet_openmp_workers`): PyTorch's CPU ops run on GNU OpenMP, whose idle workers spin for a while
+after every parallel region; the TVM kernels run on TVM's own thread pool. With as many threads as cores, a kernel
+launched right after a PyTorch op shares its cores with spinning OpenMP workers: on the 2-core CI machine that
+made a kernel-backed fern frame 1.4-1.5x slower (results/thread_policy_cpu.json). libgomp reads its policy once,
+when torch is imported, so the entry points that render on the kernels set OMP_WAIT_POLICY=PASSIVE before they
+import torch (a policy the user set is kept).
 """
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_cpu_allocator", "allocator_state"]
+__all__ = ["tune_cpu_allocator", "allocator_state", "quiet_openmp_workers", "openmp_policy", "OPENMP_VARIABLES"]
+
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -43,3 +52,21 @@ def tune_cpu_allocator() -> dict:
 def allocator_state() -> dict:
     """{"tuned": bool, "reason": str}: recorded with benchmark results."""
     return dict(_STATE)
+
+
+def quiet_openmp_workers(environ=os.environ) -> str:
+    """Before torch is imported: let idle OpenMP workers sleep at once (OMP_WAIT_POLICY=PASSIVE) so that they do
+    not spin on the cores the TVM kernels run on. Returns what was done; never overrides a policy already set,
+    and says so when torch (hence libgomp, which reads the variable once) is already loaded."""
+    if any(name in environ for name in OPENMP_VARIABLES):
+        return "kept the OpenMP policy set by the user: " + ", ".join(
+            f"{name}={environ[name]}" for name in OPENMP_VARIABLES if name in environ)
+    if "torch" in sys.modules:
+        return "torch was imported before the OpenMP policy could be set: libgomp's default (spinning) applies"
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "OMP_WAIT_POLICY=PASSIVE"
+
+
+def openmp_policy(environ=os.environ) -> dict:
+    """The OpenMP waiting variables of this process, for the records ({} = libgomp's default, spinning)."""
+    return {name: environ[name] for name in OPENMP_VARIABLES if name in environ}

@@ -25,9 +25,11 @@ with the same call signature, chosen by a handler registered per module type (`r
                       kernel and their other ops (norms, softmax over views) in PyTorch (not listed as skipped)
 
 `filter_fn(module, fqn) -> bool` keeps chosen leaves on PyTorch. A leaf no kernel covers (e.g. shift layers with
-fixed-point inputs) stays on the reference with one warning and is listed in `model.kernel_skipped`. Dense-shaped
-products (shift linears, one-expert FFNs) run on the kernels on CUDA but as BLAS GEMMs on the decoded +-2^k
-weights on CPU with gemm="auto" (results/gemm_choice_cpu.json); "tvm" or "blas" force one side.
+fixed-point inputs) stays on the reference with one warning and is listed in `model.kernel_skipped`. With
+gemm="auto", FFN sublayers always run on the fused FFN kernel (in a real frame it beats LN + two MKL GEMMs:
+results/thread_policy_cpu.json, 3.5 vs 5.5 s per fern frame), and standalone shift linears run on MatShift on
+CUDA but as BLAS GEMMs on the decoded +-2^k weights on CPU (results/gemm_choice_cpu.json); "tvm" or "blas" force
+one side for both.
 
 Every kernel leaf records what it ran (kernels.dispatch.KernelLeaf): `kernel_map(model)` says which module ran
 on which kernel, `require_all_kernels(model)` raises if anything fell back to the reference. Every kernel is
@@ -89,9 +91,14 @@ class KernelConfig:
             raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
 
     def gemm_on_tvm(self, device: torch.device) -> bool:
-        """Dense-shaped products on the kernels: always with "tvm", on CUDA with "auto" (a CPU has no cheaper
+        """Standalone shift linears on MatShift: always with "tvm", on CUDA with "auto" (a CPU has no cheaper
         fp32 shift-multiply than MKL's FMA on the decoded weights)."""
         return self.gemm == "tvm" or (self.gemm == "auto" and self.kernel_device(device) == "cuda")
+
+    def ffn_on_tvm(self) -> bool:
+        """FFN sublayers on the fused kernel unless gemm="blas": LN + both layers + residual in one pass wins in a
+        frame even where MKL's GEMMs win alone (benchmarks/thread_policy.py, results/gemm_choice_cpu.json)."""
+        return self.gemm != "blas"
 
 
 # ------------------------------------------------------------------------------------------------- kernel leaves
@@ -283,7 +290,7 @@ class KernelFFNSublayer(KernelLeaf):
     def __init__(self, norm: nn.LayerNorm, ff: nn.Module, cfg: KernelConfig):
         super().__init__()
         self.weights: FFNWeights = ffn_weights(norm, ff)
-        self.on_tvm = cfg.gemm_on_tvm(norm.weight.device)
+        self.on_tvm = cfg.ffn_on_tvm()
         self._layer_ids = (id(norm), id(ff))
         self.covered_ids = {id(m) for m in ff.modules()}  # the kernel computes the whole FFN
 

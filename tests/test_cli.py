@@ -44,3 +44,24 @@ def test_cli_errors_are_one_clear_line(tiny_scene, tmp_path, capsys):
     assert str(missing) in err and "nerf_llff_data" in err
     assert run_nerf.main(["eval", "--ckpt", str(tmp_path / "nothing.pt")]) == 2
     assert "nothing.pt does not exist" in capsys.readouterr().err
+
+
+def test_rendering_commands_quiet_openmp_before_torch_loads(tiny_scene, tmp_path):
+    """eval/render/report on the kernels set OMP_WAIT_POLICY=PASSIVE before torch loads (gnt_shiftadd.runtime):
+    recorded in the metrics; with --kernels torch, or a policy of the user's, nothing is changed."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = tiny_overrides(tiny_scene, tmp_path / "runs", "omp") + ["train.steps=1"]
+    assert run_nerf.main(["train", "--quiet", *overrides]) == 0
+    ckpt = tmp_path / "runs" / "omp" / "checkpoints" / "latest.pt"
+    metrics_path = tmp_path / "runs" / "omp" / "eval" / "metrics.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    policies = {}
+    for name, extra, user_env in (("auto", [], {}), ("torch", ["--kernels", "torch"], {}),
+                                  ("user", [], {"GOMP_SPINCOUNT": "1000"})):
+        subprocess.run([sys.executable, "run_nerf.py", "eval", "--quiet", "--ckpt", str(ckpt), *extra],
+                       env=env | user_env, check=True, capture_output=True, cwd=run_nerf.DEFAULT_CONFIG.parents[1])
+        policies[name] = json.loads(metrics_path.read_text())["environment"]["openmp_policy"]
+    assert policies == {"auto": {"OMP_WAIT_POLICY": "PASSIVE"}, "torch": {}, "user": {"GOMP_SPINCOUNT": "1000"}}

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from gnt_shiftadd.config import Config
 from gnt_shiftadd.evaluation.metrics import ImageMetrics, psnr
 from gnt_shiftadd.evaluation.timing import sync
-from gnt_shiftadd.runtime import allocator_state
+from gnt_shiftadd.runtime import allocator_state, openmp_policy
 from gnt_shiftadd.experiment import SceneTensors
 from renderer.camera_path import video_path
 from renderer.video import save_png, write_video
@@ -25,7 +25,7 @@ def environment() -> dict:
     """Where a number was measured: device name and library versions, stored with every result."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {"device": device, "torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__,
-            "cpu_allocator_tuned": allocator_state()["tuned"]}
+            "cpu_allocator_tuned": allocator_state()["tuned"], "openmp_policy": openmp_policy()}
 
 
 def heldout_views(scene, max_views: int = 0) -> list[int]:

@@ -1,0 +1,194 @@
+"""How close the fused fp32 transformer kernels come to this machine's peak, at the model's shapes, beside the
+PyTorch modules they replace: one render chunk per call, multiply-accumulates counted per kernel, the fp32 and
+int8 peaks measured in the same run (benchmarks/kernel_speed.measure_peaks).
+
+  python benchmarks/fused_kernels.py --config configs/fern_blend.yaml --out results/fused_kernels_cpu.json [--repeats 15]
+
+Rows (every kernel is checked against its PyTorch reference before it is timed, and must run on TVM):
+  ray_attention[dense|hashed]  x + out_fc(core(LN(x))) per ray (kernels/ray_attention.py) vs PreNormAttention eager
+  view_blend                   the blend head's per-view MLP + softmax over views + blend (kernels/view_blend.py)
+                               vs ViewColorBlend eager (its first layer split by input block)
+  view_attention               k/v, pos MLP, attention MLP, softmax over views, weighted sum (kernels/view_attention.py)
+                               vs ViewAttention eager without q_fc/out_fc
+  ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
+  int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
+MACs count only the multiply-accumulates of the products (a popcount, an exp or a max is not one), so the
+fraction of peak says how much of the kernel's time its products would take at the peak rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
+
+OPENMP_NOTE = ("kept libgomp's default (--openmp-default)" if "--openmp-default" in sys.argv
+               else quiet_openmp_workers())  # idle OpenMP workers sleep instead of spinning beside the TVM kernels
+
+import torch  # noqa: E402
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gnt_shiftadd.config import load_config  # noqa: E402
+from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.evaluation.timing import median_seconds  # noqa: E402
+from gnt_shiftadd.models.heads import ViewColorBlend  # noqa: E402
+from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, ViewAttention  # noqa: E402
+from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
+from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift  # noqa: E402
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
+from kernels.apply import KernelRayAttentionSublayer, KernelViewColorBlend  # noqa: E402
+from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
+from kernels.dispatch import recording  # noqa: E402
+from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
+from kernels.int_shift import int_ffn, prepare_int_shift, reference_int_ffn, vnni_available  # noqa: E402
+from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
+    view_attention_weights  # noqa: E402
+
+
+def _checked(name: str, run, expected: torch.Tensor, tol: float, ok_rows: torch.Tensor | None = None,
+             leaf: nn.Module | None = None) -> None:
+    """run() must equal `expected` (rows in ok_rows only, if given) and run on TVM, else SystemExit. A kernel
+    leaf keeps its own record (kernels.dispatch.KernelLeaf): pass it as `leaf`."""
+    record: dict = {}
+    if leaf is not None:
+        leaf.kernels_ran = {}
+    with recording(record), torch.no_grad():
+        got = run()
+    record = leaf.kernels_ran if leaf is not None else record
+    if not record or set(record.values()) != {"tvm"}:
+        raise SystemExit(f"{name}: the kernel did not run on TVM ({record}); refusing to time it as a kernel")
+    if ok_rows is not None:
+        got, expected = got[ok_rows], expected[ok_rows]
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _row(name: str, shape: str, macs: float, kernel, eager, eager_name: str, repeats: int, peak: float,
+         arithmetic: str = "fp32") -> dict:
+    device = torch.device("cpu")
+    with torch.no_grad():
+        kernel_s = median_seconds(kernel, device, repeats)
+        eager_s = median_seconds(eager, device, repeats)
+    rate = macs / kernel_s / 1e9
+    row = {"kernel": name, "shape": shape, "macs": macs, "kernel_ms": kernel_s * 1e3, "eager_ms": eager_s * 1e3,
+           "eager": eager_name, "speedup_vs_eager": eager_s / kernel_s, "kernel_gmac_per_s": rate,
+           "arithmetic": arithmetic, "peak_gmac_per_s": peak, "peak_fraction": rate / peak}
+    print(f"{name:24s} {shape:28s} kernel {kernel_s * 1e3:7.2f} ms ({rate:6.1f} GMAC/s, {100 * rate / peak:3.0f}% of "
+          f"{arithmetic} peak)  eager {eager_s * 1e3:7.2f} ms  x{eager_s / kernel_s:.2f}", flush=True)
+    return row
+
+
+def run(cfg, repeats: int, peaks: dict) -> list[dict]:
+    torch.manual_seed(0)
+    fp32, int8 = peaks["fp32"]["gmac_per_s"], peaks["int8"]["gmac_per_s"]
+    dim, views, heads = cfg.model.netwidth, cfg.data.num_source_views, cfg.model.num_heads
+    rays, samples = cfg.render.chunk_rays, cfg.render.n_samples
+    tokens, head_dim, ff_hidden = rays * samples, dim // heads, cfg.model.ff_mult * dim
+    rows = []
+
+    x = torch.randn(rays, samples, dim)
+    for core in ("dense", "hashed"):
+        norm, attn = nn.LayerNorm(dim, eps=1e-6).eval(), RayAttention(dim, heads).eval()
+        if core == "hashed":
+            attn.core = HashedQuadraticAttention(heads, head_dim, cfg.shiftadd.hash_bits).eval()
+            with torch.no_grad():
+                attn.core.calibrate(*(torch.randn(rays, heads, samples, head_dim) for _ in range(3)))
+        leaf, sublayer = KernelRayAttentionSublayer(norm, attn), PreNormAttention()
+        from kernels.ray_attention import reference_ray_attention  # noqa: PLC0415
+        expected, margin = reference_ray_attention(x, leaf.weights, return_codes_margin=True)
+        _checked(f"ray_attention[{core}]", lambda: leaf(x, norm, attn), expected, 1e-4, margin > 1e-5, leaf=leaf)
+        macs = rays * (samples * dim * 3 * dim + samples * dim * dim + heads * samples * samples * head_dim *
+                       (1 if core == "hashed" else 2))
+        if core == "hashed":
+            macs += rays * 2 * samples * heads * head_dim * cfg.shiftadd.hash_bits  # the code projections
+        rows.append(_row(f"ray_attention[{core}]", f"[{rays},{samples},{dim}] {heads} heads", macs,
+                         lambda: leaf(x, norm, attn), lambda: sublayer(x, norm, attn), "PreNormAttention eager",
+                         repeats, fp32))
+
+    hidden = 32  # BlendColorHead's hidden width
+    fc1, fc2 = nn.Linear(2 * dim + 4, hidden), nn.Linear(hidden, 1)
+    h, features = torch.randn(rays, samples, dim), torch.randn(rays, samples, views, dim)
+    colors, ray_diff = torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4)
+    mask = (torch.rand(rays, samples, views, 1) > 0.2).float()
+    blend, blend_leaf = ViewColorBlend(), KernelViewColorBlend(fc1, fc2)
+    with torch.no_grad():
+        _checked("view_blend", lambda: blend_leaf(h, features, colors, ray_diff, mask, fc1, fc2),
+                 blend(h, features, colors, ray_diff, mask, fc1, fc2), 1e-4, leaf=blend_leaf)
+    macs = tokens * (views * (dim + 4) * hidden + dim * hidden + views * hidden)
+    rows.append(_row("view_blend", f"[{tokens},{views},{dim}] hidden {hidden}", macs,
+                     lambda: blend_leaf(h, features, colors, ray_diff, mask, fc1, fc2),
+                     lambda: blend(h, features, colors, ray_diff, mask, fc1, fc2), "ViewColorBlend eager",
+                     repeats, fp32))
+
+    attention = ViewAttention(dim).eval()
+    weights = PreparedViewWeights.from_dict(view_attention_weights(attention))
+    qp, flat_features = torch.randn(tokens, dim), features.reshape(tokens, views, dim)
+    flat_diff, flat_mask = ray_diff.reshape(tokens, views, 4), mask.reshape(tokens, views)
+    _checked("view_attention", lambda: view_attention(qp, flat_features, flat_diff, flat_mask, weights),
+             reference_view_attention(qp, flat_features, flat_diff, flat_mask, weights.source), 1e-4)
+    small = max(dim // 8, 1)
+    macs = tokens * views * (2 * dim * dim + 4 * small + small * dim + dim * small + small * dim)
+    rows.append(_row("view_attention", f"[{tokens},{views},{dim}]", macs,
+                     lambda: view_attention(qp, flat_features, flat_diff, flat_mask, weights),
+                     lambda: reference_view_attention(qp, flat_features, flat_diff, flat_mask, weights.source),
+                     "ViewAttention eager between q_fc and out_fc", repeats, fp32))
+
+    flat_x = torch.randn(tokens, dim)
+    ff_norm, dense_ff = nn.LayerNorm(dim, eps=1e-6).eval(), FeedForward(dim, ff_hidden).eval()
+    ffn = ffn_weights(ff_norm, dense_ff)
+
+    def dense_ffn_eager():
+        return flat_x + dense_ff(ff_norm(flat_x))
+
+    _checked("ffn_sublayer[dense]", lambda: ffn_sublayer(flat_x, ffn), reference_ffn_sublayer(flat_x, ffn), 1e-4)
+    rows.append(_row("ffn_sublayer[dense]", f"[{tokens},{dim}] hidden {ff_hidden}", tokens * 2 * dim * ff_hidden,
+                     lambda: ffn_sublayer(flat_x, ffn), dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, fp32))
+
+    if vnni_available():
+        spec = ShiftSpec(exponent_min=-6)
+        layers = [prepare_int_shift(export_int_shift(IntShiftLinear.from_linear(nn.Linear(a, b), spec, 8,
+                                                                                act_scale="per_token")))
+                  for a, b in ((dim, ff_hidden), (ff_hidden, dim))]
+        normed = F.layer_norm(flat_x, (dim,))
+        _checked("int_ffn", lambda: int_ffn(normed, flat_x, *layers), reference_int_ffn(normed, flat_x, *layers), 0.0)
+        rows.append(_row("int_ffn", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit", tokens * 2 * dim * ff_hidden,
+                         lambda: int_ffn(normed, flat_x, *layers), dense_ffn_eager,
+                         "dense x + FFN(LN(x)) eager (LN included there, not in the kernel)", repeats, int8,
+                         arithmetic="int8"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/fern_blend.yaml", help="model shapes and chunk size")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--openmp-default", action="store_true",
+                        help="keep libgomp's spinning idle workers (default: OMP_WAIT_POLICY=PASSIVE unless set)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    tune_cpu_allocator()
+    match_tvm_threads_to_torch()
+    from benchmarks.kernel_speed import measure_peaks  # noqa: PLC0415 (the same peak microbenchmark)
+
+    peaks = measure_peaks(torch.device("cpu"))
+    rows = run(cfg, args.repeats, peaks)
+    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
+              "threads": {"torch": torch.get_num_threads(), "tvm": tvm_thread_count()},
+              "allocator": allocator_state(), "openmp": OPENMP_NOTE, "peaks": peaks, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"recorded in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
