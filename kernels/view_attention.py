@@ -35,8 +35,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel, run_tiled
 from kernels.te_math import vector_exp
 
-__all__ = ["WEIGHT_KEYS", "TILE", "SublayerWeights", "reference_view_attention_sublayer",
-           "make_view_attention_sublayer", "view_attention_sublayer", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
+__all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
            "kernel_tile", "make_view_attention", "view_attention_kernel", "view_attention"]
 
 WEIGHT_KEYS = ("k", "v", "pos1_w", "pos1_b", "pos2_w", "pos2_b", "attn1_w", "attn1_b", "attn2_w", "attn2_b")
@@ -180,34 +179,15 @@ def _check_weight_shapes(weights: dict) -> None:
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False,
-                            sublayer_eps: float | None = None):
+def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False):
     """TE definition; returns the arguments in call order (output last). Shapes in the module docstring.
     kv_input: k|v [NT, tile, V, 2C] comes in precomputed in place of kv_t (a profiling build: what the kernel costs
-    without its k|v product, `benchmarks/int_shift_options.py --sections view_attention`).
-    sublayer_eps: the whole pre-norm sublayer x + out_fc(attention(q_fc(LN(x)))): x [NT, tile, C] comes in place of
-    qp and ln_w, ln_b [C], q_t, out_t [C, C], out_b [C] follow the other weights (SUBLAYER_KEYS)."""
+    without its k|v product, `benchmarks/int_shift_options.py --sections view_attention`)."""
     from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     exp = vector_exp if fast_exp else tirx.exp
     num_tiles = te.var("num_tiles")
-    if sublayer_eps is None:
-        qp = te.placeholder((num_tiles, tile, channels), name="qp")
-        sublayer_in = []
-    else:
-        x = te.placeholder((num_tiles, tile, channels), name="x")
-        ln_w, ln_b = te.placeholder((channels,), name="ln_w"), te.placeholder((channels,), name="ln_b")
-        q_t = te.placeholder((channels, channels), name="q_t")
-        c_mean, c_var, c_q = (te.reduce_axis((0, channels), name=n) for n in ("c_mean", "c_var", "c_q"))
-        mean = te.compute((num_tiles, tile), lambda n, t: te.sum(x[n, t, c_mean] / channels, axis=c_mean),
-                          name="mean")
-        var = te.compute((num_tiles, tile), lambda n, t: te.sum(
-            (x[n, t, c_var] - mean[n, t]) * (x[n, t, c_var] - mean[n, t]) / channels, axis=c_var), name="var")
-        xn = te.compute((num_tiles, tile, channels), lambda n, t, c: (x[n, t, c] - mean[n, t])
-                        * tirx.rsqrt(var[n, t] + tirx.const(sublayer_eps, "float32")) * ln_w[c] + ln_b[c], name="xn")
-        qp = te.compute((num_tiles, tile, channels), lambda n, t, o: te.sum(xn[n, t, c_q] * q_t[c_q, o], axis=c_q),
-                        name="qp")
-        sublayer_in = [x, ln_w, ln_b, q_t]
+    qp = te.placeholder((num_tiles, tile, channels), name="qp")
     features = te.placeholder((num_tiles, tile, views, channels), name="features")
     ray_diff = te.placeholder((num_tiles, tile, views, _RAY_DIFF_DIM), name="ray_diff")
     mask = te.placeholder((num_tiles, tile, views), name="mask")
@@ -270,15 +250,6 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
             lambda a, b: a + b,
             lambda view: exps[n, t, view, c] / denominator[n, t, c] * mask[n, t, view]
             * (kv[n, t, view, channels + c] + pos[n, t, view, c])), name="out")
-    if sublayer_eps is not None:
-        out_t, out_b = te.placeholder((channels, channels), name="out_t"), te.placeholder((channels,), name="out_b")
-        c_out = te.reduce_axis((0, channels), name="c_out")
-        projected = te.compute((num_tiles, tile, channels), lambda n, t, o: te.sum(out[n, t, c_out] * out_t[c_out, o],
-                                                                                   axis=c_out), name="projected")
-        result = te.compute((num_tiles, tile, channels), lambda n, t, c: x[n, t, c] + out_b[c] + projected[n, t, c],
-                            name="result")
-        return [x, features, ray_diff, mask, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t, attn2_b,
-                ln_w, ln_b, q_t, out_t, out_b, result]
     arguments = [qp, features, ray_diff, mask, kv if kv_input else kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t,
                  attn1_b, attn2_t, attn2_b, out]
     return arguments
@@ -294,31 +265,20 @@ _PER_TOKEN_STAGES = ("denominator", "exps", "peak", "logits", "attn_hidden", "at
                      "pos_hidden", "kv")
 
 
-def _schedule_cpu(sch, channels: int, kv_input: bool = False, sublayer: bool = False) -> None:
+def _schedule_cpu(sch, channels: int, kv_input: bool = False) -> None:
     """Parallel over tiles, then token by token: each token's [V, C] stages live in small L1-resident buffers.
 
     The k|v product keeps one 16-channel output chunk of all V views in registers while it runs over the input
     channels (features broadcast from memory); channel loops are vectorized, the small hidden-size loops unrolled.
-    sublayer: LN, q_fc before and out_fc + residual after, per token as well.
     """
-    root = sch.get_sblock("result" if sublayer else "out")
-    n, token, channel = sch.get_loops(root)
+    out = sch.get_sblock("out")
+    n, token, channel = sch.get_loops(out)
     sch.parallel(n)
     sch.vectorize(channel)
-    stages = (("projected", "out") if sublayer else ()) + _PER_TOKEN_STAGES + \
-        (("qp", "xn", "var", "mean") if sublayer else ())
-    for name in stages:
+    for name in _PER_TOKEN_STAGES:
         if not (kv_input and name == "kv"):
             sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
-    if sublayer:
-        sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
-        sch.vectorize(sch.get_loops(sch.get_sblock("xn"))[-1])
-        for name in ("qp", "projected"):  # [C] x [C, C]: vector over the outputs, the reduction outside
-            block = sch.get_sblock(name)
-            unit, red = sch.get_loops(block)[-2:]
-            sch.reorder(red, unit)
-            sch.vectorize(unit)
-            sch.decompose_reduction(block, red)
+
     for name in ("denominator", "peak", "exps", "logits", "attn_in", "pos"):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])  # over channels
     for name in ("pos_hidden", "attn_hidden"):
@@ -486,89 +446,3 @@ def view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Ten
 
     run_tiled(launch, tile, tokens, rows, [out])  # padded tokens: no view sees them, their output is 0
     return out.view(*lead, channels).to(features.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The whole pre-norm sublayer (CPU): x + out_fc(attention(q_fc(LN(x))))
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class SublayerWeights:
-    """The block's LayerNorm and the attention's q_fc / out_fc in the kernel layout (contiguous fp32 snapshots):
-    ln_w, ln_b [C], q_t = Wq^T [C, C], out_t = Wo^T [C, C], out_b [C]; eps of the LayerNorm."""
-
-    ln_w: torch.Tensor
-    ln_b: torch.Tensor
-    q_t: torch.Tensor
-    out_t: torch.Tensor
-    out_b: torch.Tensor
-    eps: float
-
-    @classmethod
-    def from_modules(cls, norm: nn.Module, attention: nn.Module) -> "SublayerWeights":
-        """ValueError/TypeError (via linear_weight) for layers no kernel reproduces; q_fc must have no bias."""
-        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
-            raise TypeError(f"view attention sublayer: the norm must be an affine nn.LayerNorm, got {type(norm).__name__}")
-        if getattr(attention.q_fc, "bias", None) is not None:
-            raise ValueError("view attention sublayer: q_fc must have no bias (as ViewAttention's)")
-        out_w = linear_weight(attention.out_fc)
-        out_b = attention.out_fc.bias.detach() if attention.out_fc.bias is not None else out_w.new_zeros(out_w.shape[0])
-        layout = lambda t: _kernel_ready(t.detach().float().clone())  # noqa: E731 (snapshots)
-        return cls(ln_w=layout(norm.weight), ln_b=layout(norm.bias), q_t=layout(linear_weight(attention.q_fc).t()),
-                   out_t=layout(out_w.t()), out_b=layout(out_b), eps=float(norm.eps))
-
-    def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
-        return self.ln_w, self.ln_b, self.q_t, self.out_t, self.out_b
-
-
-def reference_view_attention_sublayer(x, features, ray_diff, mask, weights: PreparedViewWeights,
-                                      sub: SublayerWeights) -> torch.Tensor:
-    """x [..., C] -> x + out_fc(attention(q_fc(LN(x)))) fp32: the ground truth and fallback."""
-    normed = F.layer_norm(x.float(), (x.shape[-1],), sub.ln_w, sub.ln_b, sub.eps)
-    mixed = reference_view_attention(normed @ sub.q_t, features.float(), ray_diff.float(), mask, weights.source)
-    return x.float() + mixed @ sub.out_t + sub.out_b
-
-
-def make_view_attention_sublayer(target: dict, views: int, channels: int, hidden: int, eps: float):
-    """The scheduled IRModule (CPU only): x [NT, TILE, C], features, ray_diff, mask as make_view_attention's,
-    PreparedViewWeights.kernel_arguments(), SublayerWeights.kernel_arguments(), out [NT, TILE, C]."""
-    import tvm  # lazy: TVM is optional
-    from tvm import s_tir, te
-
-    if target["kind"] != "llvm":
-        raise ValueError(f"the fused view-attention sublayer has a CPU (llvm) schedule only, not {target['kind']!r}")
-    arguments = _view_attention_compute(views, channels, hidden, TILE, fast_exp=True, sublayer_eps=eps)
-    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(arguments)}))
-    _schedule_cpu(sch, channels, sublayer=True)
-    return sch.mod
-
-
-def view_attention_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
-                            weights: PreparedViewWeights, sub: SublayerWeights) -> torch.Tensor:
-    """x [..., C] -> x + out_fc(attention(q_fc(LN(x)))) fp32 [..., C] in one kernel (CPU); the reference when
-    gradients are needed or no kernel can be had (one warning)."""
-    if weights.device != features.device:
-        raise ValueError(f"view_attention_sublayer: weights are on {weights.device} but features on {features.device}")
-    views, lead = _validate(x, features, ray_diff, mask, weights.channels)
-    channels = weights.channels
-    if needs_grad(x, features, ray_diff, mask):
-        note_kernel("view_attention_sublayer", "reference")
-        return reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
-    key = {"views": views, "channels": channels, "hidden": weights.hidden, "tile": TILE, "eps": sub.eps}
-    kernel = get_kernel("view_attention_sublayer", key, features.device,
-                        lambda target: make_view_attention_sublayer(target, views, channels, weights.hidden, sub.eps))
-    if kernel is None:
-        return reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
-    tokens = math.prod(lead)
-    rows = [_kernel_ready(x.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
-            _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM)), _kernel_ready(mask.reshape(tokens, views))]
-    out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
-
-    def launch(inputs, outputs) -> None:
-        x_part, feature_part, ray_part, mask_part = inputs
-        kernel(x_part.view(-1, TILE, channels), feature_part.view(-1, TILE, views, channels),
-               ray_part.view(-1, TILE, views, _RAY_DIFF_DIM), mask_part.view(-1, TILE, views),
-               *weights.kernel_arguments(), *sub.kernel_arguments(), outputs[0].view(-1, TILE, channels))
-
-    run_tiled(launch, TILE, tokens, rows, [out])
-    return out.view(*lead, channels)
