@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/fern_blend.yaml", help="model shapes and chunk size")
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate matrix products")
     parser.add_argument("--openmp-default", action="store_true",
                         help="keep libgomp's spinning idle workers (default: OMP_WAIT_POLICY=PASSIVE unless set)")
     parser.add_argument("overrides", nargs="*")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     match_tvm_threads_to_torch()
     from benchmarks.kernel_speed import measure_peaks  # noqa: PLC0415 (the same peak microbenchmark)
 
-    peaks = measure_peaks(torch.device("cpu"))
+    peaks = measure_peaks(torch.device("cpu"), size=args.peak_size)
     rows = run(cfg, args.repeats, peaks)
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
               "threads": {"torch": torch.get_num_threads(), "tvm": tvm_thread_count()},
