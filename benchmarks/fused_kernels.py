@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
 
 from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
 
-OPENMP_NOTE = ("kept libgomp's default (--openmp-default)" if "--openmp-default" in sys.argv
-               else quiet_openmp_workers())  # idle OpenMP workers sleep instead of spinning beside the TVM kernels
+OPENMP_NOTE = quiet_openmp_workers(keep_default="--openmp-default" in sys.argv)  # no spinning beside the kernels
 
 import torch  # noqa: E402
 import torch.nn.functional as F
@@ -49,6 +47,7 @@ from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: 
 from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import int_ffn, prepare_int_shift, reference_int_ffn, vnni_available  # noqa: E402
+from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
     view_attention_weights  # noqa: E402
 
@@ -101,7 +100,6 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
             with torch.no_grad():
                 attn.core.calibrate(*(torch.randn(rays, heads, samples, head_dim) for _ in range(3)))
         leaf, sublayer = KernelRayAttentionSublayer(norm, attn), PreNormAttention()
-        from kernels.ray_attention import reference_ray_attention  # noqa: PLC0415
         expected, margin = reference_ray_attention(x, leaf.weights, return_codes_margin=True)
         _checked(f"ray_attention[{core}]", lambda: leaf(x, norm, attn), expected, 1e-4, margin > 1e-5, leaf=leaf)
         macs = rays * (samples * dim * 3 * dim + samples * dim * dim + heads * samples * samples * head_dim *

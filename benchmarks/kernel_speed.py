@@ -44,8 +44,7 @@ from pathlib import Path
 
 from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
 
-OPENMP_NOTE = ("kept libgomp's default (--openmp-default)" if "--openmp-default" in sys.argv
-               else quiet_openmp_workers())  # idle OpenMP workers sleep instead of spinning beside the TVM kernels
+OPENMP_NOTE = quiet_openmp_workers(keep_default="--openmp-default" in sys.argv)  # no spinning beside the kernels
 
 import torch  # noqa: E402
 from torch import nn

@@ -32,7 +32,7 @@ POLICY_ENV = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 _POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT")
 
 CHILD = """
-import json, statistics, sys, time
+import contextlib, json, statistics, sys, time
 import torch
 from gnt_shiftadd.config import load_config
 from gnt_shiftadd.evaluation.timing import render_heldout
@@ -51,12 +51,11 @@ model, tensors, _ = load_trained(cfg, ckpt)
 times = []
 with torch.no_grad():
     render_heldout(model, tensors, cfg, view)
-    for _ in range(repeats):
-        if backend == "tvm":  # a row timed as tvm fails if anything fell back to the reference
-            with all_kernels_required(model):
-                tic = time.perf_counter(); render_heldout(model, tensors, cfg, view); times.append(time.perf_counter() - tic)
-        else:
-            tic = time.perf_counter(); render_heldout(model, tensors, cfg, view); times.append(time.perf_counter() - tic)
+    for _ in range(repeats):  # a row timed as tvm fails if anything fell back to the reference
+        with all_kernels_required(model) if backend == "tvm" else contextlib.nullcontext():
+            tic = time.perf_counter()
+            render_heldout(model, tensors, cfg, view)
+            times.append(time.perf_counter() - tic)
 print("RESULT " + json.dumps({"ms": [t * 1e3 for t in times], "median_ms": statistics.median(times) * 1e3,
                               "torch_threads": torch.get_num_threads()}))
 """

@@ -54,10 +54,13 @@ def allocator_state() -> dict:
     return dict(_STATE)
 
 
-def quiet_openmp_workers(environ=os.environ) -> str:
+def quiet_openmp_workers(environ=os.environ, keep_default: bool = False) -> str:
     """Before torch is imported: let idle OpenMP workers sleep at once (OMP_WAIT_POLICY=PASSIVE) so that they do
     not spin on the cores the TVM kernels run on. Returns what was done; never overrides a policy already set,
-    and says so when torch (hence libgomp, which reads the variable once) is already loaded."""
+    and says so when torch (hence libgomp, which reads the variable once) is already loaded. keep_default: do
+    nothing (a benchmark's --openmp-default, for comparison)."""
+    if keep_default:
+        return "kept libgomp's default (--openmp-default)"
     if any(name in environ for name in OPENMP_VARIABLES):
         return "kept the OpenMP policy set by the user: " + ", ".join(
             f"{name}={environ[name]}" for name in OPENMP_VARIABLES if name in environ)

@@ -4,7 +4,8 @@ hashed core (softmax(scale_h (n - 2 Hamming(code(q), code(k)))) v, XOR + popcoun
 
 Per ray everything is small (S = 24 samples x C = 32 channels: 3 KB of tokens), yet PyTorch runs it as ~10 ops over
 the whole chunk ([R, S, C] -> LN -> three GEMMs -> head transposes -> the core -> transpose back -> out_fc -> add),
-each a round trip through memory: 0.9-1.1 s of a 6 s CPU frame (results/kernels_blend_cpu.md, "ray_attention").
+each a round trip through memory: 0.9-1.1 s of a 6 s CPU frame before this kernel (results/kernels_blend_cpu.md
+at commit ccfc93f, "ray_attention").
 Here one ray's LN, projections, codes, logits, softmax and output never leave L1:
 
     xn       = LN(x)                                                     [S, C]
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
-from kernels.te_math import vector_exp
+from kernels.te_math import register_blocked, vector_exp
 
 __all__ = ["CORES", "RayAttentionWeights", "reference_ray_attention", "make_ray_attention", "ray_attention_kernel",
            "ray_attention"]
@@ -225,20 +226,6 @@ def _ray_attention_compute(samples: int, channels: int, heads: int, core: str, n
     return [x, ln_w, ln_b, qkv_t, out_t, out_b, scale, *extra, out]
 
 
-def _lanes(extent: int) -> int:
-    return next(lanes for lanes in (16, 8, 4, 2, 1) if extent % lanes == 0)
-
-
-def _register_blocked(sch, name: str, out_extent: int) -> None:
-    """A [rows, out] = [rows, in] x [in, out] product: for each vector chunk of `out`, run over `in` with all
-    rows unrolled inside, so the rows' accumulators stay in registers and each weight vector is loaded once."""
-    block = sch.get_sblock(name)
-    row, unit, red = sch.get_loops(block)[-3:]
-    chunk, lane = sch.split(unit, factors=[None, _lanes(out_extent)])
-    sch.reorder(chunk, red, row, lane)
-    sch.unroll(row)
-    sch.vectorize(lane)
-    sch.decompose_reduction(block, red)
 
 
 def _schedule_cpu(sch, samples: int, channels: int, heads: int, core: str) -> None:
@@ -260,8 +247,8 @@ def _schedule_cpu(sch, samples: int, channels: int, heads: int, core: str) -> No
         sch.reorder(c, row)
         sch.unroll(row)
         sch.decompose_reduction(block, c)
-    _register_blocked(sch, "qkv", 3 * channels)
-    _register_blocked(sch, "projected", channels)
+    register_blocked(sch, "qkv", 3 * channels)
+    register_blocked(sch, "projected", channels)
     # the softmax, keys-major: row max and row sum accumulate a vector over the queries while the keys go by
     for name in ("row_max", "row_sum"):
         block = sch.get_sblock(name)

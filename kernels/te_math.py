@@ -1,9 +1,28 @@
-"""Scalar math for TE kernels that LLVM can vectorize (TVM lowers tirx.exp to one libm call per lane on CPU)."""
+"""What the CPU TE kernels share: scalar math LLVM can vectorize (TVM lowers tirx.exp to one libm call per lane on
+CPU), the vector width for a loop, and the register-blocked schedule of a small [rows, in] x [in, out] product."""
 from __future__ import annotations
 
 import math
 
-__all__ = ["vector_exp"]
+__all__ = ["vector_exp", "vector_lanes", "register_blocked"]
+
+
+def vector_lanes(extent: int) -> int:
+    """The widest chunk (16 fp32 = one AVX-512 register, or less) that divides `extent` evenly."""
+    return next(lanes for lanes in (16, 8, 4, 2, 1) if extent % lanes == 0)
+
+
+def register_blocked(sch, name: str, out_extent: int) -> None:
+    """Schedule block `name`, a product whose last three loops are (rows, out, reduction over in): for each vector
+    chunk of `out`, run over `in` with all rows unrolled inside, so every row's accumulator stays in a register and
+    each weight vector is loaded once (the rows: a token's views, or a ray's samples)."""
+    block = sch.get_sblock(name)
+    row, unit, red = sch.get_loops(block)[-3:]
+    chunk, lane = sch.split(unit, factors=[None, vector_lanes(out_extent)])
+    sch.reorder(chunk, red, row, lane)
+    sch.unroll(row)
+    sch.vectorize(lane)
+    sch.decompose_reduction(block, red)
 
 
 def vector_exp(x):

@@ -33,7 +33,7 @@ from torch import nn
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel, run_tiled
-from kernels.te_math import vector_exp
+from kernels.te_math import register_blocked, vector_exp
 
 __all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
            "kernel_tile", "make_view_attention", "view_attention_kernel", "view_attention"]
@@ -255,9 +255,6 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
     return arguments
 
 
-def _vector_lanes(extent: int) -> int:
-    """The widest chunk (16 fp32 = one AVX-512 register, or less) that divides `extent` evenly."""
-    return next(lanes for lanes in (16, 8, 4, 2, 1) if extent % lanes == 0)
 
 
 # Stages that depend on the whole [V, C] slab of one token, consumers first (the order compute_at needs).
@@ -285,13 +282,7 @@ def _schedule_cpu(sch, channels: int, kv_input: bool = False) -> None:
         sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])  # over hidden
 
     if not kv_input:
-        kv = sch.get_sblock("kv")
-        view, out_channel, j = sch.get_loops(kv)[-3:]
-        chunk, lane = sch.split(out_channel, factors=[None, _vector_lanes(2 * channels)])
-        sch.reorder(chunk, j, view, lane)
-        sch.unroll(view)
-        sch.vectorize(lane)
-        sch.decompose_reduction(kv, j)
+        register_blocked(sch, "kv", 2 * channels)
 
     attn_pre = sch.get_sblock("attn_pre")
     view, unit, c_in = sch.get_loops(attn_pre)[-3:]

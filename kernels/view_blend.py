@@ -3,8 +3,8 @@
 The blend head weighs every source view's colour at every sample: T = rays x samples tokens (about a million per
 252x189 frame), V views, C = netwidth channels, H = the head's hidden width. In PyTorch that is a
 [T, V, 2C + 4] concatenation, a [T, V, H] product, ReLU, a [T, V, 1] product, a masked softmax and the blend:
-0.7-0.95 s of a 6 s CPU frame (results/kernels_blend_cpu.md, "head"). Here, per token, nothing of size [V, H]
-leaves L1:
+0.7-0.95 s of a 6 s CPU frame before this kernel (results/kernels_blend_cpu.md at commit ccfc93f, "head"). Here,
+per token, nothing of size [V, H] leaves L1:
 
     hidden = relu(features @ Wf^T + ray_diff @ Wr^T + hq)        [T, V, H]   (hq = W_q LN(q) + b, once per token)
     logit  = hidden @ w2 + b2, finfo.min where the view is invisible  [T, V]
@@ -32,7 +32,7 @@ from torch import nn
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel, run_tiled
-from kernels.te_math import vector_exp
+from kernels.te_math import register_blocked, vector_exp, vector_lanes
 
 __all__ = ["TILE", "PreparedBlendWeights", "reference_view_blend", "make_view_blend", "view_blend_kernel",
            "view_blend"]
@@ -146,7 +146,7 @@ def _view_blend_compute(views: int, channels: int, hidden: int, fast_exp: bool):
                                   + sum(ray_diff[n, t, v, i] * ray_t[i, h] for i in range(_RAY_DIFF_DIM)), zero),
         name="act")
     # fc2 in two steps so that the CPU vectorizes it: `lanes` partial sums over H, then their sum
-    lanes = _vector_lanes(hidden)
+    lanes = vector_lanes(hidden)
     k = te.reduce_axis((0, hidden // lanes), name="k")
     partial = te.compute((num_tiles, TILE, views, lanes),
                          lambda n, t, v, lane: te.sum(act[n, t, v, k * lanes + lane] * fc2_w[k * lanes + lane], axis=k),
@@ -176,8 +176,6 @@ def _view_blend_compute(views: int, channels: int, hidden: int, fast_exp: bool):
     return [hq, features, colors, ray_diff, mask, features_t, ray_t, fc2_w, fc2_b, out]
 
 
-def _vector_lanes(extent: int) -> int:
-    return next(lanes for lanes in (16, 8, 4, 2, 1) if extent % lanes == 0)
 
 
 def _schedule_cpu(sch, hidden: int) -> None:
@@ -195,13 +193,7 @@ def _schedule_cpu(sch, hidden: int) -> None:
     sch.unroll(view)
     sch.vectorize(lane)
     sch.decompose_reduction(partial, k)
-    pre = sch.get_sblock("pre")
-    view, unit, c = sch.get_loops(pre)[-3:]
-    chunk, lane = sch.split(unit, factors=[None, _vector_lanes(hidden)])
-    sch.reorder(chunk, c, view, lane)
-    sch.unroll(view)
-    sch.vectorize(lane)
-    sch.decompose_reduction(pre, c)
+    register_blocked(sch, "pre", hidden)
     for name in ("exps", "logits"):
         sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])  # over views
 

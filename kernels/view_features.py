@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel, run_tiled
+from kernels.te_math import vector_lanes
 
 __all__ = ["TILE", "ViewFeatureWeights", "reference_view_features", "make_view_features", "view_features"]
 
@@ -118,11 +119,6 @@ def make_view_features(target: dict, views: int, feat_channels: int, hidden: int
     return sch.mod
 
 
-def _lanes(extent: int) -> int:
-    for width in (16, 8, 4, 2):
-        if extent % width == 0:
-            return width
-    return 1
 
 
 def _accumulate_in_registers(sch, block, order, outer, k, unrolled, lane) -> None:
@@ -154,7 +150,7 @@ def _schedule_cpu(sch, hidden: int, channels: int) -> None:
     _accumulate_in_registers(sch, pre, [outer, k, inner, lane], outer, k, unrolled=inner, lane=lane)
     proj = sch.get_sblock("proj")  # [TILE, V, C]: channels are the vector lanes, the V views accumulate at once
     _, token, view, out, k = sch.get_loops(proj)[-5:]
-    outer, lane = sch.split(out, [None, _lanes(channels)])
+    outer, lane = sch.split(out, [None, vector_lanes(channels)])
     _accumulate_in_registers(sch, proj, [token, outer, k, view, lane], outer, k, unrolled=view, lane=lane)
     sch.reverse_compute_inline(features)  # + b2 on the way out of the registers
     sch.reverse_compute_inline(sch.get_sblock("act"))  # relu(pre + rgb terms) written straight from registers

@@ -74,6 +74,22 @@ def fresh_kernel_cache(tmp_path_factory):
         os.environ["SHIFTADD_GNT_KERNEL_CACHE"] = previous
 
 
+@pytest.fixture
+def failing_kernel_builds(monkeypatch):
+    """Every kernel build fails with KernelBuildError("... <message>"), nothing memoised from earlier tests:
+    call it with the message a fallback test then expects in its one warning."""
+    from kernels.build import KernelBuildError
+
+    def install(message: str) -> None:
+        def failing_build(name, key, target, make):
+            raise KernelBuildError(f"kernel {name!r} {key}: build failed: {message}")
+
+        monkeypatch.setattr("kernels.dispatch.build_kernel", failing_build)  # every kernel is built through it
+        monkeypatch.setattr("kernels.dispatch._MEMO", {})
+
+    return install
+
+
 def pytest_collection_modifyitems(items):
     """In kernel tests a silent fallback to the reference would hide a broken kernel: make it an error (tests of
     the fallback itself catch the warning with pytest.warns). One conftest for all tests: a second one in

@@ -7,7 +7,7 @@ tvm = pytest.importorskip("tvm")
 
 from gnt_shiftadd.models.heads import BlendColorHead  # noqa: E402
 from kernels.apply import KernelViewColorBlend, use_kernels_  # noqa: E402
-from kernels.build import KernelBuildError, cuda_target  # noqa: E402
+from kernels.build import cuda_target  # noqa: E402
 from kernels.dispatch import kernel_map  # noqa: E402
 from kernels.view_blend import PreparedBlendWeights, make_view_blend, reference_view_blend, view_blend  # noqa: E402
 
@@ -106,12 +106,8 @@ def test_autograd_uses_reference():
     assert inputs[1].grad is not None and torch.isfinite(inputs[1].grad).all()
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch):
-    def failing_build(name, key, target, make):
-        raise KernelBuildError(f"kernel {name!r} {key}: build failed: simulated for the view blend test")
-
-    monkeypatch.setattr("kernels.dispatch.build_kernel", failing_build)
-    monkeypatch.setattr("kernels.dispatch._MEMO", {})
+def test_failed_build_falls_back_with_one_warning(failing_kernel_builds):
+    failing_kernel_builds("simulated for the view blend test")
     weights = _weights(16, 8)
     inputs = _inputs(9, 3, 16, 8)
     with pytest.warns(RuntimeWarning, match="simulated for the view blend test"):
