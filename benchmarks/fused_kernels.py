@@ -12,8 +12,12 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                vs ViewAttention eager without q_fc/out_fc
   ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
   int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
+  source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
+                               model's sample_source_views (two grid_samples), on the scene's real cameras and
+                               images, one chunk of a held-out view's rays, feature maps of the model's shape
 MACs count only the multiply-accumulates of the products (a popcount, an exp or a max is not one), so the
-fraction of peak says how much of the kernel's time its products would take at the peak rate.
+fraction of peak says how much of the kernel's time its products would take at the peak rate (for source_views,
+the 4 bilinear multiply-adds per channel: that kernel is bound by its gathers and its output, not arithmetic).
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.evaluation.timing import median_seconds  # noqa: E402
+from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
+from gnt_shiftadd.models.projector import sample_source_views  # noqa: E402
 from gnt_shiftadd.models.heads import ViewColorBlend  # noqa: E402
 from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
@@ -48,6 +54,9 @@ from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import int_ffn, prepare_int_shift, reference_int_ffn, vnni_available  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
+from kernels.source_views import prepare_source_views, source_views  # noqa: E402
+from renderer.rays import camera_rays  # noqa: E402
+from renderer.render import Renderer, RenderSettings  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
     view_attention_weights  # noqa: E402
 
@@ -160,7 +169,37 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                          lambda: int_ffn(normed, flat_x, *layers), dense_ffn_eager,
                          "dense x + FFN(LN(x)) eager (LN included there, not in the kernel)", repeats, int8,
                          arithmetic="int8"))
+    rows.append(source_views_row(cfg, repeats, fp32))
     return rows
+
+
+@torch.no_grad()
+def source_views_row(cfg, repeats: int, peak: float, view: int = 8) -> dict:
+    """One chunk of held-out `view`'s rays (from the middle of the frame) against its nearest source views: the
+    scene's real images and cameras, feature maps from the model's (untrained) feature CNN: their values do not
+    change the work."""
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    scene = tensors.scene
+    c2w = torch.as_tensor(scene.c2w[view], dtype=torch.float32)
+    ids = tensors.nearest_sources(scene.c2w[view], cfg.data.num_source_views, exclude_view=view)
+    views = build_model(cfg, torch.device("cpu")).eval().encode_sources(*tensors.source_inputs(ids))
+    origins, dirs = camera_rays(torch.as_tensor(scene.intrinsics[view], dtype=torch.float32), c2w, scene.height,
+                                scene.width, cfg.eval.stride)
+    middle = origins.shape[0] * origins.shape[1] // 2
+    origins, dirs = (t.reshape(-1, 3)[middle:middle + cfg.render.chunk_rays] for t in (origins, dirs))
+    near, far = scene.depth_range(view)
+    points = Renderer(RenderSettings.from_config(cfg), kind=scene.kind).sample(origins, dirs, near, far)
+    prepared = prepare_source_views(views)
+    expected = sample_source_views(points, origins[0], views)
+    for index, name in enumerate(("rgb", "feat", "ray_diff", "mask")):
+        _checked(f"source_views.{name}", lambda: source_views(points, origins[0], prepared)[index], expected[index],
+                 5e-3)
+    rays, samples = points.shape[:2]
+    channels = 3 + views.features.shape[1]
+    return _row("source_views", f"[{rays},{samples}] x {len(ids)} views, {channels} channels",
+                rays * samples * len(ids) * channels * 4, lambda: source_views(points, origins[0], prepared),
+                lambda: sample_source_views(points, origins[0], views), "sample_source_views eager (grid_sample)",
+                repeats, peak)
 
 
 def main(argv: list[str] | None = None) -> int:

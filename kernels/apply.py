@@ -5,6 +5,9 @@
 The model's forwards stay as they are; only its swappable leaves are replaced (in place) by kernel-backed modules
 with the same call signature, chosen by a handler registered per module type (`register_kernel_handler`):
 
+  SourceViewSampler   (source_sampler, CPU)         -> KernelSourceViews: projection into the source views,
+                      bilinear gathers of image and CNN features, mask and view codes in one kernel (the
+                      views' kernel layout is made once per frame and reused by every chunk)
   ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
@@ -47,6 +50,7 @@ from torch import nn
 
 from gnt_shiftadd.models.gnt import ViewEmbedding
 from gnt_shiftadd.models.heads import ViewColorBlend
+from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
     RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
@@ -57,14 +61,15 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    ray_attention, view_attention, view_blend, view_features
+    ray_attention, source_views, view_attention, view_blend, view_features
 from kernels.ray_attention import RayAttentionWeights
+from kernels.source_views import prepare_source_views
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -173,6 +178,26 @@ def integer_feedforward(ff: nn.Module) -> bool:
     """A FeedForward whose two layers take integer activations of the same width and scale mode."""
     return (type(ff) is FeedForward and isinstance(ff.fc1, IntShiftLinear) and isinstance(ff.fc2, IntShiftLinear)
             and (ff.fc1.activation_bits, ff.fc1.act_scale) == (ff.fc2.activation_bits, ff.fc2.act_scale))
+
+
+class KernelSourceViews(KernelLeaf):
+    """SourceViewSampler on the source-views kernel (CPU). Same call: (points [R, S, 3], target_origin [3], views)
+    -> (rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]). The views' kernel layout
+    (channels-last feature maps) is made on the first chunk of a frame and reused while the same SourceViews
+    object, with unchanged tensors, comes back (the renderer passes one per frame)."""
+
+    def __init__(self):
+        super().__init__()
+        self._views: tuple | None = None  # (views, tensor versions, prepared): holding views keeps its id unique
+
+    def prepared_for(self, views: SourceViews):
+        versions = tuple(t._version for t in (views.rgb, views.features, views.K, views.c2w))
+        if self._views is None or self._views[0] is not views or self._views[1] != versions:
+            self._views = (views, versions, prepare_source_views(views))
+        return self._views[2]
+
+    def run(self, points, target_origin, views):
+        return source_views(points, target_origin, self.prepared_for(views))
 
 
 class KernelViewEmbedding(KernelLeaf):
@@ -323,6 +348,14 @@ def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
         _HANDLERS[module_type] = handler
         return handler
     return register
+
+
+@register_kernel_handler(SourceViewSampler)
+def _source_views(module, parent, cfg):
+    device = next(parent.parameters()).device
+    if cfg.kernel_device(device) != "cpu":
+        raise KernelNotApplicable("the source-views kernel is CPU-only; on CUDA grid_sample is a native kernel")
+    return KernelSourceViews()
 
 
 @register_kernel_handler(ViewEmbedding)

@@ -27,6 +27,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> x + out_fc(core(LN(x))) fp32 [R, S, C]
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
+  source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
+                                      -> rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]
 """
 from __future__ import annotations
 
@@ -41,12 +43,13 @@ from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
 from kernels import mat_shift as _mat_shift
 from kernels import ray_attention as _ray
+from kernels import source_views as _sources
 from kernels import view_attention as _view
 from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -299,6 +302,34 @@ def int_ffn(normed: Tensor, x: Tensor, fc1: "_int_shift.IntShiftWeights", fc2: "
                                           fc1.per_token, fc1.in_features, fc1.out_features)
 
 
+# ------------------------------------------------------------------------------------------------ source views
+
+@torch.library.custom_op(f"{NAMESPACE}::source_views", mutates_args=())
+def _source_views_op(points: Tensor, target_origin: Tensor, rot: Tensor, trans: Tensor, K: Tensor, origins: Tensor,
+                     image: Tensor, features: Tensor, sizes: Tensor, c2w: Tensor,
+                     feat_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    prepared = _sources.SourceViewTensors(rot, trans, K, origins, image, features, sizes, c2w)
+    return tuple(t.contiguous() for t in _sources.source_views(points, target_origin, prepared))
+
+
+@_source_views_op.register_fake
+def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w, feat_channels):
+    rays, samples, _ = points.shape
+    views = rot.shape[0]
+    return (points.new_empty(views, 3, rays, samples), points.new_empty(views, feat_channels, rays, samples),
+            points.new_empty(rays, samples, views, 4), points.new_empty(rays, samples, views, 1))
+
+
+def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.SourceViewTensors"):
+    """Projection + bilinear gathers + mask + view codes through the custom op (the reference when gradients are
+    needed); see kernels/source_views.py."""
+    if _needs_grad("source_views", points, target_origin):
+        return _sources.reference_source_views(points, target_origin, prepared)
+    return torch.ops.shiftadd_gnt.source_views(points.detach(), target_origin.detach(), *prepared.kernel_arguments(),
+                                               prepared.c2w, prepared.feat_channels)
+
+
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
+       "source_views": _source_views_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -15,7 +15,7 @@ from gnt_shiftadd.config import ModelConfig
 from gnt_shiftadd.models.encodings import PositionalEncoding
 from gnt_shiftadd.models.heads import make_color_head
 from gnt_shiftadd.models.pretrained_features import AlexNetFeatures
-from gnt_shiftadd.models.projector import SourceViews, sample_source_views
+from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.resunet import ResUNet
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock
 
@@ -111,6 +111,7 @@ class GNT(nn.Module):
             self.feature_net = ResUNet(
                 out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
             )
+        self.source_sampler = SourceViewSampler()  # projection + bilinear gathers (a swappable leaf)
         self.transformer = GNTTransformer(cfg)
 
     def encode_sources(self, src_rgb: torch.Tensor, src_K: torch.Tensor, src_c2w: torch.Tensor) -> SourceViews:
@@ -120,7 +121,7 @@ class GNT(nn.Module):
 
     def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
-        rgb, feat, ray_diff, mask = sample_source_views(points, target_origin, views)
+        rgb, feat, ray_diff, mask = self.source_sampler(points, target_origin, views)
         return self.transformer(rgb, feat, ray_diff, mask, points, ray_dirs)
 
     def forward(self, points, ray_dirs, target_origin, src_rgb, src_K, src_c2w) -> torch.Tensor:

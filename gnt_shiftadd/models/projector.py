@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 _MIN_DEPTH = 1e-6
 
@@ -98,6 +99,15 @@ def sample_source_views(
     ray_diff = relative_direction_code(points, target_origin, views.c2w[:, :3, 3])
     mask = inside.permute(1, 2, 0)[..., None].to(points.dtype)
     return rgb, feat, ray_diff, mask
+
+
+class SourceViewSampler(nn.Module):
+    """`sample_source_views` as a swappable leaf (no parameters): (points [R, S, 3], target_origin [3], views)
+    -> (rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]). kernels.apply swaps it
+    for the fused projection + bilinear-gather kernel on the CPU."""
+
+    def forward(self, points: torch.Tensor, target_origin: torch.Tensor, views: SourceViews):
+        return sample_source_views(points, target_origin, views)
 
 
 def gather_from_source_views(

@@ -46,6 +46,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     depth = cfg.model.trans_depth
     assert summary["KernelViewAttention"] == depth and summary["KernelFFNSublayer"] == 2 * depth
     assert summary["KernelViewEmbedding"] == 1 and summary["skipped"] == []
+    assert summary["KernelSourceViews"] == 1  # projection and gathers too (tiny config: 8 feature channels)
     transformer = model.transformer
     # the forwards are the model's own; only leaves changed
     assert all(type(b) is ViewTransformerBlock for b in transformer.view_blocks)
@@ -64,6 +65,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     ran = require_all_kernels(model)  # nothing fell back; every leaf says what it ran
     assert ran["transformer.view_blocks.0.attn"] == {"view_attention": "tvm"}
     assert ran["transformer.view_embedding"] == {"view_features": "tvm"}
+    assert ran["source_sampler"] == {"source_views": "tvm"}
     expected_ffn = "blas" if gemm == "blas" and shiftadd.ffn != "moe" else "tvm"  # auto: the fused FFN kernel
     assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
     if fused:

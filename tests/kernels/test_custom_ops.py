@@ -88,6 +88,19 @@ def _int_weights(seed=5, dims=(DIM, HIDDEN)):
     return prepare_int_shift(export_int_shift(layer))
 
 
+def _source_views_case():
+    from gnt_shiftadd.models.projector import SourceViews
+    from kernels.source_views import prepare_source_views
+
+    torch.manual_seed(9)
+    c2w = torch.eye(4).repeat(3, 1, 1)
+    c2w[:, 0, 3] = torch.tensor([-0.5, 0.0, 0.5])
+    K = torch.tensor([[20.0, 0.0, 9.5], [0.0, 20.0, 7.0], [0.0, 0.0, 1.0]]).repeat(3, 1, 1)
+    prepared = prepare_source_views(SourceViews(torch.rand(3, 15, 20, 3), torch.randn(3, 16, 4, 5), K, c2w))
+    points = torch.randn(3, 7, 3) + torch.tensor([0.0, 0.0, 3.0])
+    return (points, torch.tensor([0.0, 0.0, -1.0]), *prepared.kernel_arguments(), prepared.c2w, prepared.feat_channels)
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -105,6 +118,7 @@ def _op_cases():
         "ray_attention": _ray_case("hashed"),
         "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
                           (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),
+        "source_views": _source_views_case(),
         "hash_pack": (x, hw, hb),
         "hashed_quadratic": (words, words.flip(2).contiguous(), v, torch.full((2,), 0.3), 16),
         "hashed_linear": (words, words.flip(2).contiguous(), v, 16, "hashed"),
