@@ -72,7 +72,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 AOT_ENV = "SHIFTADD_GNT_AOT_KERNELS"  # a folder written by export_kernels: installed as a kernel loader
 RUNTIME_ENV = "SHIFTADD_GNT_TVM_RUNTIME"  # a folder with libtvm_runtime*.so and VERSION (prepare_gpu_carry.py)
-CPU_ONLY_KERNELS = {"int_shift", "int_ffn"}  # AVX-512 VNNI (kernels/int_shift.py): built for the host CPU whatever the target
+CPU_ONLY_KERNELS = {"int_shift", "int_ffn", "int_ffn_sublayer"}  # AVX-512 VNNI (kernels/int_shift.py): built for the host CPU whatever the target
 RUNTIME_LIBRARIES = {"llvm": ["libtvm_runtime.so"], "cuda": ["libtvm_runtime.so", "libtvm_runtime_cuda.so"]}
 # modules that hold no kernel math: editing them does not make an exported kernel stale
 _INFRASTRUCTURE = {"kernels", "kernels.aot", "kernels.apply", "kernels.backend", "kernels.build", "kernels.dispatch",

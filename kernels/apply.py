@@ -19,7 +19,7 @@ with the same call signature, chosen by a handler registered per module type (`r
                       XOR/popcount softmax kernel or the additive linear form (dense SDPA and the seed form stay)
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
                       residual in one kernel, for dense, shift and MoE FFNs; with integer shift layers (CPU)
-                      KernelIntFFNSublayer: LN in PyTorch, fc1 + ReLU + fc2 + residual in one VNNI kernel
+                      KernelIntFFNSublayer: LN, fc1 + ReLU + fc2 + residual in one VNNI kernel
   ViewColorBlend      (transformer.head.view_blend) -> KernelViewColorBlend: the blend colour head's per-view MLP,
                       masked softmax over views and colour blend in one kernel (no [R, S, V, 2C + 4] concatenation)
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
@@ -60,7 +60,7 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
     resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
-from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_shift, linear_attention, mat_shift, quadratic_attention, \
+from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, linear_attention, mat_shift, quadratic_attention, \
     ray_attention, source_views, view_attention, view_blend, view_features
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import prepare_source_views
@@ -80,11 +80,14 @@ class KernelConfig:
     """backend: "tvm" (the compiled kernels), "auto" (tvm when TVM is importable, else the reference with one
     warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc);
     device_type: the device the kernels are chosen for, when not the model's own (the AOT export records a CUDA
-    model's kernel requests on CPU tensors)."""
+    model's kernel requests on CPU tensors); int_norm_in_kernel: the integer FFN kernel computes its LayerNorm
+    itself (faster; fp32 rounding in its own order, so a quantized activation may land one step from the module's)
+    or takes it from PyTorch (then the frame is bit-identical to the integer modules)."""
 
     backend: str = "tvm"
     gemm: str = "auto"
     device_type: str | None = None
+    int_norm_in_kernel: bool = True  # False: integer FFNs take their LayerNorm from PyTorch (bit-identical frames)
 
     def kernel_device(self, device: torch.device) -> str:
         return self.device_type or device.type
@@ -152,17 +155,24 @@ class KernelIntShiftLinear(KernelLeaf):
 
 class KernelIntFFNSublayer(KernelLeaf):
     """PreNormFeedForward whose FFN is two integer shift layers (FeedForward with IntShiftLinear fc1/fc2): the
-    LayerNorm in PyTorch, then fc1 + ReLU + fc2 + the residual in one VNNI kernel (the [tokens, hidden]
-    activations stay in the core), bit-identical to the modules. CPU only; calls that need gradients run the
-    modules. Same call: (x [..., C], norm, ff) -> x + ff(norm(x))."""
+    LayerNorm, fc1 + ReLU + fc2 and the residual in one VNNI kernel (the [tokens, hidden] activations stay in the
+    core). The integer part is bit-identical to the modules given the same normed input; the in-kernel LN rounds in
+    its own order (fp32, like the dense FFN kernel). With norm_in_kernel=False, or a norm other than a plain
+    nn.LayerNorm, the norm runs in PyTorch before the integer kernel (then the block is bit-identical). CPU only; calls that need gradients run the modules. Same call: (x [..., C], norm, ff) ->
+    x + ff(norm(x))."""
 
-    def __init__(self, norm: nn.LayerNorm, ff: FeedForward):
+    def __init__(self, norm: nn.LayerNorm, ff: FeedForward, norm_in_kernel: bool = True):
         super().__init__()
         if not integer_feedforward(ff):
             raise TypeError("KernelIntFFNSublayer needs a FeedForward of two IntShiftLinear layers")
         if ff.fc1.sign_param.device.type != "cpu":
             raise ValueError("the integer FFN kernel runs on CPU (AVX-512 VNNI)")
         self.fc1, self.fc2 = prepare_int_shift(export_int_shift(ff.fc1)), prepare_int_shift(export_int_shift(ff.fc2))
+        self.fused_norm = norm_in_kernel and type(norm) is nn.LayerNorm and norm.elementwise_affine \
+            and norm.bias is not None
+        if self.fused_norm:
+            self.ln_w, self.ln_b = (t.detach().float().clone() for t in (norm.weight, norm.bias))
+            self.eps = float(norm.eps)
         self._layer_ids = (id(norm), id(ff))
         self.covered_ids = {id(m) for m in ff.modules()}  # the kernel computes the whole FFN
 
@@ -171,6 +181,8 @@ class KernelIntFFNSublayer(KernelLeaf):
         if needs_grad(x):
             note_kernel("int_ffn", "reference")
             return x + ff(norm(x))
+        if self.fused_norm:
+            return int_ffn_sublayer(x, self.ln_w, self.ln_b, self.eps, self.fc1, self.fc2)
         return int_ffn(norm(x), x, self.fc1, self.fc2)
 
 
@@ -389,7 +401,7 @@ def _hashed_attention(module, parent, cfg):
 @register_kernel_handler(PreNormFeedForward)
 def _ffn_sublayer(module, parent, cfg):
     if integer_feedforward(parent.ff) and cfg.kernel_device(parent.ff_norm.weight.device) == "cpu":
-        return KernelIntFFNSublayer(parent.ff_norm, parent.ff)
+        return KernelIntFFNSublayer(parent.ff_norm, parent.ff, cfg.int_norm_in_kernel)
     return KernelFFNSublayer(parent.ff_norm, parent.ff, cfg)
 
 

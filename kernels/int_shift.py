@@ -32,7 +32,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
 __all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
-           "make_int_ffn", "int_ffn", "reference_int_ffn", "FFN_TILE", "FFN_BLOCKS",
+           "make_int_ffn", "int_ffn", "reference_int_ffn", "int_ffn_sublayer", "reference_int_ffn_sublayer", "FFN_TILE", "FFN_BLOCKS",
            "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "relu")
@@ -257,11 +257,15 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
 
 
 def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool, tile: int = DEFAULT_TILE,
-                 blocks: tuple[int, int] = (4, 2)):
-    """A whole integer FFN half-block after its LayerNorm: y = x + fc2(relu(fc1(h))) with fc1, fc2 integer shift
-    layers (same activation width and scale mode), per token tile, so the [tokens, hidden] activations never leave
-    the core. IRModule "main"(h fp32 [tiles, tile, C] (the normed tokens), x fp32 [tiles, tile, C] (the residual),
-    fc1's packed, compensation, out_scale, bias, absmax, fc2's (the same five), y fp32 [tiles, tile, C])."""
+                 blocks: tuple[int, int] = (4, 2), norm_eps: float | None = None):
+    """A whole integer FFN half-block: y = x + fc2(relu(fc1(h))) with fc1, fc2 integer shift layers (same activation
+    width and scale mode), per token tile, so the [tokens, hidden] activations never leave the core.
+
+    norm_eps None: h is an input (the normed tokens): IRModule "main"(h fp32 [tiles, tile, C], x fp32
+    [tiles, tile, C] (the residual), fc1's packed, compensation, out_scale, bias, absmax, fc2's (the same five),
+    y fp32 [tiles, tile, C]); bit-exact against `reference_int_ffn`.
+    norm_eps given: h = LayerNorm(x) is computed in the kernel too (fp32, mean and variance per token, like the
+    dense FFN kernel): "main"(x, ln_w [C], ln_b [C], fc1's five, fc2's five, y). C must be the real width."""
     import tvm  # lazy: TVM is optional (the integer reference runs without it)
     from tvm.script import tirx as T  # lazy: TVM is optional
 
@@ -271,37 +275,95 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
     group, w_dtype = parts.group, parts.w_dtype
     hidden_blocks, dim_blocks = hidden_padded // LANES, dim_padded // LANES
     jb1, jb2 = _blocks_per_pass(hidden_blocks, blocks[0]), _blocks_per_pass(dim_blocks, blocks[1])
+    lanes = T.Ramp(0, 1, LANES)
 
-    @T.prim_func
-    def main(h_handle: T.handle, x_handle: T.handle,
-             packed1: T.Buffer((hidden_blocks, dim_padded // group, LANES * group), w_dtype),
-             compensation1: T.Buffer((hidden_padded,), "int32"), out_scale1: T.Buffer((hidden_padded,), "float32"),
-             bias1: T.Buffer((hidden_padded,), "float32"), absmax1: T.Buffer((1,), "float32"),
-             packed2: T.Buffer((dim_blocks, hidden_padded // group, LANES * group), w_dtype),
-             compensation2: T.Buffer((dim_padded,), "int32"), out_scale2: T.Buffer((dim_padded,), "float32"),
-             bias2: T.Buffer((dim_padded,), "float32"), absmax2: T.Buffer((1,), "float32"), y_handle: T.handle):
-        T.func_attr({"global_symbol": "main", "tir.noalias": True})
-        tiles = T.int32()
-        h = T.match_buffer(h_handle, (tiles, tile, dim_padded), "float32")
-        x = T.match_buffer(x_handle, (tiles, tile, dim_padded), "float32")
-        y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
-        for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
-            xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
-            hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
-            hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
-            scale = T.alloc_buffer((tile,), "float32", scope="local")
-            inv = T.alloc_buffer((tile,), "float32", scope="local")
-            running = T.alloc_buffer((LANES,), "float32", scope="local")
-            for within in T.serial(TILES_PER_TASK):
-                if chunk * TILES_PER_TASK + within < tiles:
-                    t = chunk * TILES_PER_TASK + within
-                    parts.layer(h, t, dim_padded, xq, scale, inv, running, per_token, absmax1, packed1,
-                                compensation1, out_scale1, bias1, hidden_blocks, jb1, lambda i, block, value:
-                                T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
-                    parts.layer(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2, packed2,
-                                compensation2, out_scale2, bias2, dim_blocks, jb2, lambda i, block, value:
-                                T.buffer_store(y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
-                                               [t, i, T.Ramp(block * LANES, 1, LANES)]))
+    @T.macro
+    def layers(h, h_tile, x, t, y, xq, hidden, hq, scale, inv, running, packed1, compensation1, out_scale1, bias1,
+               absmax1, packed2, compensation2, out_scale2, bias2, absmax2):
+        parts.layer(h, h_tile, dim_padded, xq, scale, inv, running, per_token, absmax1, packed1, compensation1,
+                    out_scale1, bias1, hidden_blocks, jb1, lambda i, block, value:
+                    T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
+        parts.layer(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2, packed2, compensation2,
+                    out_scale2, bias2, dim_blocks, jb2, lambda i, block, value:
+                    T.buffer_store(y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
+                                   [t, i, T.Ramp(block * LANES, 1, LANES)]))
+
+    @T.macro
+    def layer_norm(x, t, normed, running, ln_w, ln_b):
+        """normed[0, i, :] = LN(x[t, i, :]) for the tile's tokens: two passes over the token's 16-lane chunks."""
+        for i in T.serial(tile):
+            running[lanes] = T.Broadcast(T.float32(0), LANES)
+            for kv in T.serial(dim_blocks):
+                running[lanes] = running[lanes] + x[t, i, T.Ramp(kv * LANES, 1, LANES)]
+            for lane in T.serial(1, LANES):
+                running[0] = running[0] + running[lane]
+            mean = running[0] / T.float32(dim_padded)
+            running[lanes] = T.Broadcast(T.float32(0), LANES)
+            for kv in T.serial(dim_blocks):
+                centred = x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)
+                running[lanes] = running[lanes] + centred * centred
+            for lane in T.serial(1, LANES):
+                running[0] = running[0] + running[lane]
+            rstd = T.float32(1) / T.sqrt(running[0] / T.float32(dim_padded) + T.float32(norm_eps or 0.0))
+            for kv in T.serial(dim_blocks):
+                normed[0, i, T.Ramp(kv * LANES, 1, LANES)] = \
+                    (x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)) * T.Broadcast(rstd, LANES) \
+                    * ln_w[T.Ramp(kv * LANES, 1, LANES)] + ln_b[T.Ramp(kv * LANES, 1, LANES)]
+
+    if norm_eps is None:
+        @T.prim_func
+        def main(h_handle: T.handle, x_handle: T.handle,
+                 packed1: T.Buffer((hidden_blocks, dim_padded // group, LANES * group), w_dtype),
+                 compensation1: T.Buffer((hidden_padded,), "int32"), out_scale1: T.Buffer((hidden_padded,), "float32"),
+                 bias1: T.Buffer((hidden_padded,), "float32"), absmax1: T.Buffer((1,), "float32"),
+                 packed2: T.Buffer((dim_blocks, hidden_padded // group, LANES * group), w_dtype),
+                 compensation2: T.Buffer((dim_padded,), "int32"), out_scale2: T.Buffer((dim_padded,), "float32"),
+                 bias2: T.Buffer((dim_padded,), "float32"), absmax2: T.Buffer((1,), "float32"), y_handle: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            tiles = T.int32()
+            h = T.match_buffer(h_handle, (tiles, tile, dim_padded), "float32")
+            x = T.match_buffer(x_handle, (tiles, tile, dim_padded), "float32")
+            y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
+            for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+                xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
+                hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
+                hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
+                scale = T.alloc_buffer((tile,), "float32", scope="local")
+                inv = T.alloc_buffer((tile,), "float32", scope="local")
+                running = T.alloc_buffer((LANES,), "float32", scope="local")
+                for within in T.serial(TILES_PER_TASK):
+                    if chunk * TILES_PER_TASK + within < tiles:
+                        layers(h, chunk * TILES_PER_TASK + within, x, chunk * TILES_PER_TASK + within, y, xq, hidden,
+                               hq, scale, inv, running, packed1, compensation1, out_scale1, bias1, absmax1, packed2,
+                               compensation2, out_scale2, bias2, absmax2)
+    else:
+        @T.prim_func
+        def main(x_handle: T.handle, ln_w: T.Buffer((dim_padded,), "float32"),
+                 ln_b: T.Buffer((dim_padded,), "float32"),
+                 packed1: T.Buffer((hidden_blocks, dim_padded // group, LANES * group), w_dtype),
+                 compensation1: T.Buffer((hidden_padded,), "int32"), out_scale1: T.Buffer((hidden_padded,), "float32"),
+                 bias1: T.Buffer((hidden_padded,), "float32"), absmax1: T.Buffer((1,), "float32"),
+                 packed2: T.Buffer((dim_blocks, hidden_padded // group, LANES * group), w_dtype),
+                 compensation2: T.Buffer((dim_padded,), "int32"), out_scale2: T.Buffer((dim_padded,), "float32"),
+                 bias2: T.Buffer((dim_padded,), "float32"), absmax2: T.Buffer((1,), "float32"), y_handle: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            tiles = T.int32()
+            x = T.match_buffer(x_handle, (tiles, tile, dim_padded), "float32")
+            y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
+            for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+                normed = T.alloc_buffer((1, tile, dim_padded), "float32", scope="local")
+                xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
+                hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
+                hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
+                scale = T.alloc_buffer((tile,), "float32", scope="local")
+                inv = T.alloc_buffer((tile,), "float32", scope="local")
+                running = T.alloc_buffer((LANES,), "float32", scope="local")
+                for within in T.serial(TILES_PER_TASK):
+                    if chunk * TILES_PER_TASK + within < tiles:
+                        layer_norm(x, chunk * TILES_PER_TASK + within, normed, running, ln_w, ln_b)
+                        layers(normed, 0, x, chunk * TILES_PER_TASK + within, y, xq, hidden, hq, scale, inv, running,
+                               packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2,
+                               bias2, absmax2)
 
     return tvm.IRModule({"main": main})
 
@@ -350,6 +412,17 @@ FFN_TILE = 4  # tokens per tile of the fused FFN kernel (results/int_shift_optio
 FFN_BLOCKS = (4, 2)  # output blocks of 16 per pass in fc1 and in fc2
 
 
+def _check_ffn_layers(name: str, dim: int, fc1: IntShiftWeights, fc2: IntShiftWeights, device: torch.device) -> None:
+    """ValueError unless fc1 (C -> H) and fc2 (H -> C) chain on `dim` channels with one activation format, on CPU."""
+    if (fc1.in_features, fc1.out_features, fc2.in_features, fc2.out_features) != (dim, fc2.in_features, fc1.out_features, dim):
+        raise ValueError(f"{name}: layers {fc1.in_features}->{fc1.out_features}, {fc2.in_features}->{fc2.out_features} "
+                         f"do not form an FFN on {dim} channels")
+    if (fc1.bits, fc1.per_token) != (fc2.bits, fc2.per_token):
+        raise ValueError(f"{name}: both layers must have the same activation width and scale mode")
+    if device.type != "cpu":
+        raise ValueError(f"{name}: the integer kernel runs on CPU, got a tensor on {device}")
+
+
 def int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: IntShiftWeights,
             tile: int | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """x + fc2(relu(fc1(normed))) for integer shift layers fc1 (C -> H) and fc2 (H -> C) in one VNNI kernel:
@@ -358,13 +431,7 @@ def int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: In
     dim = x.shape[-1]
     if normed.shape != x.shape:
         raise ValueError(f"int_ffn: normed {tuple(normed.shape)} and x {tuple(x.shape)} must have the same shape")
-    if (fc1.in_features, fc1.out_features, fc2.in_features, fc2.out_features) != (dim, fc2.in_features, fc1.out_features, dim):
-        raise ValueError(f"int_ffn: layers {fc1.in_features}->{fc1.out_features}, {fc2.in_features}->{fc2.out_features} "
-                         f"do not form an FFN on {dim} channels")
-    if (fc1.bits, fc1.per_token) != (fc2.bits, fc2.per_token):
-        raise ValueError("int_ffn: both layers must have the same activation width and scale mode")
-    if x.device.type != "cpu":
-        raise ValueError(f"int_ffn: the integer kernel runs on CPU, got a tensor on {x.device}")
+    _check_ffn_layers("int_ffn", dim, fc1, fc2, x.device)
     tile, blocks = tile or FFN_TILE, tuple(blocks or FFN_BLOCKS)
     kernel = None
     if vnni_available():
@@ -390,6 +457,50 @@ def int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: In
 
     run_tiled(launch, tile, rows[0].shape[0], rows, [out])
     return out[:, :dim].reshape(*lead, dim)
+
+
+def int_ffn_sublayer(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, fc1: IntShiftWeights,
+                     fc2: IntShiftWeights, tile: int | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """x + fc2(relu(fc1(LayerNorm(x)))) in one VNNI kernel, the LayerNorm (ln_w, ln_b [C], eps) included: x [..., C]
+    (CPU float) -> [..., C] fp32. The LN is fp32 arithmetic in another order than PyTorch's, so an activation whose
+    scaled value lies within rounding of a .5 step may quantize one step apart from `reference_int_ffn_sublayer`;
+    the integer part is `int_ffn`'s, bit-exact given the same normed input. Widths that are not a multiple of 16
+    run the LN in PyTorch and `int_ffn` (padding would enter the kernel's mean and variance)."""
+    dim = x.shape[-1]
+    if tuple(ln_w.shape) != (dim,) or tuple(ln_b.shape) != (dim,):
+        raise ValueError(f"int_ffn_sublayer: ln_w and ln_b must be [{dim}], got {tuple(ln_w.shape)}, {tuple(ln_b.shape)}")
+    if fc1.in_padded != dim:
+        return int_ffn(F.layer_norm(x.float(), (dim,), ln_w, ln_b, eps), x, fc1, fc2, tile, blocks)
+    _check_ffn_layers("int_ffn_sublayer", dim, fc1, fc2, x.device)
+    tile, blocks = tile or FFN_TILE, tuple(blocks or FFN_BLOCKS)
+    kernel = None
+    if vnni_available():
+        key = {"dim": dim, "hidden": fc1.out_padded, "bits": fc1.bits, "per_token": fc1.per_token, "tile": tile,
+               "blocks": list(blocks), "norm_eps": float(eps)}
+        kernel = get_kernel("int_ffn_sublayer", key, x.device, lambda _: make_int_ffn(
+            dim, fc1.out_padded, fc1.bits, fc1.per_token, tile, blocks, norm_eps=float(eps)))
+    else:
+        warn_once("int_ffn_sublayer: this CPU has no AVX-512 VNNI; integer FFNs run on the PyTorch reference")
+        note_kernel("int_ffn_sublayer", "reference")
+    if kernel is None:
+        return reference_int_ffn_sublayer(x, ln_w, ln_b, eps, fc1, fc2)
+    lead = x.shape[:-1]
+    rows = kernel_ready(x.reshape(-1, dim).float())
+    out = torch.empty(rows.shape[0], dim, dtype=torch.float32)
+    norm = (kernel_ready(ln_w.detach(), torch.float32), kernel_ready(ln_b.detach(), torch.float32))
+    tensors = (*fc1.tensors(), *fc2.tensors())
+
+    def launch(inputs, outputs):
+        kernel(inputs[0].view(-1, tile, dim), *norm, *tensors, outputs[0].view(-1, tile, dim))
+
+    run_tiled(launch, tile, rows.shape[0], [rows], [out])
+    return out.reshape(*lead, dim)
+
+
+def reference_int_ffn_sublayer(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+                               fc1: IntShiftWeights, fc2: IntShiftWeights) -> torch.Tensor:
+    """Ground truth of `int_ffn_sublayer`: PyTorch's LayerNorm, then `reference_int_ffn`."""
+    return reference_int_ffn(F.layer_norm(x.float(), (x.shape[-1],), ln_w, ln_b, eps), x, fc1, fc2)
 
 
 def reference_int_ffn(normed: torch.Tensor, x: torch.Tensor, fc1: IntShiftWeights, fc2: IntShiftWeights) -> torch.Tensor:

@@ -23,6 +23,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       out_scale, bias, absmax) -> fp32 [N.., out]
   int_ffn                             normed, x [N.., C], both layers' IntShiftWeights tensors
                                       -> x + fc2(relu(fc1(normed))) fp32 [N.., C]
+  int_ffn_sublayer                    x [N.., C], ln_w, ln_b [C], eps, both layers' IntShiftWeights tensors
+                                      -> x + fc2(relu(fc1(LN(x)))) fp32 [N.., C]
   ray_attention                       x [R, S, C], RayAttentionWeights.kernel_arguments(), eps, heads, core
                                       -> x + out_fc(core(LN(x))) fp32 [R, S, C]
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
@@ -49,7 +51,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -302,6 +304,30 @@ def int_ffn(normed: Tensor, x: Tensor, fc1: "_int_shift.IntShiftWeights", fc2: "
                                           fc1.per_token, fc1.in_features, fc1.out_features)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::int_ffn_sublayer", mutates_args=())
+def _int_ffn_sublayer_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, packed1: Tensor, compensation1: Tensor,
+                         out_scale1: Tensor, bias1: Tensor, absmax1: Tensor, packed2: Tensor, compensation2: Tensor,
+                         out_scale2: Tensor, bias2: Tensor, absmax2: Tensor, bits: int, per_token: bool, dim: int,
+                         hidden: int) -> Tensor:
+    fc1 = _int_shift.IntShiftWeights(packed1, compensation1, out_scale1, bias1, absmax1, bits, per_token, dim, hidden)
+    fc2 = _int_shift.IntShiftWeights(packed2, compensation2, out_scale2, bias2, absmax2, bits, per_token, hidden, dim)
+    return _int_shift.int_ffn_sublayer(x, ln_w, ln_b, eps, fc1, fc2)
+
+
+@_int_ffn_sublayer_op.register_fake
+def _(x, ln_w, ln_b, eps, packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2, bias2,
+      absmax2, bits, per_token, dim, hidden):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def int_ffn_sublayer(x: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, fc1: "_int_shift.IntShiftWeights",
+                     fc2: "_int_shift.IntShiftWeights") -> Tensor:
+    """x + fc2(relu(fc1(LN(x)))) for integer shift layers, the LayerNorm in the same kernel; inference only."""
+    return torch.ops.shiftadd_gnt.int_ffn_sublayer(x.detach(), ln_w.detach(), ln_b.detach(), float(eps),
+                                                   *fc1.tensors(), *fc2.tensors(), fc1.bits, fc1.per_token,
+                                                   fc1.in_features, fc1.out_features)
+
+
 # ------------------------------------------------------------------------------------------------ source views
 
 @torch.library.custom_op(f"{NAMESPACE}::source_views", mutates_args=())
@@ -329,7 +355,7 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
                                                prepared.c2w, prepared.feat_channels)
 
 
-OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
        "source_views": _source_views_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

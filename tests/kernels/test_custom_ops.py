@@ -125,6 +125,9 @@ def _op_cases():
         "int_shift": (torch.randn(11, DIM) * 2, *_int_weights().tensors(), 8, True, DIM, HIDDEN, "relu"),
         "int_ffn": (torch.randn(11, DIM), torch.randn(11, DIM), *_int_weights().tensors(),
                     *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True, DIM, HIDDEN),
+        "int_ffn_sublayer": (torch.randn(11, DIM), torch.rand(DIM) + 0.5, torch.randn(DIM) * 0.1, 1e-6,
+                             *_int_weights().tensors(), *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True,
+                             DIM, HIDDEN),
     }
 
 

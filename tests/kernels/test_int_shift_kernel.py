@@ -8,8 +8,8 @@ tvm = pytest.importorskip("tvm")
 
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
-from kernels.int_shift import int_ffn, int_shift, make_int_shift, prepare_int_shift, reference_from_weights, \
-    reference_int_ffn, vnni_available  # noqa: E402
+from kernels.int_shift import int_ffn, int_ffn_sublayer, int_shift, make_int_shift, prepare_int_shift, \
+    reference_from_weights, reference_int_ffn, reference_int_ffn_sublayer, vnni_available  # noqa: E402
 
 needs_vnni = pytest.mark.skipif(not vnni_available(), reason="this CPU has no AVX-512 VNNI")
 SPEC8 = ShiftSpec(exponent_min=-6, exponent_max=0)  # weights exact in int8
@@ -142,6 +142,45 @@ def test_fused_int_ffn_is_bit_exact(dim, hidden, tokens, bits, act_scale):
     assert torch.equal(out, reference_int_ffn(normed, x, w1, w2))
     with torch.no_grad():
         assert torch.equal(out, x + fc2(torch.relu(fc1(normed))))
+
+
+def _ffn_pair(dim, hidden, bits, act_scale):
+    fc1, fc2 = _layer(dim, hidden, bits, act_scale, seed=1), _layer(hidden, dim, bits, act_scale, seed=2)
+    return prepare_int_shift(export_int_shift(fc1)), prepare_int_shift(export_int_shift(fc2))
+
+
+@needs_vnni
+@pytest.mark.parametrize("dim,hidden,tokens", [(32, 128, 1003), (16, 48, 5)])
+@pytest.mark.parametrize("bits,act_scale", [(8, "per_token"), (8, "per_tensor"), (16, "per_token")])
+def test_int_ffn_sublayer_is_bit_exact_where_the_norm_is_exact(dim, hidden, tokens, bits, act_scale):
+    """With the LayerNorm inside the kernel: a zero gain makes the normed tokens exactly the LN bias whatever the
+    mean and variance round to (PyTorch's LN is not exact even for +-1 tokens: its running mean divides), so the
+    whole sublayer, residual included, must equal PyTorch's LayerNorm + the integer references bit for bit. The
+    LN arithmetic itself is checked to a tolerance below."""
+    w1, w2 = _ffn_pair(dim, hidden, bits, act_scale)
+    torch.manual_seed(3)
+    x, ln_b = torch.randn(tokens, dim) * 3, torch.randn(dim)
+    out = int_ffn_sublayer(x, torch.zeros(dim), ln_b, 1e-6, w1, w2)
+    assert torch.equal(out, reference_int_ffn_sublayer(x, torch.zeros(dim), ln_b, 1e-6, w1, w2))
+
+
+@needs_vnni
+@pytest.mark.parametrize("dim,hidden", [(32, 128), (20, 40)])
+def test_int_ffn_sublayer_on_random_tokens(dim, hidden):
+    """Random tokens: the in-kernel LN rounds in its own order, so an activation may quantize one step away from
+    the reference (a few hundredths at most here); a width that is not a multiple of 16 runs PyTorch's LN and the
+    bit-exact int_ffn."""
+    w1, w2 = _ffn_pair(dim, hidden, 8, "per_token")
+    torch.manual_seed(4)
+    x, ln_w, ln_b = torch.randn(777, dim) * 2 + 0.5, torch.rand(dim) + 0.5, torch.randn(dim) * 0.1
+    out = int_ffn_sublayer(x, ln_w, ln_b, 1e-6, w1, w2)
+    expected = reference_int_ffn_sublayer(x, ln_w, ln_b, 1e-6, w1, w2)
+    if dim % 16:
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0.05)
+    with pytest.raises(ValueError, match=r"ln_w and ln_b must be \[%d\]" % dim):
+        int_ffn_sublayer(x, ln_w[:3], ln_b, 1e-6, w1, w2)
 
 
 def test_fused_int_ffn_refuses_layers_that_do_not_chain():

@@ -171,25 +171,27 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
         got = _rgb(run())
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
     mapping = require_all_kernels(model)
-    # every integer layer runs on an integer kernel: FFN pairs on the fused int_ffn, the others on int_shift
+    # every integer layer runs on an integer kernel: FFN pairs (and their LayerNorm) on the fused
+    # int_ffn_sublayer, the others on int_shift
     layers = len([m for m in model.modules() if isinstance(m, IntShiftLinear)])
-    fused = sum(kernels.get("int_ffn") == "tvm" for kernels in mapping.values())
+    fused = sum(kernels.get("int_ffn_sublayer") == "tvm" for kernels in mapping.values())
     assert fused == 2 * model.cfg.trans_depth
     assert sum(kernels.get("int_shift") == "tvm" for kernels in mapping.values()) + 2 * fused == layers
 
 
 @pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")
 def test_fused_int_ffn_leaves_render_the_reference_models_frame_bit_for_bit(dense):
-    """The integer FFN half-blocks on the fused kernel (LayerNorm in PyTorch as in the module, fc1 + ReLU + fc2 +
-    residual in the kernel) and the other integer layers on theirs: the same frame as the modules, bit for bit."""
+    """The integer FFN half-blocks on the fused kernel with the LayerNorm taken from PyTorch
+    (int_norm_in_kernel=False; fc1 + ReLU + fc2 + residual in the kernel) and the other integer layers on theirs:
+    the same frame as the modules, bit for bit."""
     pytest.importorskip("tvm")
     from gnt_shiftadd.models.transformers import PreNormFeedForward
-    from kernels.apply import KernelIntFFNSublayer, use_kernels
+    from kernels.apply import KernelConfig, KernelIntFFNSublayer, use_kernels_
     from kernels.dispatch import require_all_kernels
 
     model, run, expected = _int8_reference_frame(dense)
-    summary = use_kernels(model, "tvm",
-                          filter_fn=lambda module, fqn: isinstance(module, (IntShiftLinear, PreNormFeedForward)))
+    summary = use_kernels_(model, KernelConfig(int_norm_in_kernel=False),
+                           filter_fn=lambda module, fqn: isinstance(module, (IntShiftLinear, PreNormFeedForward)))
     assert summary["KernelIntFFNSublayer"] == 2 * model.cfg.trans_depth
     assert all(isinstance(block.ffn, KernelIntFFNSublayer)
                for block in [*model.transformer.view_blocks, *model.transformer.ray_blocks])
