@@ -186,16 +186,16 @@ BLOCK_PARTS = ("view_attention", "ray_attention", "ffn")
 
 class ComponentTimer:
     """Self-time in seconds per part of one render, from hooks on the model's modules (PyTorch leaves or their
-    kernels alike): cnn, view_embedding (per-view MLP + max-pool), view_attention / ray_attention (a block minus its
+    kernels alike): cnn, source_views (projection into the source views, bilinear gathers, view codes), view_embedding (per-view MLP + max-pool), view_attention / ray_attention (a block minus its
     FFN), ffn, pos_fuse, head, transformer (the transformer's own glue: positional encodings, concatenations).
     A part's time excludes the hooked parts nested in it, so the parts add up to the hooked total."""
 
     def __init__(self, model, device):
         self.device, self.totals, self.handles, self._stack = device, {}, [], []
         transformer = model.transformer
-        hooked = [(model.feature_net, "cnn"), (transformer, "transformer"),
-                  (transformer.view_embedding, "view_embedding"), (transformer.head, "head")]
-        hooked += [(fuse, "pos_fuse") for fuse in transformer.pos_fuse]
+        hooked = [(model.feature_net, "cnn"), (model.source_sampler, "source_views"), (transformer, "transformer"),
+                  (transformer.view_embedding, "view_embedding"), (transformer.head, "head"),
+                  (transformer.position_fusion, "pos_fuse")]
         for kind, blocks in (("view_attention", transformer.view_blocks), ("ray_attention", transformer.ray_blocks)):
             for block in blocks:
                 hooked += [(block, kind), (block.ffn, "ffn")]
@@ -224,7 +224,7 @@ class ComponentTimer:
 
 def component_breakdown(model, tensors, cfg, view: int, mode: str = "fp32") -> dict:
     """ms per part of one extra (hooked) render of `view` (ComponentTimer's parts), `rest` (outside every hooked
-    module: rays, sample placement, projection and bilinear gathers from the source views, chunking), the hooked
+    module: rays, sample placement, chunking; the projection and gathers are `source_views`), the hooked
     total, and `blocks_bound`: the frame's speed-up if the ShiftAdd-reparameterized parts (BLOCK_PARTS) took no
     time at all."""
     timer = ComponentTimer(model, tensors.device)
@@ -452,11 +452,11 @@ def markdown(record: dict) -> str:
         if head.get("speedup_vs_fastest_dense_if_blocks_were_free"):
             lines[-1] += (f" With its attention and FFN blocks taking no time at all it would be "
                           f"{head['speedup_vs_fastest_dense_if_blocks_were_free']:.2f}x the fastest dense peer.")
-    parts = ("cnn", "rest", "view_embedding", "transformer", "pos_fuse", *BLOCK_PARTS, "head")
+    parts = ("cnn", "source_views", "rest", "view_embedding", "transformer", "pos_fuse", *BLOCK_PARTS, "head")
     broken_down = [r for r in record["end_to_end"] if r.get("breakdown_ms")]
     if broken_down:
-        lines += ["", "Where the time goes (ms, self time per part of one extra hooked render; `rest` = rays, sample "
-                      "placement, projection and bilinear gathers; `transformer` = its glue: encodings, concatenations; "
+        lines += ["", "Where the time goes (ms, self time per part of one extra hooked render; `source_views` = projection "
+                      "into the source views and bilinear gathers; `rest` = rays, sample placement; `transformer` = its glue: encodings, concatenations; "
                       "bound = the frame's speed-up if the ShiftAdd-reparameterized parts took no time):", "",
                   "| row | " + " | ".join(parts) + " | hooked total | bound |", "|---" * (len(parts) + 3) + "|"]
         for r in broken_down:

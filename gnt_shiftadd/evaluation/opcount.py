@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gnt_shiftadd.models.encodings import PositionalEncoding
+from gnt_shiftadd.models.gnt import PositionFusion
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
@@ -254,6 +255,20 @@ def _count_view_color_blend(ops, comp, _module, inputs, _out):
     ops.add(comp, "add", "fp32", samples * (views - 1) * 3)
 
 
+def _count_position_fusion(ops, comp, _module, inputs, _out):
+    """GNT's position fusion with its first layer split by input block (models.gnt.PositionFusion): the q and
+    point-code blocks per sample, the direction block once per ray, the broadcast add. A first layer that is not a
+    plain nn.Linear is called whole and counted by its own hook; ReLU and fc2 are module calls that count themselves."""
+    q, point_code, dir_code, mlp = inputs
+    fc1 = mlp[0]
+    if type(fc1) is not nn.Linear:
+        return
+    samples, rays = q.numel() // q.shape[-1], dir_code.numel() // dir_code.shape[-1]
+    per_sample, per_ray = q.shape[-1] + point_code.shape[-1], dir_code.shape[-1]
+    ops.add(comp, "mult", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)
+    ops.add(comp, "add", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)  # sums, bias, broadcast
+
+
 def _count_positional_encoding(ops, comp, module, inputs, _out):
     x = inputs[0]
     freqs = (module.out_dim - x.shape[-1]) // (2 * x.shape[-1])
@@ -276,6 +291,7 @@ _COUNTERS = [  # most specific first: the first matching type counts a module
     ((HashedLinearAttention, SeedLinearAttention), _count_hash_linear),
     (ViewAttention, _count_view_attention),
     (ViewColorBlend, _count_view_color_blend),
+    (PositionFusion, _count_position_fusion),
     (PositionalEncoding, _count_positional_encoding),
     (MoEFeedForward, _count_moe_gate),
 ]

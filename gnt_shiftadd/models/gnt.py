@@ -43,6 +43,28 @@ class ViewEmbedding(nn.Module):
         return features, masked_max_over_views(features, mask)  # the query starts as a max-pool over views
 
 
+class PositionFusion(nn.Module):
+    """GNT's position fusion as a swappable leaf: q <- mlp([q, point_code, dir_code]) with mlp = Linear, ReLU,
+    Linear. Its first layer is linear, so it splits by input block: W_q q + (W_p point_code + b) per sample and
+    W_d dir_code once per *ray* (the direction is the same for all of a ray's samples), broadcast over the samples.
+    Exact algebra (fp32 rounding aside): no [R, S, C + P + D] concatenation, ~38% fewer multiply-accumulates at
+    GNT's widths. A first layer that is not a plain nn.Linear (a shift layer, torch.ao's int8 Linear) gets the
+    concatenation it was built for. No parameters of its own: pos_fuse owns them (state_dict keys unchanged).
+    q [R, S, C], point_code [R, S, P], dir_code [R, D] (per ray) -> [R, S, C]."""
+
+    def forward(self, q, point_code, dir_code, mlp: nn.Sequential) -> torch.Tensor:
+        fc1, activation, fc2 = mlp
+        if type(fc1) is not nn.Linear:
+            per_ray = dir_code[:, None, :].expand(*q.shape[:2], -1)
+            return mlp(torch.cat([q, point_code, per_ray], dim=-1))
+        channels, points = q.shape[-1], point_code.shape[-1]
+        weight = fc1.weight
+        hidden = F.linear(q, weight[:, :channels]) + F.linear(point_code, weight[:, channels:channels + points],
+                                                              fc1.bias)
+        hidden = hidden + F.linear(dir_code, weight[:, channels + points:])[:, None, :]
+        return fc2(activation(hidden))
+
+
 class GNTTransformer(nn.Module):
     """From what the source views see at the samples to colours.
 
@@ -68,6 +90,7 @@ class GNTTransformer(nn.Module):
             if layer % 2 == 0:
                 in_dim = dim + self.pos_enc.out_dim + self.dir_enc.out_dim
                 self.pos_fuse.append(nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim)))
+        self.position_fusion = PositionFusion()
         self.head = make_color_head(cfg.color_head, dim)
 
     def forward(self, rgb, feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
@@ -77,17 +100,16 @@ class GNTTransformer(nn.Module):
         return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=colors)
 
     def encode_points(self, points, ray_dirs) -> tuple[torch.Tensor, torch.Tensor]:
-        """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, broadcast [R, S, 3 + 6 Fd]."""
-        dirs = F.normalize(ray_dirs, dim=-1)
-        return self.pos_enc(points), self.dir_enc(dirs)[:, None, :].expand(*points.shape[:2], -1)
+        """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, once per ray [R, 3 + 6 Fd]."""
+        return self.pos_enc(points), self.dir_enc(F.normalize(ray_dirs, dim=-1))
 
     def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code, colors=None) -> torch.Tensor:
-        """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on.
-        colors [R, S, V, 3] (what each view sees at each sample) is needed by the blend head only."""
+        """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on
+        (point_code [R, S, P], dir_code [R, D]: encode_points). colors [R, S, V, 3] (what each view sees at each sample) is needed by the blend head only."""
         for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
             q = view_block(q, features, ray_diff, mask)
             if layer % 2 == 0:
-                q = self.pos_fuse[layer // 2](torch.cat([q, point_code, dir_code], dim=-1))
+                q = self.position_fusion(q, point_code, dir_code, self.pos_fuse[layer // 2])
             q = ray_block(q)
         if self.head.needs_colors and colors is None:
             raise ValueError("the blend colour head needs the source colours at the samples (colors [R, S, V, 3])")

@@ -61,6 +61,21 @@ def test_blend_head_counts_its_split_first_layer_by_hand():
     assert counter.ops.total()[("special", "fp32")] == 2 * tokens * views + tokens  # view softmax + LN rsqrt
 
 
+def test_position_fusion_counts_its_split_first_layer_by_hand():
+    """pos_fuse: the q and point-code blocks of fc1 per sample, the direction block once per ray, fc2 per sample."""
+    from gnt_shiftadd.models.gnt import PositionFusion
+
+    rays, samples, dim, points, dirs = 2, 5, 8, 7, 6
+    mlp = nn.Sequential(nn.Linear(dim + points + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
+    fusion = PositionFusion()
+    holder = nn.ModuleDict({"fusion": fusion, "mlp": mlp})
+    with OpCounter(holder) as counter:
+        fusion(torch.randn(rays, samples, dim), torch.randn(rays, samples, points), torch.randn(rays, dirs), mlp)
+    tokens = rays * samples
+    fc1 = tokens * (dim + points) * dim + rays * dirs * dim
+    assert counter.ops.total()[("mult", "fp32")] == fc1 + tokens * dim * dim
+
+
 def test_energy_uses_the_stated_table():
     counts = Counter({("mult", "fp32"): 10, ("add", "fp32"): 100, ("shift", "int32"): 1000})
     assert OpCounts.energy_pj(counts) == pytest.approx(10 * 3.7 + 100 * 0.9 + 1000 * 0.13)

@@ -189,6 +189,31 @@ def test_split_view_linear_equals_the_concatenated_layer_and_falls_back_for_othe
     assert wrapped.calls == [torch.Size([3, 5, 4, 20])]
 
 
+def test_position_fusion_splits_its_first_layer_and_keeps_the_concatenation_for_other_layers():
+    """pos_fuse's first layer block by block (the direction part once per ray) is the same function and gradient as
+    the layer on [q, point_code, dir_code over the samples]; a first layer that is not a plain nn.Linear (here a
+    shift layer) gets the concatenation."""
+    from torch import nn
+
+    from gnt_shiftadd.models.gnt import PositionFusion
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
+
+    torch.manual_seed(0)
+    rays, samples, dim, points, dirs = 3, 5, 8, 7, 6
+    mlp = nn.Sequential(nn.Linear(dim + points + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
+    q, point_code, dir_code = torch.randn(rays, samples, dim), torch.randn(rays, samples, points), torch.randn(rays, dirs)
+    whole = mlp(torch.cat([q, point_code, dir_code[:, None, :].expand(rays, samples, dirs)], dim=-1))
+    split = PositionFusion()(q, point_code, dir_code, mlp)
+    assert split.shape == (rays, samples, dim)
+    assert torch.allclose(split, whole, atol=1e-5)
+    grad_whole = torch.autograd.grad(whole.square().sum(), mlp[0].weight)[0]
+    grad_split = torch.autograd.grad(split.square().sum(), mlp[0].weight)[0]
+    assert torch.allclose(grad_split, grad_whole, atol=1e-4)
+    shifted = nn.Sequential(ShiftLinear.from_linear(mlp[0], ShiftSpec()), nn.ReLU(), mlp[2])
+    expected = shifted(torch.cat([q, point_code, dir_code[:, None, :].expand(rays, samples, dirs)], dim=-1))
+    assert torch.equal(PositionFusion()(q, point_code, dir_code, shifted), expected)
+
+
 def test_old_checkpoint_head_keys_are_renamed():
     from gnt_shiftadd.training.checkpoint import _renamed_head_keys
 
