@@ -12,6 +12,7 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                vs ViewAttention eager without q_fc/out_fc
   ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
   int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
+  int_ffn_sublayer             the same with the block's LayerNorm in the kernel (what a model runs)
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
                                model's sample_source_views (two grid_samples), on the scene's real cameras and
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
@@ -52,7 +53,8 @@ from kernels.apply import KernelRayAttentionSublayer, KernelViewColorBlend  # no
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
 from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
-from kernels.int_shift import int_ffn, prepare_int_shift, reference_int_ffn, vnni_available  # noqa: E402
+from kernels.int_shift import int_ffn, int_ffn_sublayer, prepare_int_shift, reference_int_ffn, \
+    reference_int_ffn_sublayer, vnni_available  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.source_views import prepare_source_views, source_views  # noqa: E402
 from renderer.rays import camera_rays  # noqa: E402
@@ -169,6 +171,12 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                          lambda: int_ffn(normed, flat_x, *layers), dense_ffn_eager,
                          "dense x + FFN(LN(x)) eager (LN included there, not in the kernel)", repeats, int8,
                          arithmetic="int8"))
+        ln_w, ln_b = torch.rand(dim) + 0.5, torch.randn(dim) * 0.1
+        _checked("int_ffn_sublayer", lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
+                 reference_int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers), 0.05)  # LN rounding: one step
+        rows.append(_row("int_ffn_sublayer", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit, LN in the kernel",
+                         tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
+                         dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
     rows.append(source_views_row(cfg, repeats, fp32))
     return rows
 

@@ -156,6 +156,7 @@ class _KernelParts:
         self.word_type = f"{self.w_dtype}x{64 if bits == 8 else 32}"  # operands of one 512-bit register
         self.intrinsic = "llvm.x86.avx512.vpdpbusd.512" if bits == 8 else "llvm.x86.avx512.vpdpwssd.512"
         level, offset, floor, q_dtype = self.level, 128 if bits == 8 else 0, float(ABSMAX_FLOOR), self.q_dtype
+        tree_reduce = self.tree_reduce
 
         @T.macro
         def quantize(src, t, width, xq, scale, inv, running, per_token, absmax):
@@ -165,8 +166,7 @@ class _KernelParts:
                     for kv in T.serial(width // LANES):
                         running[T.Ramp(0, 1, LANES)] = T.max(running[T.Ramp(0, 1, LANES)],
                                                              T.abs(src[t, i, T.Ramp(kv * LANES, 1, LANES)]))
-                    for lane in T.serial(1, LANES):
-                        running[0] = T.max(running[0], running[lane])
+                    tree_reduce(running, T.max)  # max is exact in any order: bit-exactness is kept
                     inv[i] = T.float32(level) / T.max(running[0], T.float32(floor))
                     scale[i] = T.max(running[0], T.float32(floor)) / T.float32(level)
                 else:
@@ -191,6 +191,20 @@ class _KernelParts:
                 dot_products(xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store)
 
         self.layer = layer
+
+    def tree_reduce(self, buffer, combine, base=0) -> None:
+        """buffer[base] = combine over the 16 values from flat index `base` of a 1-D buffer (or of the last axis of
+        a [1, tile, n] one), in 4 halving vector steps (8, 4, 2, 1 lanes) instead of 15 dependent scalar steps:
+        emitted while the enclosing kernel is parsed."""
+        T, width = self.T, LANES // 2
+        lead = [0, 0] if len(buffer.shape) == 3 else []  # [1, tile, n] buffers: base already counts the tile row
+        if lead:
+            row, base = base // buffer.shape[2], base % buffer.shape[2]
+            lead = [0, row]
+        while width >= 1:
+            low, high = (T.Ramp(base, 1, width), T.Ramp(base + width, 1, width)) if width > 1 else (base, base + 1)
+            T.buffer_store(buffer, combine(buffer[(*lead, low)], buffer[(*lead, high)]), [*lead, low])
+            width //= 2
 
     def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store):
         """Fully unrolled over the input groups: the TILE x JB accumulators are bound values (T.bind), not a
@@ -289,22 +303,29 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                                    [t, i, T.Ramp(block * LANES, 1, LANES)]))
 
     @T.macro
-    def layer_norm(x, t, normed, running, ln_w, ln_b):
-        """normed[0, i, :] = LN(x[t, i, :]) for the tile's tokens: two passes over the token's 16-lane chunks."""
-        for i in T.serial(tile):
-            running[lanes] = T.Broadcast(T.float32(0), LANES)
-            for kv in T.serial(dim_blocks):
-                running[lanes] = running[lanes] + x[t, i, T.Ramp(kv * LANES, 1, LANES)]
-            for lane in T.serial(1, LANES):
-                running[0] = running[0] + running[lane]
-            mean = running[0] / T.float32(dim_padded)
-            running[lanes] = T.Broadcast(T.float32(0), LANES)
-            for kv in T.serial(dim_blocks):
-                centred = x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)
-                running[lanes] = running[lanes] + centred * centred
-            for lane in T.serial(1, LANES):
-                running[0] = running[0] + running[lane]
-            rstd = T.float32(1) / T.sqrt(running[0] / T.float32(dim_padded) + T.float32(norm_eps or 0.0))
+    def layer_norm(x, t, normed, stats, ln_w, ln_b):
+        """normed[0, i, :] = LN(x[t, i, :]) for the tile's tokens, phase by phase over all of them (sums, then
+        centred squares, then the normalisation) with a row of `stats` [tile * 16] per token, so the tokens'
+        dependency chains are independent and overlap."""
+        for i in T.unroll(tile):
+            stats[T.Ramp(i * LANES, 1, LANES)] = x[t, i, T.Ramp(0, 1, LANES)]
+            for kv in T.serial(1, dim_blocks):
+                stats[T.Ramp(i * LANES, 1, LANES)] = stats[T.Ramp(i * LANES, 1, LANES)] \
+                    + x[t, i, T.Ramp(kv * LANES, 1, LANES)]
+        for i in T.unroll(tile):
+            parts.tree_reduce(stats, lambda a, b: a + b, i * LANES)
+        for i in T.unroll(tile):
+            mean = stats[i * LANES] / T.float32(dim_padded)
+            centred = x[t, i, T.Ramp(0, 1, LANES)] - T.Broadcast(mean, LANES)
+            normed[0, i, T.Ramp(0, 1, LANES)] = centred * centred
+            for kv in T.serial(1, dim_blocks):
+                centred_kv = x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)
+                normed[0, i, T.Ramp(0, 1, LANES)] = normed[0, i, T.Ramp(0, 1, LANES)] + centred_kv * centred_kv
+        for i in T.unroll(tile):
+            parts.tree_reduce(normed, lambda a, b: a + b, i * dim_padded)
+        for i in T.unroll(tile):
+            mean = stats[i * LANES] / T.float32(dim_padded)
+            rstd = T.float32(1) / T.sqrt(normed[0, i, 0] / T.float32(dim_padded) + T.float32(norm_eps or 0.0))
             for kv in T.serial(dim_blocks):
                 normed[0, i, T.Ramp(kv * LANES, 1, LANES)] = \
                     (x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)) * T.Broadcast(rstd, LANES) \
@@ -352,6 +373,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
             y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
             for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
                 normed = T.alloc_buffer((1, tile, dim_padded), "float32", scope="local")
+                stats = T.alloc_buffer((tile * LANES,), "float32", scope="local")
                 xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
                 hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
                 hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
@@ -360,7 +382,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                 running = T.alloc_buffer((LANES,), "float32", scope="local")
                 for within in T.serial(TILES_PER_TASK):
                     if chunk * TILES_PER_TASK + within < tiles:
-                        layer_norm(x, chunk * TILES_PER_TASK + within, normed, running, ln_w, ln_b)
+                        layer_norm(x, chunk * TILES_PER_TASK + within, normed, stats, ln_w, ln_b)
                         layers(normed, 0, x, chunk * TILES_PER_TASK + within, y, xq, hidden, hq, scale, inv, running,
                                packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2,
                                bias2, absmax2)
