@@ -3,6 +3,7 @@ PyTorch modules they replace: one render chunk per call, multiply-accumulates co
 int8 peaks measured in the same run (benchmarks/kernel_speed.measure_peaks).
 
   python benchmarks/fused_kernels.py --config configs/fern_blend.yaml --out results/fused_kernels_cpu.json [--repeats 15]
+      [--rounds 5]   (the whole measurement, peaks included, that many times; medians over the rounds)
 
 Rows (every kernel is checked against its PyTorch reference before it is timed, and must run on TVM):
   ray_attention[dense|hashed]  x + out_fc(core(LN(x))) per ray (kernels/ray_attention.py) vs PreNormAttention eager
@@ -210,12 +211,43 @@ def source_views_row(cfg, repeats: int, peak: float, view: int = 8) -> dict:
                 repeats, peak)
 
 
+def merge_rounds(rounds: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]]:
+    """(peaks, rows) of several rounds -> one: every rate and time the median over the rounds (the peak fraction
+    recomputed from the two medians), each round's kernel time and peak fraction kept in `rounds_kernel_ms` /
+    `rounds_peak_fraction`."""
+    import statistics
+
+    peaks = {name: dict(entry, gmac_per_s=statistics.median(p[name]["gmac_per_s"] for p, _ in rounds)
+                        if entry.get("gmac_per_s") is not None else None, rounds_gmac_per_s=[
+                            p[name]["gmac_per_s"] for p, _ in rounds])
+             for name, entry in rounds[0][0].items()}
+    merged = []
+    for index, first in enumerate(rounds[0][1]):
+        same = [rows[index] for _, rows in rounds]
+        row = dict(first, **{key: statistics.median(r[key] for r in same)
+                             for key in ("kernel_ms", "eager_ms", "speedup_vs_eager", "kernel_gmac_per_s")})
+        row["peak_gmac_per_s"] = peaks[row["arithmetic"]]["gmac_per_s"]
+        row["peak_fraction"] = row["kernel_gmac_per_s"] / row["peak_gmac_per_s"]
+        row["rounds_kernel_ms"] = [r["kernel_ms"] for r in same]
+        row["rounds_peak_fraction"] = [r["peak_fraction"] for r in same]
+        merged.append(row)
+    if len(rounds) > 1:
+        for row in merged:
+            print(f"median of {len(rounds)} rounds: {row['kernel']:24s} {row['kernel_ms']:7.2f} ms, "
+                  f"{100 * row['peak_fraction']:3.0f}% of {row['arithmetic']} peak (rounds "
+                  + ", ".join(f"{100 * f:.0f}%" for f in row["rounds_peak_fraction"]) + ")")
+    return peaks, merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fern_blend.yaml", help="model shapes and chunk size")
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate matrix products")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure peaks and every row this many times over; each figure is the median over "
+                             "the rounds, with every round kept (this shared machine varies 10-30%% run to run)")
     parser.add_argument("--openmp-default", action="store_true",
                         help="keep libgomp's spinning idle workers (default: OMP_WAIT_POLICY=PASSIVE unless set)")
     parser.add_argument("overrides", nargs="*")
@@ -225,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     match_tvm_threads_to_torch()
     from benchmarks.kernel_speed import measure_peaks  # noqa: PLC0415 (the same peak microbenchmark)
 
-    peaks = measure_peaks(torch.device("cpu"), size=args.peak_size)
-    rows = run(cfg, args.repeats, peaks)
+    rounds = [(peaks := measure_peaks(torch.device("cpu"), size=args.peak_size), run(cfg, args.repeats, peaks))
+              for _ in range(args.rounds)]
+    peaks, rows = merge_rounds(rounds)
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
               "threads": {"torch": torch.get_num_threads(), "tvm": tvm_thread_count()},
               "allocator": allocator_state(), "openmp": OPENMP_NOTE, "peaks": peaks, "rows": rows}
