@@ -17,6 +17,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
                                model's sample_source_views (two grid_samples), on the scene's real cameras and
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
+  source_front_end             the same with GNT's front end (per-view MLP + max-pool over views) in the kernel,
+                               vs the source_views and view_features kernels one after the other
 MACs count only the multiply-accumulates of the products (a popcount, an exp or a max is not one), so the
 fraction of peak says how much of the kernel's time its products would take at the peak rate (for source_views,
 the 4 bilinear multiply-adds per channel: that kernel is bound by its gathers and its output, not arithmetic).
@@ -57,7 +59,9 @@ from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noq
 from kernels.int_shift import int_ffn, int_ffn_sublayer, prepare_int_shift, reference_int_ffn, \
     reference_int_ffn_sublayer, vnni_available  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
-from kernels.source_views import prepare_source_views, source_views  # noqa: E402
+from kernels.source_views import prepare_source_views, reference_source_front_end, source_front_end, \
+    source_views  # noqa: E402
+from kernels.view_features import ViewFeatureWeights, view_features  # noqa: E402
 from renderer.rays import camera_rays  # noqa: E402
 from renderer.render import Renderer, RenderSettings  # noqa: E402
 from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
@@ -178,12 +182,12 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
         rows.append(_row("int_ffn_sublayer", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit, LN in the kernel",
                          tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
                          dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
-    rows.append(source_views_row(cfg, repeats, fp32))
+    rows += source_views_rows(cfg, repeats, fp32)
     return rows
 
 
 @torch.no_grad()
-def source_views_row(cfg, repeats: int, peak: float, view: int = 8) -> dict:
+def source_views_rows(cfg, repeats: int, peak: float, view: int = 8) -> list[dict]:
     """One chunk of held-out `view`'s rays (from the middle of the frame) against its nearest source views: the
     scene's real images and cameras, feature maps from the model's (untrained) feature CNN: their values do not
     change the work."""
@@ -205,10 +209,28 @@ def source_views_row(cfg, repeats: int, peak: float, view: int = 8) -> dict:
                  5e-3)
     rays, samples = points.shape[:2]
     channels = 3 + views.features.shape[1]
-    return _row("source_views", f"[{rays},{samples}] x {len(ids)} views, {channels} channels",
-                rays * samples * len(ids) * channels * 4, lambda: source_views(points, origins[0], prepared),
-                lambda: sample_source_views(points, origins[0], views), "sample_source_views eager (grid_sample)",
-                repeats, peak)
+    rows = [_row("source_views", f"[{rays},{samples}] x {len(ids)} views, {channels} channels",
+                 rays * samples * len(ids) * channels * 4, lambda: source_views(points, origins[0], prepared),
+                 lambda: sample_source_views(points, origins[0], views), "sample_source_views eager (grid_sample)",
+                 repeats, peak)]
+    # the same with GNT's front end fused in, against the two kernels one after the other
+    dim = cfg.model.netwidth
+    weights = ViewFeatureWeights.from_linears(nn.Linear(channels, dim), nn.Linear(dim, dim))
+    expected = reference_source_front_end(points, origins[0], prepared, weights)
+    for index, name in enumerate(("features", "q0", "colors", "ray_diff", "mask")):
+        _checked(f"source_front_end.{name}", lambda: source_front_end(points, origins[0], prepared, weights)[index],
+                 expected[index], 5e-3)
+
+    def separate():
+        rgb, feat, _, mask = source_views(points, origins[0], prepared)
+        return view_features(rgb.reshape(len(ids), 3, -1), feat.reshape(len(ids), channels - 3, -1),
+                             mask.reshape(-1, len(ids)), weights)
+
+    macs = rays * samples * len(ids) * (channels * 4 + channels * dim + dim * dim)
+    rows.append(_row("source_front_end", f"[{rays},{samples}] x {len(ids)} views, {channels} -> {dim} -> {dim}", macs,
+                     lambda: source_front_end(points, origins[0], prepared, weights), separate,
+                     "source_views + view_features kernels", repeats, peak))
+    return rows
 
 
 def merge_rounds(rounds: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]]:

@@ -186,16 +186,17 @@ BLOCK_PARTS = ("view_attention", "ray_attention", "ffn")
 
 class ComponentTimer:
     """Self-time in seconds per part of one render, from hooks on the model's modules (PyTorch leaves or their
-    kernels alike): cnn, source_views (projection into the source views, bilinear gathers, view codes), view_embedding (per-view MLP + max-pool), view_attention / ray_attention (a block minus its
-    FFN), ffn, pos_fuse, head, transformer (the transformer's own glue: positional encodings, concatenations).
+    kernels alike): cnn, source_views (projection into the source views, bilinear gathers, view codes), view_embedding
+    (the per-view MLP + max-pool), front_end (both, when one fused kernel runs them: then those two are absent),
+    view_attention / ray_attention (a block minus its FFN), ffn, pos_fuse, head, transformer (the transformer's own glue: positional encodings, concatenations).
     A part's time excludes the hooked parts nested in it, so the parts add up to the hooked total."""
 
     def __init__(self, model, device):
         self.device, self.totals, self.handles, self._stack = device, {}, [], []
         transformer = model.transformer
-        hooked = [(model.feature_net, "cnn"), (model.source_sampler, "source_views"), (transformer, "transformer"),
-                  (transformer.view_embedding, "view_embedding"), (transformer.head, "head"),
-                  (transformer.position_fusion, "pos_fuse")]
+        hooked = [(model.feature_net, "cnn"), (transformer, "transformer"), (transformer.front_end, "front_end"),
+                  (transformer.source_sampler, "source_views"), (transformer.view_embedding, "view_embedding"),
+                  (transformer.head, "head"), (transformer.position_fusion, "pos_fuse")]
         for kind, blocks in (("view_attention", transformer.view_blocks), ("ray_attention", transformer.ray_blocks)):
             for block in blocks:
                 hooked += [(block, kind), (block.ffn, "ffn")]
@@ -452,11 +453,12 @@ def markdown(record: dict) -> str:
         if head.get("speedup_vs_fastest_dense_if_blocks_were_free"):
             lines[-1] += (f" With its attention and FFN blocks taking no time at all it would be "
                           f"{head['speedup_vs_fastest_dense_if_blocks_were_free']:.2f}x the fastest dense peer.")
-    parts = ("cnn", "source_views", "rest", "view_embedding", "transformer", "pos_fuse", *BLOCK_PARTS, "head")
+    parts = ("cnn", "front_end", "source_views", "rest", "view_embedding", "transformer", "pos_fuse", *BLOCK_PARTS, "head")
     broken_down = [r for r in record["end_to_end"] if r.get("breakdown_ms")]
     if broken_down:
         lines += ["", "Where the time goes (ms, self time per part of one extra hooked render; `source_views` = projection "
-                      "into the source views and bilinear gathers; `rest` = rays, sample placement; `transformer` = its glue: encodings, concatenations; "
+                      "into the source views and bilinear gathers; `front_end` = those and the per-view MLP in one "
+                      "kernel; `rest` = rays, sample placement; `transformer` = its glue: encodings, concatenations; "
                       "bound = the frame's speed-up if the ShiftAdd-reparameterized parts took no time):", "",
                   "| row | " + " | ".join(parts) + " | hooked total | bound |", "|---" * (len(parts) + 3) + "|"]
         for r in broken_down:

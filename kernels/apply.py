@@ -5,9 +5,11 @@
 The model's forwards stay as they are; only its swappable leaves are replaced (in place) by kernel-backed modules
 with the same call signature, chosen by a handler registered per module type (`register_kernel_handler`):
 
-  SourceViewSampler   (source_sampler, CPU)         -> KernelSourceViews: projection into the source views,
-                      bilinear gathers of image and CNN features, mask and view codes in one kernel (the
-                      views' kernel layout is made once per frame and reused by every chunk)
+  SampledViewEmbedding (transformer.front_end, CPU) -> KernelFrontEnd: projection into the source views, bilinear
+                      gathers of image and CNN features, mask, view codes, the per-view feature MLP and the
+                      max-pool over views in one kernel (the views' kernel layout is made once per frame and
+                      reused by every chunk); where it does not apply, its two parts are swapped on their own:
+  SourceViewSampler   (transformer.source_sampler, CPU) -> KernelSourceViews: the same up to the gathers
   ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.models.gnt import ViewEmbedding
+from gnt_shiftadd.models.gnt import SampledViewEmbedding, ViewEmbedding
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
@@ -61,7 +63,7 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    ray_attention, source_views, view_attention, view_blend, view_features
+    ray_attention, source_front_end, source_views, view_attention, view_blend, view_features
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import prepare_source_views
 from kernels.view_attention import PreparedViewWeights, view_attention_weights
@@ -69,7 +71,7 @@ from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelSourceViews", "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -192,24 +194,49 @@ def integer_feedforward(ff: nn.Module) -> bool:
             and (ff.fc1.activation_bits, ff.fc1.act_scale) == (ff.fc2.activation_bits, ff.fc2.act_scale))
 
 
-class KernelSourceViews(KernelLeaf):
-    """SourceViewSampler on the source-views kernel (CPU). Same call: (points [R, S, 3], target_origin [3], views)
-    -> (rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]). The views' kernel layout
-    (channels-last feature maps) is made on the first chunk of a frame and reused while the same SourceViews
-    object, with unchanged tensors, comes back (the renderer passes one per frame)."""
+class _PreparedViews:
+    """The views' kernel layout (channels-last feature maps), made on the first chunk of a frame and reused while the
+    same SourceViews object, with unchanged tensors, comes back (the renderer passes one per frame). Holding the
+    views keeps their id unique."""
 
     def __init__(self):
-        super().__init__()
-        self._views: tuple | None = None  # (views, tensor versions, prepared): holding views keeps its id unique
+        self._views: tuple | None = None  # (views, tensor versions, prepared)
 
-    def prepared_for(self, views: SourceViews):
+    def __call__(self, views: SourceViews):
         versions = tuple(t._version for t in (views.rgb, views.features, views.K, views.c2w))
         if self._views is None or self._views[0] is not views or self._views[1] != versions:
             self._views = (views, versions, prepare_source_views(views))
         return self._views[2]
 
+
+class KernelSourceViews(KernelLeaf):
+    """SourceViewSampler on the source-views kernel (CPU). Same call: (points [R, S, 3], target_origin [3], views)
+    -> (rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1])."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared_for = _PreparedViews()
+
     def run(self, points, target_origin, views):
         return source_views(points, target_origin, self.prepared_for(views))
+
+
+class KernelFrontEnd(KernelLeaf):
+    """SampledViewEmbedding on the fused source-views + front-end kernel (CPU): the gathered rows go from the taps
+    through the per-view MLP and the max-pool over views without reaching memory. Same call: (points, target_origin,
+    views, sampler, embedding, fc1, fc2) -> (features, q, colors, ray_diff, mask); fc1/fc2 must be the layers it
+    was built from."""
+
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, covered: tuple[nn.Module, ...]):
+        super().__init__()
+        self.weights = ViewFeatureWeights.from_linears(fc1, fc2)
+        self._layer_ids = (id(fc1), id(fc2))
+        self.covered_ids = {id(m) for m in covered}  # the sampler and the embedding run inside this kernel
+        self.prepared_for = _PreparedViews()
+
+    def run(self, points, target_origin, views, sampler, embedding, fc1, fc2):
+        _check_same_layers(self, (fc1, fc2))
+        return source_front_end(points, target_origin, self.prepared_for(views), self.weights)
 
 
 class KernelViewEmbedding(KernelLeaf):
@@ -360,6 +387,17 @@ def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
         _HANDLERS[module_type] = handler
         return handler
     return register
+
+
+@register_kernel_handler(SampledViewEmbedding)
+def _front_end(module, parent, cfg):
+    if cfg.kernel_device(parent.rgbfeat_fc1.weight.device) != "cpu":
+        raise KernelNotApplicable("the fused front end is CPU-only; on CUDA grid_sample is native and the front end "
+                                  "has its own kernel")
+    if parent.rgbfeat_fc2.out_features % 16:
+        raise KernelNotApplicable("the fused front end writes its channels 16 at a time; the sampler and the front "
+                                  "end keep their own kernels")
+    return KernelFrontEnd(parent.rgbfeat_fc1, parent.rgbfeat_fc2, (parent.source_sampler, parent.view_embedding))
 
 
 @register_kernel_handler(SourceViewSampler)

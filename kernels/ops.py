@@ -31,6 +31,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
                                       -> rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]
+  source_front_end                    the same inputs + the front end's ViewFeatureWeights tensors -> features
+                                      [R, S, V, C], q0 [R, S, C], colors [R, S, V, 3], ray_diff, mask
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -346,6 +348,34 @@ def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w
             points.new_empty(rays, samples, views, 4), points.new_empty(rays, samples, views, 1))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::source_front_end", mutates_args=())
+def _source_front_end_op(points: Tensor, target_origin: Tensor, rot: Tensor, trans: Tensor, K: Tensor, origins: Tensor,
+                         image: Tensor, features: Tensor, sizes: Tensor, c2w: Tensor, w1_rgb: Tensor, w1_feat: Tensor,
+                         b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    prepared = _sources.SourceViewTensors(rot, trans, K, origins, image, features, sizes, c2w)
+    weights = _features.ViewFeatureWeights(w1_rgb, w1_feat, b1, w2, b2)
+    return tuple(t.contiguous() for t in _sources.source_front_end(points, target_origin, prepared, weights))
+
+
+@_source_front_end_op.register_fake
+def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w, w1_rgb, w1_feat, b1, w2, b2):
+    rays, samples, _ = points.shape
+    views, channels = rot.shape[0], w2.shape[1]
+    return (points.new_empty(rays, samples, views, channels), points.new_empty(rays, samples, channels),
+            points.new_empty(rays, samples, views, 3), points.new_empty(rays, samples, views, 4),
+            points.new_empty(rays, samples, views, 1))
+
+
+def source_front_end(points: Tensor, target_origin: Tensor, prepared: "_sources.SourceViewTensors",
+                     weights: "_features.ViewFeatureWeights"):
+    """Source views + GNT's front end in one kernel through the custom op (the reference when gradients are
+    needed); see kernels/source_views.py."""
+    if _needs_grad("source_front_end", points, target_origin):
+        return _sources.reference_source_front_end(points, target_origin, prepared, weights)
+    return torch.ops.shiftadd_gnt.source_front_end(points.detach(), target_origin.detach(),
+                                                   *prepared.kernel_arguments(), prepared.c2w, *weights.tensors())
+
+
 def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.SourceViewTensors"):
     """Projection + bilinear gathers + mask + view codes through the custom op (the reference when gradients are
     needed); see kernels/source_views.py."""
@@ -357,5 +387,5 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
-       "source_views": _source_views_op,
+       "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

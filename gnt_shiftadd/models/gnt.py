@@ -43,6 +43,20 @@ class ViewEmbedding(nn.Module):
         return features, masked_max_over_views(features, mask)  # the query starts as a max-pool over views
 
 
+class SampledViewEmbedding(nn.Module):
+    """What the source views see at the samples, through GNT's front end, as one swappable leaf (kernels fuse the
+    two, so the gathered [V, 3 + F, R, S] rows never reach memory): sampler(points, target_origin, views) ->
+    rgb, feat, ray_diff, mask, then embedding(rgb, feat, mask, fc1, fc2) -> features, q. No parameters of its own.
+    -> (features [R, S, V, C], q [R, S, C], colors [R, S, V, 3] (what each view sees; a view of rgb),
+    ray_diff [R, S, V, 4], mask [R, S, V, 1])."""
+
+    def forward(self, points, target_origin, views: SourceViews, sampler: nn.Module, embedding: nn.Module,
+                fc1: nn.Module, fc2: nn.Module):
+        rgb, feat, ray_diff, mask = sampler(points, target_origin, views)
+        features, q = embedding(rgb, feat, mask, fc1, fc2)
+        return features, q, rgb.permute(2, 3, 0, 1), ray_diff, mask
+
+
 class PositionFusion(nn.Module):
     """GNT's position fusion as a swappable leaf: q <- mlp([q, point_code, dir_code]) with mlp = Linear, ReLU,
     Linear. Its first layer is linear, so it splits by input block: W_q q + (W_p point_code + b) per sample and
@@ -66,11 +80,13 @@ class PositionFusion(nn.Module):
 
 
 class GNTTransformer(nn.Module):
-    """From what the source views see at the samples to colours.
+    """From the samples and the encoded source views to colours: the projection into the source views and the
+    bilinear gathers (`source_sampler`), GNT's front end (`view_embedding`; both behind the `front_end` leaf), then
+    the transformer stack and the head.
 
-    rgb [V, 3, R, S], feat [V, F, R, S] (grid_sample's layout, see projector.sample_source_views), ray_diff
-    [R, S, V, 4], mask [R, S, V, 1], points [R, S, 3], ray_dirs [R, 3] -> rgb [R, 3] (unbounded, as in GNT; clamp
-    for display).
+    forward: points [R, S, 3], ray_dirs [R, 3], target_origin [3], views (SourceViews) -> rgb [R, 3] (unbounded,
+    as in GNT; clamp for display). forward_sampled: the same from what the views see, in grid_sample's layout
+    (rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1], points, ray_dirs).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -80,6 +96,8 @@ class GNTTransformer(nn.Module):
         self.dir_enc = PositionalEncoding(3, cfg.dir_freqs)
         self.rgbfeat_fc1 = nn.Linear(cfg.feature_channels + 3, dim)
         self.rgbfeat_fc2 = nn.Linear(dim, dim)
+        self.front_end = SampledViewEmbedding()  # before its parts: kernels.apply swaps the fused leaf first
+        self.source_sampler = SourceViewSampler()  # projection + bilinear gathers (a swappable leaf)
         self.view_embedding = ViewEmbedding()
         self.view_blocks = nn.ModuleList()
         self.ray_blocks = nn.ModuleList()
@@ -93,7 +111,13 @@ class GNTTransformer(nn.Module):
         self.position_fusion = PositionFusion()
         self.head = make_color_head(cfg.color_head, dim)
 
-    def forward(self, rgb, feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
+    def forward(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
+        features, q, colors, ray_diff, mask = self.front_end(points, target_origin, views, self.source_sampler,
+                                                             self.view_embedding, self.rgbfeat_fc1, self.rgbfeat_fc2)
+        point_code, dir_code = self.encode_points(points, ray_dirs)
+        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=colors)
+
+    def forward_sampled(self, rgb, feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
         point_code, dir_code = self.encode_points(points, ray_dirs)
         features, q = self.view_embedding(rgb, feat, mask, self.rgbfeat_fc1, self.rgbfeat_fc2)
         colors = rgb.permute(2, 3, 0, 1)  # [R, S, V, 3], a view: only the blend colour head reads it
@@ -133,7 +157,6 @@ class GNT(nn.Module):
             self.feature_net = ResUNet(
                 out_channels=cfg.feature_channels, layers=tuple(cfg.resnet_layers), base_channels=cfg.resnet_base_channels
             )
-        self.source_sampler = SourceViewSampler()  # projection + bilinear gathers (a swappable leaf)
         self.transformer = GNTTransformer(cfg)
 
     def encode_sources(self, src_rgb: torch.Tensor, src_K: torch.Tensor, src_c2w: torch.Tensor) -> SourceViews:
@@ -143,8 +166,7 @@ class GNT(nn.Module):
 
     def render_points(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         """points [R, S, 3], ray_dirs [R, 3], target_origin [3] -> rgb [R, 3]."""
-        rgb, feat, ray_diff, mask = self.source_sampler(points, target_origin, views)
-        return self.transformer(rgb, feat, ray_diff, mask, points, ray_dirs)
+        return self.transformer(points, ray_dirs, target_origin, views)
 
     def forward(self, points, ray_dirs, target_origin, src_rgb, src_K, src_c2w) -> torch.Tensor:
         return self.render_points(points, ray_dirs, target_origin, self.encode_sources(src_rgb, src_K, src_c2w))

@@ -57,7 +57,9 @@ def test_quick_mode_records_every_row_against_the_dense_peers(tiny_scene, tmp_pa
     # --breakdown: self time per part adds up to the hooked render; every row but torch.compile has one
     for row in rows.values():
         parts = row["breakdown_ms"]
-        assert {"cnn", "view_embedding", "view_attention", "ray_attention", "ffn", "head", "rest"} <= parts.keys()
+        assert {"cnn", "view_attention", "ray_attention", "ffn", "head", "rest"} <= parts.keys()
+        # the front end: its own part on PyTorch, one fused part (gathers + per-view MLP) on the kernels
+        assert "view_embedding" in parts if row["backend"] == "torch" else "front_end" in parts
         summed = sum(v for k, v in parts.items() if k not in ("total_with_hooks", "blocks_bound"))
         assert summed == pytest.approx(parts["total_with_hooks"])
         assert all(parts[k] > 0 for k in ("cnn", "view_attention", "ray_attention", "ffn"))

@@ -14,7 +14,7 @@ from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock  # noqa: E402
 from kernels.apply import KernelConfig, KernelFFNSublayer, KernelHashedAttention, KernelRayAttentionSublayer, \
-    KernelShiftLinear, KernelViewAttention, KernelViewEmbedding, kernel_summary, use_kernels, use_kernels_  # noqa: E402
+    KernelFrontEnd, KernelShiftLinear, KernelViewAttention, kernel_summary, use_kernels, use_kernels_  # noqa: E402
 from kernels.dispatch import KernelFallbackError, all_kernels_required, kernel_map, require_all_kernels  # noqa: E402
 
 VARIANTS = {
@@ -45,13 +45,13 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
         got = run()
     depth = cfg.model.trans_depth
     assert summary["KernelViewAttention"] == depth and summary["KernelFFNSublayer"] == 2 * depth
-    assert summary["KernelViewEmbedding"] == 1 and summary["skipped"] == []
-    assert summary["KernelSourceViews"] == 1  # projection and gathers too (tiny config: 8 feature channels)
+    assert summary["skipped"] == []
+    assert summary["KernelFrontEnd"] == 1  # projection, gathers and the per-view MLP in one kernel
     transformer = model.transformer
     # the forwards are the model's own; only leaves changed
     assert all(type(b) is ViewTransformerBlock for b in transformer.view_blocks)
     assert all(type(b) is RayTransformerBlock for b in transformer.ray_blocks)
-    assert isinstance(transformer.view_embedding, KernelViewEmbedding)
+    assert isinstance(transformer.front_end, KernelFrontEnd)
     assert all(isinstance(b.attn, KernelViewAttention) and isinstance(b.ffn, KernelFFNSublayer)
                for b in transformer.view_blocks)
     # the fused ray-attention sublayer covers dense and hashed-quadratic cores; the linear form keeps its core kernel
@@ -64,8 +64,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     ran = require_all_kernels(model)  # nothing fell back; every leaf says what it ran
     assert ran["transformer.view_blocks.0.attn"] == {"view_attention": "tvm"}
-    assert ran["transformer.view_embedding"] == {"view_features": "tvm"}
-    assert ran["source_sampler"] == {"source_views": "tvm"}
+    assert ran["transformer.front_end"] == {"source_front_end": "tvm"}
     expected_ffn = "blas" if gemm == "blas" and shiftadd.ffn != "moe" else "tvm"  # auto: the fused FFN kernel
     assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
     if fused:

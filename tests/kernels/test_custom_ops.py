@@ -101,6 +101,11 @@ def _source_views_case():
     return (points, torch.tensor([0.0, 0.0, -1.0]), *prepared.kernel_arguments(), prepared.c2w, prepared.feat_channels)
 
 
+def _front_end_weights():
+    torch.manual_seed(10)
+    return ViewFeatureWeights.from_linears(torch.nn.Linear(3 + 16, 12), torch.nn.Linear(12, DIM))
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -119,6 +124,7 @@ def _op_cases():
         "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
                           (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),
         "source_views": _source_views_case(),
+        "source_front_end": (*_source_views_case()[:-1], *_front_end_weights().tensors()),
         "hash_pack": (x, hw, hb),
         "hashed_quadratic": (words, words.flip(2).contiguous(), v, torch.full((2,), 0.3), 16),
         "hashed_linear": (words, words.flip(2).contiguous(), v, 16, "hashed"),

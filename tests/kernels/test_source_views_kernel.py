@@ -1,4 +1,5 @@
-"""The fused projection + bilinear-gather kernel against the model's own sample_source_views, and its leaf."""
+"""The fused projection + bilinear-gather kernel (alone and with GNT's front end) against the model's own
+sample_source_views and front end, and their leaves."""
 import math
 
 import pytest
@@ -8,10 +9,13 @@ pytest.importorskip("tvm")
 
 from gnt_shiftadd.config import ModelConfig  # noqa: E402
 from gnt_shiftadd.models.gnt import GNT  # noqa: E402
+from gnt_shiftadd.models.gnt import SampledViewEmbedding  # noqa: E402
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler, sample_source_views  # noqa: E402
-from kernels.apply import KernelSourceViews, use_kernels  # noqa: E402
+from kernels.apply import KernelFrontEnd, KernelSourceViews, use_kernels  # noqa: E402
 from kernels.dispatch import recording  # noqa: E402
-from kernels.source_views import TILE, prepare_source_views, reference_source_views, source_views  # noqa: E402
+from kernels.source_views import TILE, prepare_source_views, reference_source_front_end, reference_source_views, \
+    source_front_end, source_views  # noqa: E402
+from kernels.view_features import ViewFeatureWeights  # noqa: E402
 
 
 def _look_at(origin: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,14 +90,17 @@ def test_bad_inputs_are_named():
         prepare_source_views(SourceViews(views.rgb[..., :2], views.features, views.K, views.c2w))
 
 
-def test_the_leaf_is_swapped_on_cpu_and_reuses_the_prepared_views():
-    model = GNT(ModelConfig(netwidth=16, num_heads=2, feature_channels=32, trans_depth=1)).eval()
-    assert type(model.source_sampler) is SourceViewSampler
+def test_the_sampler_leaf_is_swapped_on_cpu_and_reuses_the_prepared_views():
+    """Where the fused front end does not apply (here: 8 channels, not a multiple of 16), the sampler gets its own
+    kernel."""
+    model = GNT(ModelConfig(netwidth=8, num_heads=2, feature_channels=32, trans_depth=1)).eval()
+    assert type(model.transformer.source_sampler) is SourceViewSampler
     with torch.no_grad():
         summary = use_kernels(model, "tvm")
-    assert summary["KernelSourceViews"] == 1 and isinstance(model.source_sampler, KernelSourceViews)
+    assert "KernelFrontEnd" not in summary
+    assert summary["KernelSourceViews"] == 1 and isinstance(model.transformer.source_sampler, KernelSourceViews)
     views, origin = _views(), torch.zeros(3)
-    leaf = model.source_sampler
+    leaf = model.transformer.source_sampler
     first = leaf.prepared_for(views)
     assert leaf.prepared_for(views) is first  # every chunk of a frame: no second channels-last copy
     views.features.add_(1.0)  # changed in place: prepared again
@@ -104,9 +111,47 @@ def test_the_leaf_is_swapped_on_cpu_and_reuses_the_prepared_views():
     assert leaf.kernels_ran == {"source_views": "tvm"}
 
 
-def test_the_leaf_stays_on_grid_sample_on_cuda():
+def test_the_leaves_stay_on_grid_sample_on_cuda():
     model = GNT(ModelConfig(netwidth=16, num_heads=2, feature_channels=32, trans_depth=1)).eval()
     with torch.no_grad():
         summary = use_kernels(model, "tvm", device_type="cuda")
-    assert "KernelSourceViews" not in summary and type(model.source_sampler) is SourceViewSampler
+    assert "KernelSourceViews" not in summary and "KernelFrontEnd" not in summary
+    assert type(model.transformer.source_sampler) is SourceViewSampler
+    assert type(model.transformer.front_end) is SampledViewEmbedding
+    assert summary["KernelViewEmbedding"] == 1  # the front end's own (CUDA) kernel
     assert summary["skipped"] == []  # not a fallback: grid_sample is a native CUDA kernel
+
+
+@pytest.mark.parametrize("rays,samples,feat_channels,num_views,hidden,channels", [
+    (64, 24, 32, 6, 32, 32), (7, 5, 8, 3, 12, 16), (1, 1, 21, 2, 16, 32),
+])
+def test_fused_front_end_matches_the_model(rays, samples, feat_channels, num_views, hidden, channels):
+    """Sampling + the per-view MLP + the max-pool over views in one kernel equals the model's sample_source_views
+    followed by its front end; a sample no view sees gets q0 = 0."""
+    torch.manual_seed(2)
+    weights = ViewFeatureWeights.from_linears(torch.nn.Linear(3 + feat_channels, hidden),
+                                              torch.nn.Linear(hidden, channels))
+    views = _views(num_views=num_views, feat_channels=feat_channels)
+    points, origin = _points(rays, samples), torch.tensor([0.1, -0.2, -4.5])
+    prepared = prepare_source_views(views)
+    with recording(record := {}):
+        got = source_front_end(points, origin, prepared, weights)
+    assert record == {"source_front_end": "tvm"}
+    expected = reference_source_front_end(points, origin, prepared, weights)
+    for name, a, b in zip(("features", "q0", "colors", "ray_diff", "mask"), got, expected):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-3 if name != "ray_diff" else 1e-5, msg=name)
+    hidden_nowhere = got[4].sum(dim=(2, 3)) == 0
+    assert torch.all(got[1][hidden_nowhere] == 0)
+
+
+def test_the_fused_front_end_is_swapped_on_cpu_and_runs_the_model():
+    model = GNT(ModelConfig(netwidth=16, num_heads=2, feature_channels=32, trans_depth=1)).eval()
+    with torch.no_grad():
+        summary = use_kernels(model, "tvm")
+    assert summary["KernelFrontEnd"] == 1 and summary["skipped"] == []
+    assert "KernelSourceViews" not in summary and "KernelViewEmbedding" not in summary  # covered by the fused leaf
+    assert isinstance(model.transformer.front_end, KernelFrontEnd)
+    with pytest.raises(ValueError, match=r"front end takes 32 feature channels, the source views have 16"):
+        source_front_end(_points(2, 3), torch.zeros(3), prepare_source_views(_views(feat_channels=16)),
+                         model.transformer.front_end.weights)

@@ -24,7 +24,7 @@ def _inputs(rays=5, samples=7, views=4, channels=8, seed=0):
 def _run(model, rgb_feat, ray_diff, mask, points, dirs):
     """GNTTransformer on [R, S, V, 3 + F] samples, handed over in grid_sample's layout ([V, 3, R, S], [V, F, R, S])."""
     rgb, feat = rgb_feat[..., :3].permute(2, 3, 0, 1), rgb_feat[..., 3:].permute(2, 3, 0, 1)
-    return model(rgb, feat, ray_diff, mask, points, dirs)
+    return model.forward_sampled(rgb, feat, ray_diff, mask, points, dirs)
 
 
 def test_positional_encoding_matches_nerf():

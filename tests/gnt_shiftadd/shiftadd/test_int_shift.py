@@ -169,7 +169,7 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
     assert summary["skipped"] == []
     with torch.no_grad():
         got = _rgb(run())
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3)  # one 8-bit step moves a pixel by ~4e-3
     mapping = require_all_kernels(model)
     # every integer layer runs on an integer kernel: FFN pairs (and their LayerNorm) on the fused
     # int_ffn_sublayer, the others on int_shift
