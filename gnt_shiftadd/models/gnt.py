@@ -129,7 +129,8 @@ class GNTTransformer(nn.Module):
 
     def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code, colors=None) -> torch.Tensor:
         """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on
-        (point_code [R, S, P], dir_code [R, D]: encode_points). colors [R, S, V, 3] (what each view sees at each sample) is needed by the blend head only."""
+        (point_code [R, S, P], dir_code [R, D]: encode_points). colors [R, S, V, 3] (what each view sees at each
+        sample) is needed by the blend head only."""
         for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
             q = view_block(q, features, ray_diff, mask)
             if layer % 2 == 0:
