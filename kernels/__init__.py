@@ -6,7 +6,8 @@ build.py            compile once, cache on disk, load (targets, cache keys)
 backend.py          deprecated shim (old names, now in dispatch.py)
 mat_shift.py        MatShift: y = act(x W^T + b) with W given by packed sign/exponent shift codes
 ffn.py              LN + FFN (+ in-kernel MoE routing) + residual in one kernel
-source_views.py     projection of the samples into the source views, bilinear gathers, mask, view codes (CPU)
+source_views.py     projection of the samples into the source views, bilinear gathers, mask, view codes, and with
+                    them GNT's front end (per-view MLP + max-pool) in one kernel (CPU)
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
 view_attention.py   the view transformer's attention per (ray, sample) token, fused over views
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)

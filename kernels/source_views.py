@@ -1,19 +1,23 @@
-"""What the source views see at the samples, in one CPU kernel: projection, bilinear gathers, mask, view codes.
+"""What the source views see at the samples, in one CPU kernel: projection, bilinear gathers, mask, view codes,
+and (source_front_end) GNT's front end on top, so the gathered rows never reach memory.
 
 `gnt_shiftadd.models.projector.sample_source_views` (the reference) projects every sample into every source view
 with two batched matrix products, runs `F.grid_sample` twice (RGB and CNN features, NCHW maps, one channel
 plane after the other) and builds the 4-d relative view code from half a dozen elementwise ops over
-[R, S, V, 3]. On a 2-core CPU that was ~0.7 s of a 3.3 s fern frame, the same for dense and ShiftAdd models
-(profile of h at commit 4a43081: grid_sampler_2d alone 549 ms). Here, per tile of 16 samples and per view:
+[R, S, V, 3]: 562-698 ms of a fern frame in the PyTorch rows of results/kernels_blend_cpu.json, the same for
+dense and ShiftAdd models. Here, per tile of 16 samples and per view:
 
     cam  = R^T p + t,  (z u, z v, z) = K cam                  16 samples as vector lanes
     mask = z > 1e-6 and (u, v) inside the image                [N, V]
     taps = 4 bilinear corners and weights (grid_sample's zeros padding, align_corners=True), for the image
            and for the feature map (its own size, same extent)
-    rgb  = sum_taps w * image[tap]                              [V, 3, N]   (grid_sample's layout, what
-    feat = sum_taps w * features_channels_last[tap, :]          [V, F, N]    the view-features kernel reads)
+    rgb  = sum_taps w * image[tap]                              [3, TILE]   transposed in L1: samples as lanes
+    feat = sum_taps w * features_channels_last[tap, :]          [F, TILE]
     ray_diff = (unit(to_target - to_source), to_target . to_source)   [N, V, 4]
 
+source_views writes rgb and feat out in grid_sample's [V, C, N] layout; source_front_end instead runs the
+per-view MLP on them (3 + F -> H -> C) and the masked max-pool over the views, and writes only the features
+[N, V, C], the first query [N, C] and the colours [N, V, 3].
 The feature gathers run vector-over-channels on a channels-last copy of the maps (made once per set of source
 views and reused by every chunk); a vector-over-samples gather would be 16 scalar loads per vector on this CPU.
 N is padded to whole tiles by the wrapper; the tile count is symbolic, and so are the image and map sizes.
