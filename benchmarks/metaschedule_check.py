@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per probe")
     args = parser.parse_args(argv)
     import tvm  # noqa: PLC0415 (only for the version; the probes import it themselves)
+    from gnt_shiftadd.evaluation.evaluate import environment  # noqa: PLC0415 (torch only for the record)
 
     probes = []
     for step in STEPS:
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{step:8s} {status}", flush=True)
         if not result["finished"]:
             break  # each step needs the one before it
-    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "tvm": tvm.__version__,
-              "python": sys.version.split()[0], "tuner_usable": all(p["finished"] for p in probes)
+    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
+              "tvm": tvm.__version__, "tuner_usable": all(p["finished"] for p in probes)
               and len(probes) == len(STEPS), "probes": probes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))

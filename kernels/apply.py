@@ -160,8 +160,8 @@ class KernelIntFFNSublayer(KernelLeaf):
     LayerNorm, fc1 + ReLU + fc2 and the residual in one VNNI kernel (the [tokens, hidden] activations stay in the
     core). The integer part is bit-identical to the modules given the same normed input; the in-kernel LN rounds in
     its own order (fp32, like the dense FFN kernel). With norm_in_kernel=False, or a norm other than a plain
-    nn.LayerNorm, the norm runs in PyTorch before the integer kernel (then the block is bit-identical). CPU only; calls that need gradients run the modules. Same call: (x [..., C], norm, ff) ->
-    x + ff(norm(x))."""
+    nn.LayerNorm, the norm runs in PyTorch before the integer kernel (then the block is bit-identical). CPU only;
+    calls that need gradients run the modules. Same call: (x [..., C], norm, ff) -> x + ff(norm(x))."""
 
     def __init__(self, norm: nn.LayerNorm, ff: FeedForward, norm_in_kernel: bool = True):
         super().__init__()
@@ -181,7 +181,7 @@ class KernelIntFFNSublayer(KernelLeaf):
     def run(self, x, norm, ff):
         _check_same_layers(self, (norm, ff))
         if needs_grad(x):
-            note_kernel("int_ffn", "reference")
+            note_kernel("int_ffn_sublayer" if self.fused_norm else "int_ffn", "reference")
             return x + ff(norm(x))
         if self.fused_norm:
             return int_ffn_sublayer(x, self.ln_w, self.ln_b, self.eps, self.fc1, self.fc2)
@@ -402,8 +402,7 @@ def _front_end(module, parent, cfg):
 
 @register_kernel_handler(SourceViewSampler)
 def _source_views(module, parent, cfg):
-    device = next(parent.parameters()).device
-    if cfg.kernel_device(device) != "cpu":
+    if cfg.kernel_device(parent.rgbfeat_fc1.weight.device) != "cpu":
         raise KernelNotApplicable("the source-views kernel is CPU-only; on CUDA grid_sample is a native kernel")
     return KernelSourceViews()
 

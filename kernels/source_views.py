@@ -258,7 +258,7 @@ def make_source_views(num_views: int, feat_channels: int):
                                 to_target, to_source, cam, uv, code, inside, index, weight, colour, gathered, mask,
                                 ray_diff)
                     # out of the transposition buffers a whole cache line per channel: scattered 4-byte stores
-                    # straight into [V, F, N] (N * 4 bytes apart, all in one L1 set) ran 3x slower
+                    # straight into [V, F, N] (N * 4 bytes apart) would all fall in one L1 set
                     for c in T.serial(3):
                         rgb[v, c, task * TILES_PER_TASK + within, lanes] = colour[c, lanes]
                     for c in T.serial(F):
