@@ -135,14 +135,15 @@ class _KernelParts:
     """The pieces both integer kernels are made of, for one activation width and token tile; used while a kernel
     is parsed (TVMScript), so they emit TIR into the enclosing loop nest.
 
-    quantize(src, t, width, xq, scale, inv, running, per_token, absmax): tokens src[t, 0..tile) [width fp32] ->
+    quantize(src, t, width, xq, scale, per_token, absmax, nonnegative): tokens src[t, 0..tile) [width fp32] ->
         xq [tile, width] (fixed point, +128 for vpdpbusd), scale[i] (dequantization), by the token's own absmax or
         the calibrated one.
     dot_products(xq, weights..., scale, p, width_in, blocks_per_pass, store): output blocks p*JB .. p*JB+JB-1 of
         every token of the tile, rescaled (fp32(acc) * scale_t * 2^(c_o + p_min) + b_o) and handed to
         store(i, block, value), which applies the activation / residual and writes.
-    layer(src, t, width, scratch..., per_token, absmax, packed, compensation, out_scale, bias, out_blocks, jb, store):
-        one integer layer on a tile: quantize, then every pass of dot_products.
+    layer(src, t, width, xq, scale, per_token, absmax, packed, compensation, out_scale, bias, out_blocks, jb, store,
+          nonnegative): one integer layer on a tile: quantize, then every pass of dot_products.
+    layer_norm(x, t, normed, ln_w, ln_b, eps): normed[0, i, :] = LN(x[t, i, :]) for the tile's tokens.
     """
 
     def __init__(self, bits: int, tile: int):
@@ -155,56 +156,83 @@ class _KernelParts:
         self.w_dtype = "int8" if bits == 8 else "int16"
         self.word_type = f"{self.w_dtype}x{64 if bits == 8 else 32}"  # operands of one 512-bit register
         self.intrinsic = "llvm.x86.avx512.vpdpbusd.512" if bits == 8 else "llvm.x86.avx512.vpdpwssd.512"
-        level, offset, floor, q_dtype = self.level, 128 if bits == 8 else 0, float(ABSMAX_FLOOR), self.q_dtype
-        tree_reduce = self.tree_reduce
+        quantize, dot_products = self.quantize, self.dot_products
 
         @T.macro
-        def quantize(src, t, width, xq, scale, inv, running, per_token, absmax):
-            for i in T.serial(tile):
-                if per_token:
-                    running[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                    for kv in T.serial(width // LANES):
-                        running[T.Ramp(0, 1, LANES)] = T.max(running[T.Ramp(0, 1, LANES)],
-                                                             T.abs(src[t, i, T.Ramp(kv * LANES, 1, LANES)]))
-                    tree_reduce(running, T.max)  # max is exact in any order: bit-exactness is kept
-                    inv[i] = T.float32(level) / T.max(running[0], T.float32(floor))
-                    scale[i] = T.max(running[0], T.float32(floor)) / T.float32(level)
-                else:
-                    inv[i] = T.float32(level) / T.max(absmax[0], T.float32(floor))
-                    scale[i] = T.max(absmax[0], T.float32(floor)) / T.float32(level)
-                for kv in T.serial(width // LANES):
-                    scaled = src[t, i, T.Ramp(kv * LANES, 1, LANES)] * T.Broadcast(inv[i], LANES)
-                    clamped = T.min(T.max(scaled, T.Broadcast(T.float32(-level), LANES)),
-                                    T.Broadcast(T.float32(level), LANES))
-                    xq[i, T.Ramp(kv * LANES, 1, LANES)] = T.Cast(
-                        f"{q_dtype}x{LANES}",
-                        T.Cast(f"int32x{LANES}", T.nearbyint(clamped)) + T.Broadcast(T.int32(offset), LANES))
-
-        self.quantize = quantize
-        dot_products = self.dot_products
-
-        @T.macro
-        def layer(src, t, width_in, xq, scale, inv, running, per_token, absmax, packed, compensation, out_scale, bias,
-                  out_blocks, jb, store):
-            quantize(src, t, width_in, xq, scale, inv, running, per_token, absmax)
+        def layer(src, t, width_in, xq, scale, per_token, absmax, packed, compensation, out_scale, bias, out_blocks,
+                  jb, store, nonnegative):
+            quantize(src, t, width_in, xq, scale, per_token, absmax, nonnegative)
             for p in T.serial(out_blocks // jb):
                 dot_products(xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store)
 
         self.layer = layer
 
-    def tree_reduce(self, buffer, combine, base=0) -> None:
-        """buffer[base] = combine over the 16 values from flat index `base` of a 1-D buffer (or of the last axis of
-        a [1, tile, n] one), in 4 halving vector steps (8, 4, 2, 1 lanes) instead of 15 dependent scalar steps:
-        emitted while the enclosing kernel is parsed."""
+    def horizontal(self, value, combine):
+        """combine over the 16 lanes of a vector value, in 4 halving steps on register shuffles (lanes k and k + 8,
+        then k and k + 4, ...): a scalar, emitted while the enclosing kernel is parsed. (Through a buffer, the same
+        tree made LLVM scalarize its 8-lane step.)"""
         T, width = self.T, LANES // 2
-        lead = [0, 0] if len(buffer.shape) == 3 else []  # [1, tile, n] buffers: base already counts the tile row
-        if lead:
-            row, base = base // buffer.shape[2], base % buffer.shape[2]
-            lead = [0, row]
         while width >= 1:
-            low, high = (T.Ramp(base, 1, width), T.Ramp(base + width, 1, width)) if width > 1 else (base, base + 1)
-            T.buffer_store(buffer, combine(buffer[(*lead, low)], buffer[(*lead, high)]), [*lead, low])
+            low = T.Shuffle([value], [T.int32(k) for k in range(width)])
+            high = T.Shuffle([value], [T.int32(width + k) for k in range(width)])
+            value = T.bind(combine(low, high))
             width //= 2
+        return value
+
+    def quantize(self, src, t, width, xq, scale, per_token, absmax, nonnegative=False):
+        """Tokens src[t, 0..tile) [width fp32] -> xq [tile, width] (fixed point, +128 for vpdpbusd) and scale[i]
+        (dequantization), by each token's own absmax or the calibrated one; unrolled at parse time, every value a
+        register. The absmax is an integer max over the |x| bit patterns (ordered like the floats, exact in any
+        order); rounding is one vcvtps2dq (round to nearest even, as nearbyint). nonnegative (ReLU outputs) drops
+        |x| and the lower clamp, which change nothing there."""
+        T, level = self.T, self.level
+        offset = 128 if self.bits == 8 else 0
+        floor = T.float32(float(ABSMAX_FLOOR))
+        lanes = lambda kv: T.Ramp(kv * LANES, 1, LANES)  # noqa: E731
+        for i in range(self.tile):
+            rows = [T.bind(src[t, i, lanes(kv)]) for kv in range(int(width) // LANES)]
+            if per_token:
+                magnitudes = [row if nonnegative else T.abs(row) for row in rows]
+                running = magnitudes[0]
+                for magnitude in magnitudes[1:]:
+                    running = T.max(running, magnitude)
+                peak = T.reinterpret("float32", T.call_llvm_pure_intrin(
+                    "int32", "llvm.vector.reduce.smax", T.reinterpret(f"int32x{LANES}", running)))
+                clamped_peak = T.bind(T.max(peak, floor))
+            else:
+                clamped_peak = T.bind(T.max(absmax[0], floor))
+            inv = T.bind(T.float32(level) / clamped_peak)
+            T.buffer_store(scale, clamped_peak / T.float32(level), [i])
+            for kv, row in enumerate(rows):
+                scaled = row * T.Broadcast(inv, LANES)
+                if not nonnegative:
+                    scaled = T.max(scaled, T.Broadcast(T.float32(-level), LANES))
+                clamped = T.min(scaled, T.Broadcast(T.float32(level), LANES))
+                rounded = T.call_llvm_pure_intrin(f"int32x{LANES}", "llvm.x86.avx512.mask.cvtps2dq.512", clamped,
+                                                  T.Broadcast(T.int32(0), LANES), T.int16(-1), T.int32(4))
+                T.buffer_store(xq, T.Cast(f"{self.q_dtype}x{LANES}", rounded + T.Broadcast(T.int32(offset), LANES)),
+                               [i, lanes(kv)])
+
+    def layer_norm(self, x, t, normed, ln_w, ln_b, eps: float) -> None:
+        """normed[0, i, :] = LN(x[t, i, :]) (fp32: mean, centred squares, rsqrt) for the tile's tokens, unrolled at
+        parse time with every row a register value; the tokens' dependency chains are independent, so they overlap."""
+        T, width = self.T, int(normed.shape[2])
+        lanes = lambda kv: T.Ramp(kv * LANES, 1, LANES)  # noqa: E731
+        for i in range(self.tile):
+            rows = [T.bind(x[t, i, lanes(kv)]) for kv in range(width // LANES)]
+            total = rows[0]
+            for row in rows[1:]:
+                total = total + row
+            mean = T.bind(self.horizontal(T.bind(total), lambda a, b: a + b) / T.float32(width))
+            centred = [T.bind(row - T.Broadcast(mean, LANES)) for row in rows]
+            squares = centred[0] * centred[0]
+            for row in centred[1:]:
+                squares = squares + row * row
+            variance = self.horizontal(T.bind(squares), lambda a, b: a + b) / T.float32(width)
+            rstd = T.bind(T.float32(1) / T.sqrt(variance + T.float32(eps)))
+            for kv, row in enumerate(centred):
+                T.buffer_store(normed, row * T.Broadcast(rstd, LANES) * ln_w[lanes(kv)] + ln_b[lanes(kv)],
+                               [0, i, lanes(kv)])
 
     def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store):
         """Fully unrolled over the input groups: the TILE x JB accumulators are bound values (T.bind), not a
@@ -258,14 +286,13 @@ def make_int_shift(in_padded: int, out_padded: int, bits: int, per_token: bool, 
         for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
             xq = T.alloc_buffer((tile, in_padded), parts.q_dtype, scope="local")
             scale = T.alloc_buffer((tile,), "float32", scope="local")
-            inv = T.alloc_buffer((tile,), "float32", scope="local")
-            running = T.alloc_buffer((LANES,), "float32", scope="local")
             for within in T.serial(TILES_PER_TASK):
                 if chunk * TILES_PER_TASK + within < tiles:
                     t = chunk * TILES_PER_TASK + within
-                    parts.layer(x, t, in_padded, xq, scale, inv, running, per_token, absmax, packed, compensation,
-                                out_scale, bias, out_blocks, jb, lambda i, block, value: T.buffer_store(
-                                    y, parts.relu(value) if relu else value, [t, i, T.Ramp(block * LANES, 1, LANES)]))
+                    parts.layer(x, t, in_padded, xq, scale, per_token, absmax, packed, compensation, out_scale, bias,
+                                out_blocks, jb, lambda i, block, value: T.buffer_store(
+                                    y, parts.relu(value) if relu else value, [t, i, T.Ramp(block * LANES, 1, LANES)]),
+                                False)
 
     return tvm.IRModule({"main": main})
 
@@ -289,47 +316,16 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
     group, w_dtype = parts.group, parts.w_dtype
     hidden_blocks, dim_blocks = hidden_padded // LANES, dim_padded // LANES
     jb1, jb2 = _blocks_per_pass(hidden_blocks, blocks[0]), _blocks_per_pass(dim_blocks, blocks[1])
-    lanes = T.Ramp(0, 1, LANES)
-
     @T.macro
-    def layers(h, h_tile, x, t, y, xq, hidden, hq, scale, inv, running, packed1, compensation1, out_scale1, bias1,
-               absmax1, packed2, compensation2, out_scale2, bias2, absmax2):
-        parts.layer(h, h_tile, dim_padded, xq, scale, inv, running, per_token, absmax1, packed1, compensation1,
-                    out_scale1, bias1, hidden_blocks, jb1, lambda i, block, value:
-                    T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]))
-        parts.layer(hidden, 0, hidden_padded, hq, scale, inv, running, per_token, absmax2, packed2, compensation2,
-                    out_scale2, bias2, dim_blocks, jb2, lambda i, block, value:
+    def layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1, absmax1,
+               packed2, compensation2, out_scale2, bias2, absmax2):
+        parts.layer(h, h_tile, dim_padded, xq, scale, per_token, absmax1, packed1, compensation1, out_scale1, bias1,
+                    hidden_blocks, jb1, lambda i, block, value:
+                    T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]), False)
+        parts.layer(hidden, 0, hidden_padded, hq, scale, per_token, absmax2, packed2, compensation2, out_scale2,
+                    bias2, dim_blocks, jb2, lambda i, block, value:
                     T.buffer_store(y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
-                                   [t, i, T.Ramp(block * LANES, 1, LANES)]))
-
-    @T.macro
-    def layer_norm(x, t, normed, stats, ln_w, ln_b):
-        """normed[0, i, :] = LN(x[t, i, :]) for the tile's tokens, phase by phase over all of them (sums, then
-        centred squares, then the normalisation) with a row of `stats` [tile * 16] per token, so the tokens'
-        dependency chains are independent and overlap."""
-        for i in T.unroll(tile):
-            stats[T.Ramp(i * LANES, 1, LANES)] = x[t, i, T.Ramp(0, 1, LANES)]
-            for kv in T.serial(1, dim_blocks):
-                stats[T.Ramp(i * LANES, 1, LANES)] = stats[T.Ramp(i * LANES, 1, LANES)] \
-                    + x[t, i, T.Ramp(kv * LANES, 1, LANES)]
-        for i in T.unroll(tile):
-            parts.tree_reduce(stats, lambda a, b: a + b, i * LANES)
-        for i in T.unroll(tile):
-            mean = stats[i * LANES] / T.float32(dim_padded)
-            centred = x[t, i, T.Ramp(0, 1, LANES)] - T.Broadcast(mean, LANES)
-            normed[0, i, T.Ramp(0, 1, LANES)] = centred * centred
-            for kv in T.serial(1, dim_blocks):
-                centred_kv = x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)
-                normed[0, i, T.Ramp(0, 1, LANES)] = normed[0, i, T.Ramp(0, 1, LANES)] + centred_kv * centred_kv
-        for i in T.unroll(tile):
-            parts.tree_reduce(normed, lambda a, b: a + b, i * dim_padded)
-        for i in T.unroll(tile):
-            mean = stats[i * LANES] / T.float32(dim_padded)
-            rstd = T.float32(1) / T.sqrt(normed[0, i, 0] / T.float32(dim_padded) + T.float32(norm_eps or 0.0))
-            for kv in T.serial(dim_blocks):
-                normed[0, i, T.Ramp(kv * LANES, 1, LANES)] = \
-                    (x[t, i, T.Ramp(kv * LANES, 1, LANES)] - T.Broadcast(mean, LANES)) * T.Broadcast(rstd, LANES) \
-                    * ln_w[T.Ramp(kv * LANES, 1, LANES)] + ln_b[T.Ramp(kv * LANES, 1, LANES)]
+                                   [t, i, T.Ramp(block * LANES, 1, LANES)]), True)  # fc2 reads ReLU outputs
 
     if norm_eps is None:
         @T.prim_func
@@ -350,13 +346,11 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                 hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
                 hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
                 scale = T.alloc_buffer((tile,), "float32", scope="local")
-                inv = T.alloc_buffer((tile,), "float32", scope="local")
-                running = T.alloc_buffer((LANES,), "float32", scope="local")
                 for within in T.serial(TILES_PER_TASK):
                     if chunk * TILES_PER_TASK + within < tiles:
                         layers(h, chunk * TILES_PER_TASK + within, x, chunk * TILES_PER_TASK + within, y, xq, hidden,
-                               hq, scale, inv, running, packed1, compensation1, out_scale1, bias1, absmax1, packed2,
-                               compensation2, out_scale2, bias2, absmax2)
+                               hq, scale, packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2,
+                               out_scale2, bias2, absmax2)
     else:
         @T.prim_func
         def main(x_handle: T.handle, ln_w: T.Buffer((dim_padded,), "float32"),
@@ -373,19 +367,16 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
             y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
             for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
                 normed = T.alloc_buffer((1, tile, dim_padded), "float32", scope="local")
-                stats = T.alloc_buffer((tile * LANES,), "float32", scope="local")
                 xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
                 hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
                 hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
                 scale = T.alloc_buffer((tile,), "float32", scope="local")
-                inv = T.alloc_buffer((tile,), "float32", scope="local")
-                running = T.alloc_buffer((LANES,), "float32", scope="local")
                 for within in T.serial(TILES_PER_TASK):
                     if chunk * TILES_PER_TASK + within < tiles:
-                        layer_norm(x, chunk * TILES_PER_TASK + within, normed, stats, ln_w, ln_b)
-                        layers(normed, 0, x, chunk * TILES_PER_TASK + within, y, xq, hidden, hq, scale, inv, running,
-                               packed1, compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2,
-                               bias2, absmax2)
+                        parts.layer_norm(x, chunk * TILES_PER_TASK + within, normed, ln_w, ln_b, norm_eps)
+                        layers(normed, 0, x, chunk * TILES_PER_TASK + within, y, xq, hidden, hq, scale, packed1,
+                               compensation1, out_scale1, bias1, absmax1, packed2, compensation2, out_scale2, bias2,
+                               absmax2)
 
     return tvm.IRModule({"main": main})
 
@@ -430,8 +421,8 @@ def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none
     return out.reshape(*lead, weights.out_features)
 
 
-FFN_TILE = 4  # tokens per tile of the fused FFN kernel (results/int_shift_options_cpu.json, "ffn")
-FFN_BLOCKS = (4, 2)  # output blocks of 16 per pass in fc1 and in fc2
+FFN_TILE = 8  # tokens per tile of the fused FFN kernel: 8 x (2, 2) beat 4 x (4, 2), 2 x (8, 2), 8 x (1, 2) and
+FFN_BLOCKS = (2, 2)  # 4 x (2, 2) by 5-10% (paired runs, register-valued quantize); output blocks of 16 per pass
 
 
 def _check_ffn_layers(name: str, dim: int, fc1: IntShiftWeights, fc2: IntShiftWeights, device: torch.device) -> None:
