@@ -11,6 +11,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                vs ViewColorBlend eager (its first layer split by input block)
   view_attention               k/v, pos MLP, attention MLP, softmax over views, weighted sum (kernels/view_attention.py)
                                vs ViewAttention eager without q_fc/out_fc
+  view_attention_sublayer      the same with the block's LN, q_fc, out_fc and residual in the kernel (what a model
+                               runs on the CPU) vs those four in PyTorch around the view_attention kernel
   ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
   int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
   int_ffn_sublayer             the same with the block's LayerNorm in the kernel (what a model runs)
@@ -64,8 +66,8 @@ from kernels.source_views import prepare_source_views, reference_source_front_en
 from kernels.view_features import ViewFeatureWeights, view_features  # noqa: E402
 from renderer.rays import camera_rays  # noqa: E402
 from renderer.render import Renderer, RenderSettings  # noqa: E402
-from kernels.view_attention import PreparedViewWeights, reference_view_attention, view_attention, \
-    view_attention_weights  # noqa: E402
+from kernels.view_attention import PreparedViewWeights, SublayerWeights, reference_view_attention, \
+    reference_view_attention_sublayer, view_attention, view_attention_sublayer, view_attention_weights  # noqa: E402
 
 
 def _checked(name: str, run, expected: torch.Tensor, tol: float, ok_rows: torch.Tensor | None = None,
@@ -153,6 +155,22 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                      lambda: view_attention(qp, flat_features, flat_diff, flat_mask, weights),
                      lambda: reference_view_attention(qp, flat_features, flat_diff, flat_mask, weights.source),
                      "ViewAttention eager between q_fc and out_fc", repeats, fp32))
+
+    attn_norm = nn.LayerNorm(dim, eps=1e-6).eval()
+    sublayer = SublayerWeights.from_modules(attn_norm, attention)
+    q_in = torch.randn(tokens, dim)
+
+    def sublayer_eager():  # what the block runs without the fused sublayer: LN, q_fc, the kernel, out_fc, residual
+        return q_in + attention.out_fc(view_attention(attention.q_fc(attn_norm(q_in)), flat_features, flat_diff,
+                                                      flat_mask, weights))
+
+    _checked("view_attention_sublayer", lambda: view_attention_sublayer(q_in, flat_features, flat_diff, flat_mask,
+                                                                        weights, sublayer),
+             reference_view_attention_sublayer(q_in, flat_features, flat_diff, flat_mask, weights, sublayer), 1e-4)
+    rows.append(_row("view_attention_sublayer", f"[{tokens},{views},{dim}] + LN, q_fc, out_fc",
+                     macs + tokens * 2 * dim * dim,
+                     lambda: view_attention_sublayer(q_in, flat_features, flat_diff, flat_mask, weights, sublayer),
+                     sublayer_eager, "LN, q_fc, out_fc in PyTorch around the view_attention kernel", repeats, fp32))
 
     flat_x = torch.randn(tokens, dim)
     ff_norm, dense_ff = nn.LayerNorm(dim, eps=1e-6).eval(), FeedForward(dim, ff_hidden).eval()

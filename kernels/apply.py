@@ -12,6 +12,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   SourceViewSampler   (transformer.source_sampler, CPU) -> KernelSourceViews: the same up to the gathers
   ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
+  PreNormViewAttention (view_blocks.i.attn_sublayer) -> KernelViewAttentionSublayer (CPU): LN + q_fc + the fused
+                      view attention + out_fc + residual in one kernel (fp32 linears; otherwise, and on CUDA, as below)
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
                       projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc
   PreNormAttention    (ray_blocks.i.attn_sublayer)  -> KernelRayAttentionSublayer (CPU): LN + q/k/v projections +
@@ -54,7 +56,7 @@ from gnt_shiftadd.models.gnt import SampledViewEmbedding, ViewEmbedding
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
-    RayAttention, ViewAttention
+    PreNormViewAttention, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
@@ -63,15 +65,15 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    ray_attention, source_front_end, source_views, view_attention, view_blend, view_features
+    ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import prepare_source_views
-from kernels.view_attention import PreparedViewWeights, view_attention_weights
+from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_attention_weights
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewAttentionSublayer", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -277,6 +279,33 @@ class KernelViewAttention(KernelLeaf):
         return self.source.out_fc(mixed).reshape(rays, samples, dim)
 
 
+class KernelViewAttentionSublayer(KernelLeaf):
+    """PreNormViewAttention on the fused sublayer kernel (CPU). Same call: (q [R, S, C], features [R, S, V, C],
+    ray_diff [R, S, V, 4], mask [R, S, V, 1], norm, attn) -> q + attn(norm(q), ...); norm/attn must be the modules
+    it was built from. KernelNotApplicable (the attention is swapped on its own instead) for layers the fp32
+    kernels do not reproduce (integer or fixed-point shift layers)."""
+
+    def __init__(self, norm: nn.Module, attn: nn.Module):
+        super().__init__()
+        if type(attn) is not ViewAttention:
+            raise KernelNotApplicable(f"no fused view-attention sublayer for {type(attn).__name__}")
+        try:
+            self.weights = PreparedViewWeights.from_dict(view_attention_weights(attn))
+            self.sublayer = SublayerWeights.from_modules(norm, attn)
+        except (TypeError, ValueError) as error:
+            raise KernelNotApplicable(f"fused view-attention sublayer: {error}") from error
+        self._layer_ids = (id(norm), id(attn))
+        self.covered_ids = {id(m) for m in attn.modules()}
+
+    def run(self, q, features, ray_diff, mask, norm, attn):
+        _check_same_layers(self, (norm, attn))
+        rays, samples, views, dim = features.shape
+        out = view_attention_sublayer(q.reshape(-1, dim), features.reshape(-1, views, dim),
+                                      ray_diff.reshape(-1, views, 4), mask.reshape(-1, views), self.weights,
+                                      self.sublayer)
+        return out.reshape(rays, samples, dim).to(q.dtype)
+
+
 class KernelViewColorBlend(KernelLeaf):
     """ViewColorBlend on the view-blend kernel. Same call: (h [R, S, C], features [R, S, V, C], colors [R, S, V, 3],
     ray_diff [R, S, V, 4], mask [R, S, V, 1], fc1, fc2) -> sample colours [R, S, 3]; fc1/fc2 must be the layers it
@@ -377,6 +406,9 @@ def _check_same_layers(leaf: nn.Module, layers: tuple) -> None:
 # ---------------------------------------------------------------------------------------------------- handlers
 
 Handler = Callable[[nn.Module, nn.Module, KernelConfig], nn.Module]
+# composite leaves whose kernels cover their block's parts: handled before any of those parts, whatever the order
+# the parent defines its children in
+_SUBLAYERS = (SampledViewEmbedding, PreNormAttention, PreNormViewAttention, PreNormFeedForward)
 _HANDLERS: dict[type, Handler] = {}
 
 
@@ -422,6 +454,13 @@ def _view_color_blend(module, parent, cfg):
     return KernelViewColorBlend(parent.view_fc1, parent.view_fc2)
 
 
+@register_kernel_handler(PreNormViewAttention)
+def _view_attention_sublayer(module, parent, cfg):
+    if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
+        raise KernelNotApplicable("the fused view-attention sublayer is CPU-only; on CUDA the attention has its kernel")
+    return KernelViewAttentionSublayer(parent.attn_norm, parent.attn)
+
+
 @register_kernel_handler(PreNormAttention)
 def _ray_attention_sublayer(module, parent, cfg):
     if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
@@ -460,7 +499,8 @@ def _swap(parent: nn.Module, prefix: str, cfg: KernelConfig, filter_fn, summary:
     kernel leaf is built from the original layers, and a second use_kernels_ wraps nothing twice."""
     # children with a handler first: a fused sublayer leaf (e.g. a ray block's attn_sublayer) is built from the
     # original layers before a handler for one of its parts (the attention core) could swap that part
-    children = sorted(parent.named_children(), key=lambda item: type(item[1]) not in _HANDLERS)
+    children = sorted(parent.named_children(), key=lambda item: (type(item[1]) not in _SUBLAYERS,
+                                                                 type(item[1]) not in _HANDLERS))
     for name, child in children:
         fqn = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (KernelShiftLinear, KernelIntShiftLinear)) or id(child) in covered:

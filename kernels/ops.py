@@ -27,6 +27,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> x + fc2(relu(fc1(LN(x)))) fp32 [N.., C]
   ray_attention                       x [R, S, C], RayAttentionWeights.kernel_arguments(), eps, heads, core
                                       -> x + out_fc(core(LN(x))) fp32 [R, S, C]
+  view_attention_sublayer             x [N.., C], features, ray_diff, mask, the view attention's and the sublayer's
+                                      weights (SublayerWeights), eps -> x + out_fc(attention(q_fc(LN(x)))) [N.., C]
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
@@ -53,7 +55,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_blend", "ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -138,6 +140,31 @@ def view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
     if _needs_grad("view_attention", qp, features, ray_diff, mask):
         return _view.reference_view_attention(qp, features, ray_diff, mask, weights.source)
     return torch.ops.shiftadd_gnt.view_attention(qp, features, ray_diff, mask, *weights.kernel_arguments())
+
+
+@torch.library.custom_op(f"{NAMESPACE}::view_attention_sublayer", mutates_args=())
+def _view_sublayer_op(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor, kv_t: Tensor, pos1_t: Tensor,
+                      pos1_b: Tensor, pos2_t: Tensor, pos2_b: Tensor, attn1_t: Tensor, attn1_b: Tensor, attn2_t: Tensor,
+                      attn2_b: Tensor, ln_w: Tensor, ln_b: Tensor, q_t: Tensor, out_t: Tensor, out_b: Tensor,
+                      eps: float) -> Tensor:
+    weights = _view.PreparedViewWeights.from_kernel_arguments(kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t,
+                                                              attn1_b, attn2_t, attn2_b)
+    return _view.view_attention_sublayer(x, features, ray_diff, mask, weights,
+                                         _view.SublayerWeights(ln_w, ln_b, q_t, out_t, out_b, eps))
+
+
+@_view_sublayer_op.register_fake
+def _(x, features, ray_diff, mask, *weights_and_eps):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def view_attention_sublayer(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
+                            weights: "_view.PreparedViewWeights", sub: "_view.SublayerWeights") -> Tensor:
+    """The fused pre-norm view-attention sublayer through the custom op (the reference when gradients are needed)."""
+    if _needs_grad("view_attention_sublayer", x, features, ray_diff, mask):
+        return _view.reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
+    return torch.ops.shiftadd_gnt.view_attention_sublayer(x, features, ray_diff, mask, *weights.kernel_arguments(),
+                                                          *sub.kernel_arguments(), sub.eps)
 
 
 # ----------------------------------------------------------------------------------------------- ray attention
@@ -386,6 +413,7 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
+       "view_attention_sublayer": _view_sublayer_op,
        "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

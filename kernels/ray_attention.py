@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
-from kernels.te_math import register_blocked, vector_exp
+from kernels.te_math import register_blocked, vector_exp, vector_lanes
 
 __all__ = ["CORES", "RayAttentionWeights", "reference_ray_attention", "make_ray_attention", "ray_attention_kernel",
            "ray_attention"]
@@ -213,13 +213,15 @@ def _ray_attention_compute(samples: int, channels: int, heads: int, core: str, n
                       lambda r, h, j, i: vector_exp(logits[r, h, j, i] - row_max[r, h, i]), name="exps")
     js = te.reduce_axis((0, samples), name="js")
     row_sum = te.compute((rays, heads, samples), lambda r, h, i: te.sum(exps[r, h, js, i], axis=js), name="row_sum")
+    # the attention-weighted values and their normalisation stay queries-last ([H, d, S], [C, S]): every step is a
+    # vector over the queries, and the output projection reads them one broadcast scalar at a time
     ja = te.reduce_axis((0, samples), name="ja")
-    attended = te.compute((rays, samples, heads, head_dim), lambda r, i, h, d: te.sum(
+    attended = te.compute((rays, heads, head_dim, samples), lambda r, h, d, i: te.sum(
         exps[r, h, ja, i] * qkv[r, ja, 2 * channels + h * head_dim + d], axis=ja), name="attended")
-    normalised = te.compute((rays, samples, channels), lambda r, i, c: attended[r, i, c // head_dim, c % head_dim]
+    normalised = te.compute((rays, channels, samples), lambda r, c, i: attended[r, c // head_dim, c % head_dim, i]
                             / row_sum[r, c // head_dim, i], name="normalised")
     c4 = te.reduce_axis((0, channels), name="c4")
-    projected = te.compute((rays, samples, channels), lambda r, s, c: te.sum(normalised[r, s, c4] * out_t[c4, c],
+    projected = te.compute((rays, samples, channels), lambda r, s, c: te.sum(normalised[r, c4, s] * out_t[c4, c],
                                                                             axis=c4), name="projected")
     out = te.compute((rays, samples, channels), lambda r, s, c: x[r, s, c] + out_b[c] + projected[r, s, c],
                      name="out")
@@ -257,12 +259,15 @@ def _schedule_cpu(sch, samples: int, channels: int, heads: int, core: str) -> No
         sch.vectorize(i)
         sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(sch.get_sblock("exps"))[-1])
-    # attention-weighted values: per head, every query's accumulator in a register while the keys stream by
+    # attention-weighted values: per head, a [d, queries] block of accumulators in registers while the keys stream
+    # by (one vector of exps and d broadcast values per key)
     attended = sch.get_sblock("attended")
-    i, h, d, ja = sch.get_loops(attended)[-4:]
-    sch.reorder(h, ja, i, d)
-    sch.unroll(i)
-    sch.vectorize(d)
+    h, d, i, ja = sch.get_loops(attended)[-4:]
+    i_outer, i_lane = sch.split(i, factors=[None, vector_lanes(samples) if samples % 16 == 0 else 8])
+    sch.reorder(h, ja, d, i_outer, i_lane)
+    sch.unroll(d)
+    sch.unroll(i_outer)
+    sch.vectorize(i_lane)
     sch.decompose_reduction(attended, ja)
     logits = sch.get_sblock("logits")
     if core == "hashed":

@@ -33,9 +33,10 @@ from torch import nn
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel, run_tiled
-from kernels.te_math import register_blocked, vector_exp
+from kernels.te_math import register_blocked, vector_exp, vector_lanes
 
-__all__ = ["WEIGHT_KEYS", "TILE", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
+__all__ = ["WEIGHT_KEYS", "TILE", "SublayerWeights", "reference_view_attention_sublayer",
+           "make_view_attention_sublayer", "view_attention_sublayer", "reference_view_attention", "view_attention_weights", "PreparedViewWeights",
            "kernel_tile", "make_view_attention", "view_attention_kernel", "view_attention"]
 
 WEIGHT_KEYS = ("k", "v", "pos1_w", "pos1_b", "pos2_w", "pos2_b", "attn1_w", "attn1_b", "attn2_w", "attn2_b")
@@ -179,15 +180,40 @@ def _check_weight_shapes(weights: dict) -> None:
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False):
+def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, fast_exp: bool, kv_input: bool = False,
+                            sublayer_eps: float | None = None, split_kv: bool = True):
     """TE definition; returns the arguments in call order (output last). Shapes in the module docstring.
     kv_input: k|v [NT, tile, V, 2C] comes in precomputed in place of kv_t (a profiling build: what the kernel costs
-    without its k|v product, `benchmarks/int_shift_options.py --sections view_attention`)."""
+    without its k|v product, `benchmarks/int_shift_options.py --sections view_attention`).
+    sublayer_eps: the whole pre-norm sublayer x + out_fc(attention(q_fc(LN(x)))): x [NT, tile, C] comes in place of
+    qp and ln_w, ln_b [C], q_t, out_t [C, C], out_b [C] follow the other weights (SUBLAYER_KEYS).
+    split_kv: k and v as two products (CPU); else one k|v product whose halves the schedule inlines (CUDA)."""
     from tvm import te, tirx  # lazy: TVM is optional (the references run without it)
 
     exp = vector_exp if fast_exp else tirx.exp
     num_tiles = te.var("num_tiles")
-    qp = te.placeholder((num_tiles, tile, channels), name="qp")
+    if sublayer_eps is None:
+        qp = te.placeholder((num_tiles, tile, channels), name="qp")
+        sublayer_in = []
+    else:
+        x = te.placeholder((num_tiles, tile, channels), name="x")
+        ln_w, ln_b = te.placeholder((channels,), name="ln_w"), te.placeholder((channels,), name="ln_b")
+        q_t = te.placeholder((channels, channels), name="q_t")
+        c_mean, c_var, c_q = (te.reduce_axis((0, channels), name=n) for n in ("c_mean", "c_var", "c_q"))
+        # sums scaled once (by 1/C, a power of two for the model's widths: the same values as summing x / C),
+        # not a scalar divide per element, which was most of the LN's time
+        inv_channels = tirx.const(1.0 / channels, "float32")
+        total = te.compute((num_tiles, tile), lambda n, t: te.sum(x[n, t, c_mean], axis=c_mean), name="mean")
+        squares = te.compute((num_tiles, tile), lambda n, t: te.sum(
+            (x[n, t, c_var] - total[n, t] * inv_channels) * (x[n, t, c_var] - total[n, t] * inv_channels),
+            axis=c_var), name="var")
+        rstd = te.compute((num_tiles, tile), lambda n, t: tirx.rsqrt(
+            squares[n, t] * inv_channels + tirx.const(sublayer_eps, "float32")), name="rstd")
+        xn = te.compute((num_tiles, tile, channels), lambda n, t, c: (x[n, t, c] - total[n, t] * inv_channels)
+                        * rstd[n, t] * ln_w[c] + ln_b[c], name="xn")
+        qp = te.compute((num_tiles, tile, channels), lambda n, t, o: te.sum(xn[n, t, c_q] * q_t[c_q, o], axis=c_q),
+                        name="qp")
+        sublayer_in = [x, ln_w, ln_b, q_t]
     features = te.placeholder((num_tiles, tile, views, channels), name="features")
     ray_diff = te.placeholder((num_tiles, tile, views, _RAY_DIFF_DIM), name="ray_diff")
     mask = te.placeholder((num_tiles, tile, views), name="mask")
@@ -205,10 +231,21 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
 
     if kv_input:
         kv = te.placeholder((num_tiles, tile, views, 2 * channels), name="kv")
-    else:
+    elif not split_kv:
         j = te.reduce_axis((0, channels), name="j")
         kv = te.compute((num_tiles, tile, views, 2 * channels),
                         lambda n, t, v, o: te.sum(features[n, t, v, j] * kv_t[j, o], axis=j), name="kv")
+    if kv_input or not split_kv:  # views of one k|v tensor (the schedules inline them)
+        keys = te.compute((num_tiles, tile, views, channels), lambda n, t, v, c: kv[n, t, v, c], name="k")
+        values = te.compute((num_tiles, tile, views, channels), lambda n, t, v, c: kv[n, t, v, channels + c], name="v")
+    else:
+        # CPU: k and v as two products; per token each is a [V, C] buffer small enough (< 1 KB) to live on the
+        # stack, where LLVM keeps it in registers; one [V, 2C] buffer went to TVM's workspace (7% slower)
+        j_k, j_v = te.reduce_axis((0, channels), name="j_k"), te.reduce_axis((0, channels), name="j_v")
+        keys = te.compute((num_tiles, tile, views, channels),
+                          lambda n, t, v, o: te.sum(features[n, t, v, j_k] * kv_t[j_k, o], axis=j_k), name="k")
+        values = te.compute((num_tiles, tile, views, channels), lambda n, t, v, o: te.sum(
+            features[n, t, v, j_v] * kv_t[j_v, channels + o], axis=j_v), name="v")
     pos_hidden = te.compute(
         (num_tiles, tile, views, hidden),
         lambda n, t, v, h: te.max(pos1_b[h] + sum(ray_diff[n, t, v, i] * pos1_t[i, h] for i in range(_RAY_DIFF_DIM)),
@@ -217,7 +254,7 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
                      lambda n, t, v, c: pos2_b[c] + sum(pos_hidden[n, t, v, h] * pos2_t[h, c] for h in range(hidden)),
                      name="pos")
     attn_in = te.compute((num_tiles, tile, views, channels),
-                         lambda n, t, v, c: kv[n, t, v, c] - qp[n, t, c] + pos[n, t, v, c], name="attn_in")
+                         lambda n, t, v, c: keys[n, t, v, c] - qp[n, t, c] + pos[n, t, v, c], name="attn_in")
     c_in = te.reduce_axis((0, channels), name="c_in")
     attn_pre = te.compute(
         (num_tiles, tile, views, hidden),
@@ -249,7 +286,16 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
         lambda n, t, c: over_views(
             lambda a, b: a + b,
             lambda view: exps[n, t, view, c] / denominator[n, t, c] * mask[n, t, view]
-            * (kv[n, t, view, channels + c] + pos[n, t, view, c])), name="out")
+            * (values[n, t, view, c] + pos[n, t, view, c])), name="out")
+    if sublayer_eps is not None:
+        out_t, out_b = te.placeholder((channels, channels), name="out_t"), te.placeholder((channels,), name="out_b")
+        c_out = te.reduce_axis((0, channels), name="c_out")
+        projected = te.compute((num_tiles, tile, channels), lambda n, t, o: te.sum(out[n, t, c_out] * out_t[c_out, o],
+                                                                                   axis=c_out), name="projected")
+        result = te.compute((num_tiles, tile, channels), lambda n, t, c: x[n, t, c] + out_b[c] + projected[n, t, c],
+                            name="result")
+        return [x, features, ray_diff, mask, kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t, attn1_b, attn2_t, attn2_b,
+                ln_w, ln_b, q_t, out_t, out_b, result]
     arguments = [qp, features, ray_diff, mask, kv if kv_input else kv_t, pos1_t, pos1_b, pos2_t, pos2_b, attn1_t,
                  attn1_b, attn2_t, attn2_b, out]
     return arguments
@@ -259,30 +305,38 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
 
 # Stages that depend on the whole [V, C] slab of one token, consumers first (the order compute_at needs).
 _PER_TOKEN_STAGES = ("denominator", "exps", "peak", "logits", "attn_hidden", "attn_pre", "attn_in", "pos",
-                     "pos_hidden", "kv")
+                     "pos_hidden", "k", "v")
 
 
-def _schedule_cpu(sch, channels: int, kv_input: bool = False) -> None:
+def _schedule_cpu(sch, channels: int, kv_input: bool = False, sublayer: bool = False) -> None:
     """Parallel over tiles, then token by token: each token's [V, C] stages live in small L1-resident buffers.
 
     The k|v product keeps one 16-channel output chunk of all V views in registers while it runs over the input
     channels (features broadcast from memory); channel loops are vectorized, the small hidden-size loops unrolled.
+    sublayer: LN, q_fc before and out_fc + residual after, per token as well.
     """
-    out = sch.get_sblock("out")
-    n, token, channel = sch.get_loops(out)
-    sch.parallel(n)
-    sch.vectorize(channel)
+    if sublayer:
+        n, token = _schedule_sublayer_cpu(sch, channels)
+    else:
+        n, token, channel = sch.get_loops(sch.get_sblock("out"))
+        sch.parallel(n)
+        sch.vectorize(channel)
     for name in _PER_TOKEN_STAGES:
-        if not (kv_input and name == "kv"):
-            sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
-
+        block = sch.get_sblock(name)
+        if kv_input and name in ("k", "v"):  # views of the k|v input: read in place
+            sch.compute_inline(block)
+            continue
+        sch.compute_at(block, token, preserve_unit_loops=True)
+    if sublayer:
+        _schedule_sublayer_inputs_cpu(sch, token, channels)
     for name in ("denominator", "peak", "exps", "logits", "attn_in", "pos"):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])  # over channels
     for name in ("pos_hidden", "attn_hidden"):
         sch.unroll(sch.get_loops(sch.get_sblock(name))[-1])  # over hidden
 
     if not kv_input:
-        register_blocked(sch, "kv", 2 * channels)
+        register_blocked(sch, "k", channels)
+        register_blocked(sch, "v", channels)
 
     attn_pre = sch.get_sblock("attn_pre")
     view, unit, c_in = sch.get_loops(attn_pre)[-3:]
@@ -290,6 +344,46 @@ def _schedule_cpu(sch, channels: int, kv_input: bool = False) -> None:
     sch.unroll(view)
     sch.vectorize(unit)
     sch.decompose_reduction(attn_pre, c_in)
+
+
+def _schedule_sublayer_cpu(sch, channels: int):
+    """The sublayer's output side (out_fc and the residual) over the whole tile of tokens: the [tile, C] x [C, C]
+    product register-blocked (every token's accumulator in a register, each weight vector loaded once per tile).
+    Returns the tile loop and the token loop of the attention itself ("out"), under which the per-token stages go."""
+    result = sch.get_sblock("result")
+    n, _, channel = sch.get_loops(result)
+    sch.parallel(n)
+    sch.vectorize(channel)
+    for name in ("projected", "out"):  # consumers first
+        sch.compute_at(sch.get_sblock(name), n, preserve_unit_loops=True)
+    register_blocked(sch, "projected", channels)
+    token, channel = sch.get_loops(sch.get_sblock("out"))[-2:]
+    sch.vectorize(channel)
+    return n, token
+
+
+def _schedule_sublayer_inputs_cpu(sch, token, channels: int) -> None:
+    """The sublayer's input side (LN, q_fc) token by token under the attention's token loop, so its buffers are
+    small enough for the stack: q_fc as 32 broadcast-and-FMA steps over vector outputs, the LN's sums as vector
+    partial sums (rfactor over 16-channel lanes) and 16 scalar adds."""
+    lanes = vector_lanes(channels)
+    for name in ("mean", "var"):  # (before they move) the sum over channels as per-lane partial sums
+        _, c_lane = sch.split(sch.get_loops(sch.get_sblock(name))[-1], factors=[None, lanes])
+        sch.rfactor(c_lane, factor_axis=2)
+    for name in ("qp", "xn", "rstd", "var", "var_rf", "mean", "mean_rf"):  # consumers first
+        sch.compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
+    qp = sch.get_sblock("qp")
+    unit, red = sch.get_loops(qp)[-2:]
+    sch.reorder(red, unit)
+    sch.vectorize(unit)
+    sch.decompose_reduction(qp, red)
+    sch.vectorize(sch.get_loops(sch.get_sblock("xn"))[-1])
+    for name in ("mean_rf", "var_rf"):
+        partial = sch.get_sblock(name)
+        *_, lane, chunk = sch.get_loops(partial)
+        sch.reorder(chunk, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(partial, chunk)
 
 
 def _schedule_cuda(sch, threads: int) -> None:
@@ -306,6 +400,8 @@ def _schedule_cuda(sch, threads: int) -> None:
     sch.bind(lane, "threadIdx.x")
     sch.compute_inline(sch.get_sblock("exps"))
     sch.compute_inline(sch.get_sblock("attn_in"))
+    for name in ("k", "v"):  # views of the one k|v product
+        sch.compute_inline(sch.get_sblock(name))
     for name in ("denominator", "peak"):
         sch.compute_at(sch.get_sblock(name), lane)
         sch.set_scope(sch.get_sblock(name), 0, "local")
@@ -350,7 +446,8 @@ def make_view_attention(target: dict, views: int, channels: int, hidden: int, kv
     tile = kernel_tile(target["kind"], views, channels)
     if kv_input and on_cuda:
         raise ValueError("make_view_attention: kv_input (a CPU profiling build) has no CUDA schedule")
-    arguments = _view_attention_compute(views, channels, hidden, tile, fast_exp=not on_cuda, kv_input=kv_input)
+    arguments = _view_attention_compute(views, channels, hidden, tile, fast_exp=not on_cuda, kv_input=kv_input,
+                                        split_kv=not on_cuda)
     sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(arguments)}))
     if on_cuda:
         _schedule_cuda(sch, CUDA_THREADS)
@@ -437,3 +534,89 @@ def view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Ten
 
     run_tiled(launch, tile, tokens, rows, [out])  # padded tokens: no view sees them, their output is 0
     return out.view(*lead, channels).to(features.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pre-norm sublayer (CPU): x + out_fc(attention(q_fc(LN(x))))
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SublayerWeights:
+    """The block's LayerNorm and the attention's q_fc / out_fc in the kernel layout (contiguous fp32 snapshots):
+    ln_w, ln_b [C], q_t = Wq^T [C, C], out_t = Wo^T [C, C], out_b [C]; eps of the LayerNorm."""
+
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+    q_t: torch.Tensor
+    out_t: torch.Tensor
+    out_b: torch.Tensor
+    eps: float
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, attention: nn.Module) -> "SublayerWeights":
+        """ValueError/TypeError (via linear_weight) for layers no kernel reproduces; q_fc must have no bias."""
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+            raise TypeError(f"view attention sublayer: the norm must be an affine nn.LayerNorm, got {type(norm).__name__}")
+        if getattr(attention.q_fc, "bias", None) is not None:
+            raise ValueError("view attention sublayer: q_fc must have no bias (as ViewAttention's)")
+        out_w = linear_weight(attention.out_fc)
+        out_b = attention.out_fc.bias.detach() if attention.out_fc.bias is not None else out_w.new_zeros(out_w.shape[0])
+        layout = lambda t: _kernel_ready(t.detach().float().clone())  # noqa: E731 (snapshots)
+        return cls(ln_w=layout(norm.weight), ln_b=layout(norm.bias), q_t=layout(linear_weight(attention.q_fc).t()),
+                   out_t=layout(out_w.t()), out_b=layout(out_b), eps=float(norm.eps))
+
+    def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
+        return self.ln_w, self.ln_b, self.q_t, self.out_t, self.out_b
+
+
+def reference_view_attention_sublayer(x, features, ray_diff, mask, weights: PreparedViewWeights,
+                                      sub: SublayerWeights) -> torch.Tensor:
+    """x [..., C] -> x + out_fc(attention(q_fc(LN(x)))) fp32: the ground truth and fallback."""
+    normed = F.layer_norm(x.float(), (x.shape[-1],), sub.ln_w, sub.ln_b, sub.eps)
+    mixed = reference_view_attention(normed @ sub.q_t, features.float(), ray_diff.float(), mask, weights.source)
+    return x.float() + mixed @ sub.out_t + sub.out_b
+
+
+def make_view_attention_sublayer(target: dict, views: int, channels: int, hidden: int, eps: float):
+    """The scheduled IRModule (CPU only): x [NT, TILE, C], features, ray_diff, mask as make_view_attention's,
+    PreparedViewWeights.kernel_arguments(), SublayerWeights.kernel_arguments(), out [NT, TILE, C]."""
+    import tvm  # lazy: TVM is optional
+    from tvm import s_tir, te
+
+    if target["kind"] != "llvm":
+        raise ValueError(f"the fused view-attention sublayer has a CPU (llvm) schedule only, not {target['kind']!r}")
+    arguments = _view_attention_compute(views, channels, hidden, TILE, fast_exp=True, sublayer_eps=eps)
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(arguments)}))
+    _schedule_cpu(sch, channels, sublayer=True)
+    return sch.mod
+
+
+def view_attention_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                            weights: PreparedViewWeights, sub: SublayerWeights) -> torch.Tensor:
+    """x [..., C] -> x + out_fc(attention(q_fc(LN(x)))) fp32 [..., C] in one kernel (CPU); the reference when
+    gradients are needed or no kernel can be had (one warning)."""
+    if weights.device != features.device:
+        raise ValueError(f"view_attention_sublayer: weights are on {weights.device} but features on {features.device}")
+    views, lead = _validate(x, features, ray_diff, mask, weights.channels)
+    channels = weights.channels
+    if needs_grad(x, features, ray_diff, mask):
+        note_kernel("view_attention_sublayer", "reference")
+        return reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
+    key = {"views": views, "channels": channels, "hidden": weights.hidden, "tile": TILE, "eps": sub.eps}
+    kernel = get_kernel("view_attention_sublayer", key, features.device,
+                        lambda target: make_view_attention_sublayer(target, views, channels, weights.hidden, sub.eps))
+    if kernel is None:
+        return reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
+    tokens = math.prod(lead)
+    rows = [_kernel_ready(x.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
+            _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM)), _kernel_ready(mask.reshape(tokens, views))]
+    out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
+
+    def launch(inputs, outputs) -> None:
+        x_part, feature_part, ray_part, mask_part = inputs
+        kernel(x_part.view(-1, TILE, channels), feature_part.view(-1, TILE, views, channels),
+               ray_part.view(-1, TILE, views, _RAY_DIFF_DIM), mask_part.view(-1, TILE, views),
+               *weights.kernel_arguments(), *sub.kernel_arguments(), outputs[0].view(-1, TILE, channels))
+
+    run_tiled(launch, TILE, tokens, rows, [out])
+    return out.view(*lead, channels)

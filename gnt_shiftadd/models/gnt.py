@@ -96,7 +96,7 @@ class GNTTransformer(nn.Module):
         self.dir_enc = PositionalEncoding(3, cfg.dir_freqs)
         self.rgbfeat_fc1 = nn.Linear(cfg.feature_channels + 3, dim)
         self.rgbfeat_fc2 = nn.Linear(dim, dim)
-        self.front_end = SampledViewEmbedding()  # before its parts: kernels.apply swaps the fused leaf first
+        self.front_end = SampledViewEmbedding()  # its parts below (kernels.apply swaps this fused leaf first)
         self.source_sampler = SourceViewSampler()  # projection + bilinear gathers (a swappable leaf)
         self.view_embedding = ViewEmbedding()
         self.view_blocks = nn.ModuleList()

@@ -5,7 +5,7 @@ The ShiftAdd reparameterization replaces: the ray attention's `core` (dot-produc
 Every such piece is therefore its own named submodule with a plain tensor-in/tensor-out interface.
 The compiled kernels (kernels.apply.use_kernels_) swap leaves the same way: the view `attn`, the ray block's pre-norm
 attention sublayer `attn_sublayer` (x + attn(attn_norm(x)) as one call; where no fused kernel covers it, the ray
-attention's `core`) and each block's pre-norm FFN sublayer `ffn` (x + ff(ff_norm(x))); the block forwards stay.
+attention's `core`; the view block has one too) and each block's pre-norm FFN sublayer `ffn` (x + ff(ff_norm(x))); the block forwards stay.
 
 Shapes: R rays, S samples per ray, V source views, C = netwidth.
 """
@@ -45,6 +45,15 @@ class PreNormAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module, attn: nn.Module) -> torch.Tensor:
         return x + attn(norm(x))
+
+
+class PreNormViewAttention(nn.Module):
+    """The attention half of a pre-norm view block, q + attn(norm(q), features, ray_diff, mask), as one swappable
+    leaf (the fused view-attention sublayer kernel covers LN, q_fc, the attention, out_fc and the residual). No
+    parameters of its own. q [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1]."""
+
+    def forward(self, q, features, ray_diff, mask, norm: nn.Module, attn: nn.Module) -> torch.Tensor:
+        return q + attn(norm(q), features, ray_diff, mask)
 
 
 class ViewAttention(nn.Module):
@@ -125,10 +134,11 @@ class ViewTransformerBlock(nn.Module):
         self.attn = ViewAttention(dim, dropout)
         self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
         self.ff = FeedForward(dim, ff_hidden, dropout)
+        self.attn_sublayer = PreNormViewAttention()
         self.ffn = PreNormFeedForward()
 
     def forward(self, q, features, ray_diff, mask):
-        q = q + self.attn(self.attn_norm(q), features, ray_diff, mask)
+        q = self.attn_sublayer(q, features, ray_diff, mask, self.attn_norm, self.attn)
         return self.ffn(q, self.ff_norm, self.ff)
 
 

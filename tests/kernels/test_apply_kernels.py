@@ -14,7 +14,8 @@ from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from gnt_shiftadd.models.transformers import RayTransformerBlock, ViewTransformerBlock  # noqa: E402
 from kernels.apply import KernelConfig, KernelFFNSublayer, KernelHashedAttention, KernelRayAttentionSublayer, \
-    KernelFrontEnd, KernelShiftLinear, KernelViewAttention, kernel_summary, use_kernels, use_kernels_  # noqa: E402
+    KernelFrontEnd, KernelShiftLinear, KernelViewAttention, KernelViewAttentionSublayer, kernel_summary, use_kernels, \
+    use_kernels_  # noqa: E402
 from kernels.dispatch import KernelFallbackError, all_kernels_required, kernel_map, require_all_kernels  # noqa: E402
 
 VARIANTS = {
@@ -44,7 +45,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
         summary = use_kernels(model, "tvm", gemm=gemm)
         got = run()
     depth = cfg.model.trans_depth
-    assert summary["KernelViewAttention"] == depth and summary["KernelFFNSublayer"] == 2 * depth
+    assert summary["KernelViewAttentionSublayer"] == depth and summary["KernelFFNSublayer"] == 2 * depth
     assert summary["skipped"] == []
     assert summary["KernelFrontEnd"] == 1  # projection, gathers and the per-view MLP in one kernel
     transformer = model.transformer
@@ -52,18 +53,18 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     assert all(type(b) is ViewTransformerBlock for b in transformer.view_blocks)
     assert all(type(b) is RayTransformerBlock for b in transformer.ray_blocks)
     assert isinstance(transformer.front_end, KernelFrontEnd)
-    assert all(isinstance(b.attn, KernelViewAttention) and isinstance(b.ffn, KernelFFNSublayer)
+    assert all(isinstance(b.attn_sublayer, KernelViewAttentionSublayer) and isinstance(b.ffn, KernelFFNSublayer)
                for b in transformer.view_blocks)
     # the fused ray-attention sublayer covers dense and hashed-quadratic cores; the linear form keeps its core kernel
     fused = shiftadd.ray_attention in ("dense", "hash_quadratic")
     assert all(isinstance(b.attn_sublayer, KernelRayAttentionSublayer) == fused for b in transformer.ray_blocks)
     assert all(isinstance(b.attn.core, KernelHashedAttention) == (not fused) for b in transformer.ray_blocks)
-    if shiftadd.attention_linears == "shift":
-        assert any(isinstance(m, KernelShiftLinear) for m in model.modules())
-    assert "KernelViewAttention" in kernel_summary(model)
+    if shiftadd.attention_linears == "shift":  # on the CPU every shift linear is inside a fused sublayer kernel
+        assert not any(isinstance(m, KernelShiftLinear) for m in model.modules())
+    assert "KernelViewAttentionSublayer" in kernel_summary(model)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     ran = require_all_kernels(model)  # nothing fell back; every leaf says what it ran
-    assert ran["transformer.view_blocks.0.attn"] == {"view_attention": "tvm"}
+    assert ran["transformer.view_blocks.0.attn_sublayer"] == {"view_attention_sublayer": "tvm"}
     assert ran["transformer.front_end"] == {"source_front_end": "tvm"}
     expected_ffn = "blas" if gemm == "blas" and shiftadd.ffn != "moe" else "tvm"  # auto: the fused FFN kernel
     assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
@@ -105,10 +106,10 @@ def test_filter_fn_keeps_chosen_leaves_on_pytorch_and_a_fallback_fails_the_check
     with torch.no_grad():
         expected = run()
         summary = use_kernels_(model, KernelConfig("tvm", gemm="blas"), filter_fn=lambda module, fqn: ".ffn" not in fqn)
-        assert "KernelFFNSublayer" not in summary and summary["KernelViewAttention"] == cfg.model.trans_depth
+        assert "KernelFFNSublayer" not in summary and summary["KernelViewAttentionSublayer"] == cfg.model.trans_depth
         with all_kernels_required(model) as ran:
             torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)
-        assert ran["transformer.view_blocks.1.attn"] == {"view_attention": "tvm"}
+        assert ran["transformer.view_blocks.1.attn_sublayer"] == {"view_attention_sublayer": "tvm"}
         assert use_kernels_(model, KernelConfig("tvm"))["KernelFFNSublayer"] == 2 * cfg.model.trans_depth  # staged
         assert use_kernels_(model, KernelConfig("tvm")).keys() == {"backend", "skipped"}  # nothing wrapped twice
     # a call that needs gradients runs the differentiable reference: the check names the module
@@ -127,3 +128,12 @@ def test_replacing_a_layer_after_the_swap_is_refused(tiny_config):
     block.ff = copy.deepcopy(block.ff)
     with pytest.raises(RuntimeError, match="use_kernels_ again"):
         block(torch.zeros(1, 2, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 1))
+
+
+def test_for_cuda_the_view_blocks_keep_the_attention_kernel(tiny_config):
+    """The fused view-attention sublayer is CPU-only: a model prepared for CUDA (the AOT export records it on CPU
+    tensors) swaps the attention alone, as before."""
+    model = build_model(tiny_config(), torch.device("cpu")).eval()
+    summary = use_kernels_(model, KernelConfig("tvm", device_type="cuda"))
+    assert summary["KernelViewAttention"] == 2 and "KernelViewAttentionSublayer" not in summary
+    assert all(isinstance(b.attn, KernelViewAttention) for b in model.transformer.view_blocks)

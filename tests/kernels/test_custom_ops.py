@@ -13,11 +13,12 @@ from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
 from kernels import ops  # noqa: E402
-from kernels.apply import KernelFFNSublayer, KernelRayAttentionSublayer, KernelViewAttention, use_kernels  # noqa: E402
+from kernels.apply import KernelFFNSublayer, KernelRayAttentionSublayer, KernelViewAttentionSublayer, use_kernels  # noqa: E402
 from kernels.ffn import ffn_sublayer as direct_ffn, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import prepare_int_shift  # noqa: E402
 from kernels.mat_shift import mat_shift as direct_mat_shift  # noqa: E402
-from kernels.view_attention import PreparedViewWeights, view_attention_weights  # noqa: E402
+from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_attention_weights  # noqa: E402
+from kernels.view_attention import view_attention_sublayer as direct_view_sublayer  # noqa: E402
 from kernels.view_attention import view_attention as direct_view_attention  # noqa: E402
 from kernels.ray_attention import RayAttentionWeights  # noqa: E402
 from kernels.ray_attention import ray_attention as direct_ray_attention  # noqa: E402
@@ -62,6 +63,11 @@ def _ray_case(core):
     w = _ray_weights(core)
     return (torch.randn(3, 7, DIM), w.ln_w, w.ln_b, w.qkv_t, w.out_t, w.out_b, w.scale, w.hash_w, w.hash_b, w.eps,
             w.heads, w.core)
+
+
+def _sublayer():
+    torch.manual_seed(9)
+    return SublayerWeights.from_modules(torch.nn.LayerNorm(DIM, eps=1e-6), ViewAttention(DIM).eval())
 
 
 def _blend_weights():
@@ -118,6 +124,7 @@ def _op_cases():
         "ffn_sublayer": (torch.randn(3, 7, DIM), w.fc1, w.b1, w.fc2, w.b2, w.router_w, w.router_b, w.ln_w, w.ln_b,
                          float(w.eps)),
         "view_attention": (*_view_inputs(), *vw.kernel_arguments()),
+        "view_attention_sublayer": (*_view_inputs(), *vw.kernel_arguments(), *_sublayer().kernel_arguments(), 1e-6),
         "view_blend": (torch.randn(13, HIDDEN), *_view_inputs()[1:2], torch.rand(13, VIEWS, 3), *_view_inputs()[2:],
                        *_blend_weights().kernel_arguments()),
         "ray_attention": _ray_case("hashed"),
@@ -158,6 +165,8 @@ def test_ops_equal_the_direct_kernel_calls():
     hq, colors = torch.randn(13, HIDDEN), torch.rand(13, VIEWS, 3)
     assert torch.equal(ops.view_blend(hq, features, colors, ray_diff, mask, bw),
                        direct_view_blend(hq, features, colors, ray_diff, mask, bw))
+    assert torch.equal(ops.view_attention_sublayer(*inputs, vw, _sublayer()),
+                       direct_view_sublayer(*inputs, vw, _sublayer()))
     for core in ("dense", "hashed"):
         rw, rx = _ray_weights(core), torch.randn(5, 7, DIM)
         assert torch.equal(ops.ray_attention(rx, rw), direct_ray_attention(rx, rw))
@@ -193,7 +202,7 @@ def test_kernel_backed_blocks_trace_without_graph_breaks(tiny_config):
     with torch.no_grad():
         use_kernels(model, "tvm")
         view_block, ray_block = model.transformer.view_blocks[0], model.transformer.ray_blocks[0]
-        assert isinstance(view_block.attn, KernelViewAttention)
+        assert isinstance(view_block.attn_sublayer, KernelViewAttentionSublayer)
         assert isinstance(ray_block.attn_sublayer, KernelRayAttentionSublayer)
         assert isinstance(view_block.ffn, KernelFFNSublayer) and isinstance(ray_block.ffn, KernelFFNSublayer)
         torch.manual_seed(5)

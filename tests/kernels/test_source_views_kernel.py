@@ -145,8 +145,11 @@ def test_fused_front_end_matches_the_model(rays, samples, feat_channels, num_vie
     assert torch.all(got[1][hidden_nowhere] == 0)
 
 
-def test_the_fused_front_end_is_swapped_on_cpu_and_runs_the_model():
+@pytest.mark.parametrize("front_end_last", [False, True])
+def test_the_fused_front_end_is_swapped_on_cpu_and_runs_the_model(front_end_last):
     model = GNT(ModelConfig(netwidth=16, num_heads=2, feature_channels=32, trans_depth=1)).eval()
+    if front_end_last:  # the fused leaf wins over its parts whatever order the transformer defines them in
+        model.transformer._modules["front_end"] = model.transformer._modules.pop("front_end")
     with torch.no_grad():
         summary = use_kernels(model, "tvm")
     assert summary["KernelFrontEnd"] == 1 and summary["skipped"] == []

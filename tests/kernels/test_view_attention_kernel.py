@@ -214,3 +214,45 @@ def test_fixed_point_shift_layers_are_refused():
     module.attn_fc1 = ShiftLinear.from_linear(module.attn_fc1, ShiftSpec(fixed_point_bits=16))
     with pytest.raises(ValueError, match="fixed point"):
         view_attention_weights(module)
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["linear", "shift_linear"])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_fused_sublayer_equals_the_model_block_half(shift, tokens):
+    """x + out_fc(attention(q_fc(LN(x)))) in one kernel == PreNormViewAttention with the module's own layers."""
+    from torch import nn
+
+    from gnt_shiftadd.models.transformers import PreNormViewAttention
+    from kernels.apply import KernelViewAttentionSublayer
+
+    module = _module(32, seed=tokens, shift=shift)
+    norm = nn.LayerNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.1)
+    x, features, ray_diff, mask = _inputs(tokens, 6, 32, seed=tokens)
+    mask[0] = 0
+    leaf = KernelViewAttentionSublayer(norm, module)
+    shaped = (x.view(1, tokens, 32), features.view(1, tokens, 6, 32), ray_diff.view(1, tokens, 6, 4),
+              mask.view(1, tokens, 6, 1))
+    with torch.no_grad():
+        expected = PreNormViewAttention()(*shaped, norm, module)
+        got = leaf(*shaped, norm, module)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert leaf.kernels_ran == {"view_attention_sublayer": "tvm"}
+
+
+def test_sublayer_refusals():
+    from torch import nn
+
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+    from kernels.dispatch import KernelNotApplicable
+    from kernels.apply import KernelViewAttentionSublayer
+    from kernels.view_attention import make_view_attention_sublayer
+
+    module = _module(16)
+    module.k_fc = ShiftLinear.from_linear(module.k_fc, ShiftSpec(fixed_point_bits=8))
+    with pytest.raises(KernelNotApplicable, match="fixed point"):
+        KernelViewAttentionSublayer(nn.LayerNorm(16), module)
+    with pytest.raises(ValueError, match="CPU \\(llvm\\) schedule only"):
+        make_view_attention_sublayer(cuda_target("sm_90"), 6, 32, 4, 1e-6)
