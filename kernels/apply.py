@@ -24,6 +24,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
                       residual in one kernel, for dense, shift and MoE FFNs; with integer shift layers (CPU)
                       KernelIntFFNSublayer: LN, fc1 + ReLU + fc2 + residual in one VNNI kernel
+  PositionFusion      (transformer.position_fusion, CPU) -> KernelPositionFusion: the points' NeRF encoding (sin/cos
+                      as polynomials) and every fusion MLP, per ray in one kernel (no [R, S, 3 + 6F] code)
   ViewColorBlend      (transformer.head.view_blend) -> KernelViewColorBlend: the blend colour head's per-view MLP,
                       masked softmax over views and colour blend in one kernel (no [R, S, V, 2C + 4] concatenation)
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
@@ -52,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.models.gnt import SampledViewEmbedding, ViewEmbedding
+from gnt_shiftadd.models.gnt import PositionFusion, SampledViewEmbedding, ViewEmbedding
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
@@ -65,7 +67,8 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift
 from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, linear_attention, mat_shift, quadratic_attention, \
-    ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
+    position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
+from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import prepare_source_views
 from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_attention_weights
@@ -73,7 +76,7 @@ from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewAttentionSublayer", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -258,6 +261,31 @@ class KernelViewEmbedding(KernelLeaf):
                                     tokens_mask, self.weights)
         channels = q.shape[-1]
         return features.view(rays, samples, num_views, channels), q.view(rays, samples, channels)
+
+
+class KernelPositionFusion(KernelLeaf):
+    """PositionFusion on the position-fusion kernel (CPU): the points' encoding and the fusion MLP per ray in one
+    kernel. Same call: (q [R, S, C], points [R, S, 3], dir_code [R, D], mlp, encoding, memo) -> [R, S, C]; built
+    for every one of the transformer's fusion MLPs (each call names its own), which must be the layers it was built
+    from. KernelNotApplicable for layers the fp32 kernel does not reproduce (integer or fixed-point shift layers)."""
+
+    def __init__(self, mlps: nn.ModuleList, encoding: nn.Module, channels: int):
+        super().__init__()
+        if getattr(encoding, "input_dims", None) != 3:
+            raise KernelNotApplicable("the position fusion kernel encodes 3-d points")
+        try:
+            self.weights = {id(mlp): PositionFusionWeights.from_mlp(mlp, channels, encoding.num_freqs)
+                            for mlp in mlps}
+        except (TypeError, ValueError) as error:
+            raise KernelNotApplicable(f"position fusion: {error}") from error
+        self.covered_ids = {id(m) for mlp in mlps for m in mlp.modules()}
+
+    def run(self, q, points, dir_code, mlp, encoding, memo):
+        weights = self.weights.get(id(mlp))
+        if weights is None:
+            raise ValueError("KernelPositionFusion was called with a fusion MLP it was not built from; swap the "
+                             "kernels in again after replacing the model's layers")
+        return position_fusion(q, points, dir_code, weights).to(q.dtype)
 
 
 class KernelViewAttention(KernelLeaf):
@@ -452,6 +480,13 @@ def _view_attention(module, parent, cfg):
 @register_kernel_handler(ViewColorBlend)
 def _view_color_blend(module, parent, cfg):
     return KernelViewColorBlend(parent.view_fc1, parent.view_fc2)
+
+
+@register_kernel_handler(PositionFusion)
+def _position_fusion(module, parent, cfg):
+    if cfg.kernel_device(parent.pos_fuse[0][0].weight.device) != "cpu":
+        raise KernelNotApplicable("the position fusion kernel is CPU-only")
+    return KernelPositionFusion(parent.pos_fuse, parent.pos_enc, parent.rgbfeat_fc2.out_features)
 
 
 @register_kernel_handler(PreNormViewAttention)

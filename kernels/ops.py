@@ -29,6 +29,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> x + out_fc(core(LN(x))) fp32 [R, S, C]
   view_attention_sublayer             x [N.., C], features, ray_diff, mask, the view attention's and the sublayer's
                                       weights (SublayerWeights), eps -> x + out_fc(attention(q_fc(LN(x)))) [N.., C]
+  position_fusion                     q [R, S, C], points [R, S, 3], dir_code [R, D], PositionFusionWeights tensors
+                                      -> the fused query [R, S, C] fp32
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
@@ -48,6 +50,7 @@ from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
 from kernels import mat_shift as _mat_shift
+from kernels import position_fusion as _position
 from kernels import ray_attention as _ray
 from kernels import source_views as _sources
 from kernels import view_attention as _view
@@ -55,7 +58,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -187,6 +190,29 @@ def ray_attention(x: Tensor, w: "_ray.RayAttentionWeights") -> Tensor:
         return _ray.reference_ray_attention(x, w)
     return torch.ops.shiftadd_gnt.ray_attention(x, w.ln_w, w.ln_b, w.qkv_t, w.out_t, w.out_b, w.scale, w.hash_w,
                                                 w.hash_b, w.eps, w.heads, w.core)
+
+
+# --------------------------------------------------------------------------------------------- position fusion
+
+@torch.library.custom_op(f"{NAMESPACE}::position_fusion", mutates_args=())
+def _position_fusion_op(q: Tensor, points: Tensor, dir_code: Tensor, q_t: Tensor, code_t: Tensor, dir_w: Tensor,
+                        b1: Tensor, w2_t: Tensor, b2: Tensor, num_freqs: int) -> Tensor:
+    weights = _position.PositionFusionWeights(q_t, code_t, dir_w, b1, w2_t, b2, num_freqs)
+    return _position.position_fusion(q, points, dir_code, weights)
+
+
+@_position_fusion_op.register_fake
+def _(q, points, dir_code, q_t, code_t, dir_w, b1, w2_t, b2, num_freqs):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def position_fusion(q: Tensor, points: Tensor, dir_code: Tensor, w: "_position.PositionFusionWeights") -> Tensor:
+    """The points' encoding and the fusion MLP in one kernel through the custom op (the reference when gradients
+    are needed); see kernels/position_fusion.py."""
+    if _needs_grad("position_fusion", q, points, dir_code):
+        return _position.reference_position_fusion(q, points, dir_code, w)
+    return torch.ops.shiftadd_gnt.position_fusion(q.detach(), points.detach(), dir_code.detach(), w.q_t, w.code_t,
+                                                  w.dir_w, w.b1, w.w2_t, w.b2, w.num_freqs)
 
 
 # -------------------------------------------------------------------------------------------------- view blend
@@ -414,6 +440,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -259,12 +259,12 @@ def _count_position_fusion(ops, comp, _module, inputs, _out):
     """GNT's position fusion with its first layer split by input block (models.gnt.PositionFusion): the q and
     point-code blocks per sample, the direction block once per ray, the broadcast add. A first layer that is not a
     plain nn.Linear is called whole and counted by its own hook; ReLU and fc2 are module calls that count themselves."""
-    q, point_code, dir_code, mlp = inputs
+    q, _points, dir_code, mlp, encoding, _memo = inputs  # the encoding is a module call that counts itself
     fc1 = mlp[0]
     if type(fc1) is not nn.Linear:
         return
     samples, rays = q.numel() // q.shape[-1], dir_code.numel() // dir_code.shape[-1]
-    per_sample, per_ray = q.shape[-1] + point_code.shape[-1], dir_code.shape[-1]
+    per_sample, per_ray = q.shape[-1] + encoding.out_dim, dir_code.shape[-1]
     ops.add(comp, "mult", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)
     ops.add(comp, "add", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)  # sums, bias, broadcast
 

@@ -59,23 +59,28 @@ class SampledViewEmbedding(nn.Module):
 
 class PositionFusion(nn.Module):
     """GNT's position fusion as a swappable leaf: q <- mlp([q, point_code, dir_code]) with mlp = Linear, ReLU,
-    Linear. Its first layer is linear, so it splits by input block: W_q q + (W_p point_code + b) per sample and
-    W_d dir_code once per *ray* (the direction is the same for all of a ray's samples), broadcast over the samples.
-    Exact algebra (fp32 rounding aside): no [R, S, C + P + D] concatenation, ~38% fewer multiply-accumulates at
-    GNT's widths. A first layer that is not a plain nn.Linear (a shift layer, torch.ao's int8 Linear) gets the
-    concatenation it was built for. No parameters of its own: pos_fuse owns them (state_dict keys unchanged).
-    q [R, S, C], point_code [R, S, P], dir_code [R, D] (per ray) -> [R, S, C]."""
+    Linear and point_code = encoding(points). The first layer is linear, so it splits by input block: W_q q +
+    (W_p point_code + b) per sample and W_d dir_code once per *ray* (the direction is the same for all of a ray's
+    samples), broadcast over the samples. Exact algebra (fp32 rounding aside): no [R, S, C + P + D] concatenation,
+    ~38% fewer multiply-accumulates at GNT's widths. A first layer that is not a plain nn.Linear (a shift layer,
+    torch.ao's int8 Linear) gets the concatenation it was built for. No parameters of its own: pos_fuse owns them
+    (state_dict keys unchanged). The leaf takes the points, not their code, so a kernel can encode them in
+    registers; `memo` (one dict per forward) keeps the code for the next fusion layer.
+    q [R, S, C], points [R, S, 3], dir_code [R, D] (per ray) -> [R, S, C]."""
 
-    def forward(self, q, point_code, dir_code, mlp: nn.Sequential) -> torch.Tensor:
+    def forward(self, q, points, dir_code, mlp: nn.Sequential, encoding: nn.Module, memo: dict) -> torch.Tensor:
+        if "point_code" not in memo:
+            memo["point_code"] = encoding(points)
+        point_code = memo["point_code"]
         fc1, activation, fc2 = mlp
         if type(fc1) is not nn.Linear:
             per_ray = dir_code[:, None, :].expand(*q.shape[:2], -1)
             return mlp(torch.cat([q, point_code, per_ray], dim=-1))
-        channels, points = q.shape[-1], point_code.shape[-1]
+        channels, code_dim = q.shape[-1], point_code.shape[-1]
         weight = fc1.weight
-        hidden = F.linear(q, weight[:, :channels]) + F.linear(point_code, weight[:, channels:channels + points],
+        hidden = F.linear(q, weight[:, :channels]) + F.linear(point_code, weight[:, channels:channels + code_dim],
                                                               fc1.bias)
-        hidden = hidden + F.linear(dir_code, weight[:, channels + points:])[:, None, :]
+        hidden = hidden + F.linear(dir_code, weight[:, channels + code_dim:])[:, None, :]
         return fc2(activation(hidden))
 
 
@@ -114,27 +119,29 @@ class GNTTransformer(nn.Module):
     def forward(self, points, ray_dirs, target_origin, views: SourceViews) -> torch.Tensor:
         features, q, colors, ray_diff, mask = self.front_end(points, target_origin, views, self.source_sampler,
                                                              self.view_embedding, self.rgbfeat_fc1, self.rgbfeat_fc2)
-        point_code, dir_code = self.encode_points(points, ray_dirs)
-        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=colors)
+        return self.forward_embedded(features, q, ray_diff, mask, points, self.encode_directions(ray_dirs),
+                                     colors=colors)
 
     def forward_sampled(self, rgb, feat, ray_diff, mask, points, ray_dirs) -> torch.Tensor:
-        point_code, dir_code = self.encode_points(points, ray_dirs)
         features, q = self.view_embedding(rgb, feat, mask, self.rgbfeat_fc1, self.rgbfeat_fc2)
         colors = rgb.permute(2, 3, 0, 1)  # [R, S, V, 3], a view: only the blend colour head reads it
-        return self.forward_embedded(features, q, ray_diff, mask, point_code, dir_code, colors=colors)
+        return self.forward_embedded(features, q, ray_diff, mask, points, self.encode_directions(ray_dirs),
+                                     colors=colors)
 
-    def encode_points(self, points, ray_dirs) -> tuple[torch.Tensor, torch.Tensor]:
-        """NeRF encodings of the points [R, S, 3 + 6 Fp] and of the ray directions, once per ray [R, 3 + 6 Fd]."""
-        return self.pos_enc(points), self.dir_enc(F.normalize(ray_dirs, dim=-1))
+    def encode_directions(self, ray_dirs) -> torch.Tensor:
+        """NeRF encoding of the ray directions, once per ray [R, 3 + 6 Fd] (the points are encoded by the position
+        fusion leaf, so a kernel can do it in registers)."""
+        return self.dir_enc(F.normalize(ray_dirs, dim=-1))
 
-    def forward_embedded(self, features, q, ray_diff, mask, point_code, dir_code, colors=None) -> torch.Tensor:
+    def forward_embedded(self, features, q, ray_diff, mask, points, dir_code, colors=None) -> torch.Tensor:
         """The transformer stack from the per-view features [R, S, V, C] and the pooled query [R, S, C] on
-        (point_code [R, S, P], dir_code [R, D]: encode_points). colors [R, S, V, 3] (what each view sees at each
+        (points [R, S, 3], dir_code [R, D]: encode_directions). colors [R, S, V, 3] (what each view sees at each
         sample) is needed by the blend head only."""
+        memo: dict = {}  # the points' code, made by the first position fusion and reused by the others
         for layer, (view_block, ray_block) in enumerate(zip(self.view_blocks, self.ray_blocks)):
             q = view_block(q, features, ray_diff, mask)
             if layer % 2 == 0:
-                q = self.position_fusion(q, point_code, dir_code, self.pos_fuse[layer // 2])
+                q = self.position_fusion(q, points, dir_code, self.pos_fuse[layer // 2], self.pos_enc, memo)
             q = ray_block(q)
         if self.head.needs_colors and colors is None:
             raise ValueError("the blend colour head needs the source colours at the samples (colors [R, S, V, 3])")

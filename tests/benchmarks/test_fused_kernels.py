@@ -15,8 +15,8 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
                        "--peak-size", "256", "render.chunk_rays=8", "data.num_source_views=3"]) == 0
     record = json.loads(out.read_text())
     names = [r["kernel"] for r in record["rows"]]
-    assert names[:5] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", "view_attention",
-                         "ffn_sublayer[dense]"]
+    assert names[:6] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", "view_attention",
+                         "view_attention_sublayer", "ffn_sublayer[dense]"]
     assert names[-2:] == ["source_views", "source_front_end"]  # on fern's real cameras and images
     for row in record["rows"]:
         assert row["kernel_ms"] > 0 and row["macs"] > 0

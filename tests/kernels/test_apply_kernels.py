@@ -48,6 +48,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     assert summary["KernelViewAttentionSublayer"] == depth and summary["KernelFFNSublayer"] == 2 * depth
     assert summary["skipped"] == []
     assert summary["KernelFrontEnd"] == 1  # projection, gathers and the per-view MLP in one kernel
+    assert summary["KernelPositionFusion"] == 1  # the points' encoding and every fusion MLP
     transformer = model.transformer
     # the forwards are the model's own; only leaves changed
     assert all(type(b) is ViewTransformerBlock for b in transformer.view_blocks)
@@ -66,6 +67,7 @@ def test_kernels_match_the_reference_model(tiny_config, variant, gemm):
     ran = require_all_kernels(model)  # nothing fell back; every leaf says what it ran
     assert ran["transformer.view_blocks.0.attn_sublayer"] == {"view_attention_sublayer": "tvm"}
     assert ran["transformer.front_end"] == {"source_front_end": "tvm"}
+    assert ran["transformer.position_fusion"] == {"position_fusion": "tvm"}
     expected_ffn = "blas" if gemm == "blas" and shiftadd.ffn != "moe" else "tvm"  # auto: the fused FFN kernel
     assert ran["transformer.ray_blocks.1.ffn"] == {"ffn_sublayer": expected_ffn}
     if fused:

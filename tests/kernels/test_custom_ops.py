@@ -112,6 +112,22 @@ def _front_end_weights():
     return ViewFeatureWeights.from_linears(torch.nn.Linear(3 + 16, 12), torch.nn.Linear(12, DIM))
 
 
+def _position_weights():
+    from torch import nn
+
+    from kernels.position_fusion import PositionFusionWeights
+
+    torch.manual_seed(8)
+    mlp = nn.Sequential(nn.Linear(DIM + 15 + 9, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+    return PositionFusionWeights.from_mlp(mlp, DIM, 2)
+
+
+def _position_fusion_case():
+    w = _position_weights()
+    return (torch.randn(5, 7, DIM), torch.randn(5, 7, 3), torch.randn(5, 9), w.q_t, w.code_t, w.dir_w, w.b1, w.w2_t,
+            w.b2, w.num_freqs)
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -138,6 +154,7 @@ def _op_cases():
         "int_shift": (torch.randn(11, DIM) * 2, *_int_weights().tensors(), 8, True, DIM, HIDDEN, "relu"),
         "int_ffn": (torch.randn(11, DIM), torch.randn(11, DIM), *_int_weights().tensors(),
                     *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True, DIM, HIDDEN),
+        "position_fusion": _position_fusion_case(),
         "int_ffn_sublayer": (torch.randn(11, DIM), torch.rand(DIM) + 0.5, torch.randn(DIM) * 0.1, 1e-6,
                              *_int_weights().tensors(), *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True,
                              DIM, HIDDEN),
@@ -167,6 +184,11 @@ def test_ops_equal_the_direct_kernel_calls():
                        direct_view_blend(hq, features, colors, ray_diff, mask, bw))
     assert torch.equal(ops.view_attention_sublayer(*inputs, vw, _sublayer()),
                        direct_view_sublayer(*inputs, vw, _sublayer()))
+    from kernels.position_fusion import position_fusion as direct_position_fusion
+
+    q, points, dir_code = _position_fusion_case()[:3]
+    assert torch.equal(ops.position_fusion(q, points, dir_code, _position_weights()),
+                       direct_position_fusion(q, points, dir_code, _position_weights()))
     for core in ("dense", "hashed"):
         rw, rx = _ray_weights(core), torch.randn(5, 7, DIM)
         assert torch.equal(ops.ray_attention(rx, rw), direct_ray_attention(rx, rw))

@@ -65,15 +65,20 @@ def test_position_fusion_counts_its_split_first_layer_by_hand():
     """pos_fuse: the q and point-code blocks of fc1 per sample, the direction block once per ray, fc2 per sample."""
     from gnt_shiftadd.models.gnt import PositionFusion
 
-    rays, samples, dim, points, dirs = 2, 5, 8, 7, 6
-    mlp = nn.Sequential(nn.Linear(dim + points + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
+    from gnt_shiftadd.models.encodings import PositionalEncoding
+
+    rays, samples, dim, freqs, dirs = 2, 5, 8, 2, 6
+    encoding = PositionalEncoding(3, freqs)
+    mlp = nn.Sequential(nn.Linear(dim + encoding.out_dim + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
     fusion = PositionFusion()
-    holder = nn.ModuleDict({"fusion": fusion, "mlp": mlp})
+    holder = nn.ModuleDict({"fusion": fusion, "mlp": mlp, "encoding": encoding})
     with OpCounter(holder) as counter:
-        fusion(torch.randn(rays, samples, dim), torch.randn(rays, samples, points), torch.randn(rays, dirs), mlp)
+        fusion(torch.randn(rays, samples, dim), torch.randn(rays, samples, 3), torch.randn(rays, dirs), mlp,
+               encoding, {})
     tokens = rays * samples
-    fc1 = tokens * (dim + points) * dim + rays * dirs * dim
-    assert counter.ops.total()[("mult", "fp32")] == fc1 + tokens * dim * dim
+    fc1 = tokens * (dim + encoding.out_dim) * dim + rays * dirs * dim
+    scaling = tokens * 3 * freqs  # the encoding's 2^k x, counted by its own hook
+    assert counter.ops.total()[("mult", "fp32")] == fc1 + tokens * dim * dim + scaling
 
 
 def test_energy_uses_the_stated_table():

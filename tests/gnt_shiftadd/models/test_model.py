@@ -191,27 +191,33 @@ def test_split_view_linear_equals_the_concatenated_layer_and_falls_back_for_othe
 
 def test_position_fusion_splits_its_first_layer_and_keeps_the_concatenation_for_other_layers():
     """pos_fuse's first layer block by block (the direction part once per ray) is the same function and gradient as
-    the layer on [q, point_code, dir_code over the samples]; a first layer that is not a plain nn.Linear (here a
-    shift layer) gets the concatenation."""
+    the layer on [q, encoding(points), dir_code over the samples]; a first layer that is not a plain nn.Linear (here
+    a shift layer) gets the concatenation; the points' code is made once per memo and reused."""
     from torch import nn
 
+    from gnt_shiftadd.models.encodings import PositionalEncoding
     from gnt_shiftadd.models.gnt import PositionFusion
     from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
     torch.manual_seed(0)
-    rays, samples, dim, points, dirs = 3, 5, 8, 7, 6
-    mlp = nn.Sequential(nn.Linear(dim + points + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
-    q, point_code, dir_code = torch.randn(rays, samples, dim), torch.randn(rays, samples, points), torch.randn(rays, dirs)
+    rays, samples, dim, dirs = 3, 5, 8, 6
+    encoding = PositionalEncoding(3, 2)
+    mlp = nn.Sequential(nn.Linear(dim + encoding.out_dim + dirs, dim), nn.ReLU(), nn.Linear(dim, dim))
+    q, points, dir_code = torch.randn(rays, samples, dim), torch.randn(rays, samples, 3), torch.randn(rays, dirs)
+    point_code = encoding(points)
     whole = mlp(torch.cat([q, point_code, dir_code[:, None, :].expand(rays, samples, dirs)], dim=-1))
-    split = PositionFusion()(q, point_code, dir_code, mlp)
-    assert split.shape == (rays, samples, dim)
+    memo = {}
+    split = PositionFusion()(q, points, dir_code, mlp, encoding, memo)
+    assert split.shape == (rays, samples, dim) and torch.equal(memo["point_code"], point_code)
     assert torch.allclose(split, whole, atol=1e-5)
     grad_whole = torch.autograd.grad(whole.square().sum(), mlp[0].weight)[0]
     grad_split = torch.autograd.grad(split.square().sum(), mlp[0].weight)[0]
     assert torch.allclose(grad_split, grad_whole, atol=1e-4)
     shifted = nn.Sequential(ShiftLinear.from_linear(mlp[0], ShiftSpec()), nn.ReLU(), mlp[2])
     expected = shifted(torch.cat([q, point_code, dir_code[:, None, :].expand(rays, samples, dirs)], dim=-1))
-    assert torch.equal(PositionFusion()(q, point_code, dir_code, shifted), expected)
+    assert torch.equal(PositionFusion()(q, points, dir_code, shifted, encoding, {}), expected)
+    memo["point_code"] = torch.zeros_like(point_code)  # a memo's code is used as it is, not made again
+    assert not torch.allclose(PositionFusion()(q, points, dir_code, mlp, encoding, memo), whole)
 
 
 def test_old_checkpoint_head_keys_are_renamed():
