@@ -16,6 +16,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
   ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
   int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
   int_ffn_sublayer             the same with the block's LayerNorm in the kernel (what a model runs)
+  position_fusion              the points' NeRF encoding + the fusion MLP per ray (kernels/position_fusion.py) vs the
+                               model's PositionFusion eager (the encoding included)
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
                                model's sample_source_views (two grid_samples), on the scene's real cameras and
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
@@ -47,6 +49,8 @@ from gnt_shiftadd.config import load_config  # noqa: E402
 from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
 from gnt_shiftadd.evaluation.timing import median_seconds  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
+from gnt_shiftadd.models.encodings import PositionalEncoding  # noqa: E402
+from gnt_shiftadd.models.gnt import PositionFusion  # noqa: E402
 from gnt_shiftadd.models.projector import sample_source_views  # noqa: E402
 from gnt_shiftadd.models.heads import ViewColorBlend  # noqa: E402
 from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, ViewAttention  # noqa: E402
@@ -60,6 +64,7 @@ from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import int_ffn, int_ffn_sublayer, prepare_int_shift, reference_int_ffn, \
     reference_int_ffn_sublayer, vnni_available  # noqa: E402
+from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.source_views import prepare_source_views, reference_source_front_end, source_front_end, \
     source_views  # noqa: E402
@@ -200,8 +205,31 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
         rows.append(_row("int_ffn_sublayer", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit, LN in the kernel",
                          tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
                          dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
+    rows.append(position_fusion_row(cfg, repeats, fp32))
     rows += source_views_rows(cfg, repeats, fp32)
     return rows
+
+
+@torch.no_grad()
+def position_fusion_row(cfg, repeats: int, peak: float) -> dict:
+    """The points' encoding + the fusion MLP on one chunk (points spread like fern's, |x| up to ~10) against the
+    model's PositionFusion leaf in PyTorch (encoding, split first layer, ReLU, second layer)."""
+    dim, rays, samples = cfg.model.netwidth, cfg.render.chunk_rays, cfg.render.n_samples
+    encoding, directions = PositionalEncoding(3, cfg.model.pos_freqs), PositionalEncoding(3, cfg.model.dir_freqs)
+    mlp = nn.Sequential(nn.Linear(dim + encoding.out_dim + directions.out_dim, dim), nn.ReLU(),
+                        nn.Linear(dim, dim)).eval()
+    q, points = torch.randn(rays, samples, dim), torch.randn(rays, samples, 3) * 3
+    dir_code = directions(F.normalize(torch.randn(rays, 3), dim=-1))
+    weights = PositionFusionWeights.from_mlp(mlp, dim, cfg.model.pos_freqs)
+    fusion = PositionFusion()
+    _checked("position_fusion", lambda: position_fusion(q, points, dir_code, weights),
+             fusion(q, points, dir_code, mlp, encoding, {}), 1e-4)
+    tokens = rays * samples
+    macs = tokens * (dim + encoding.out_dim) * dim + rays * directions.out_dim * dim + tokens * dim * dim
+    return _row("position_fusion", f"[{rays},{samples},{dim}] + {encoding.out_dim}-wide code", macs,
+                lambda: position_fusion(q, points, dir_code, weights),
+                lambda: fusion(q, points, dir_code, mlp, encoding, {}), "PositionFusion eager (encoding included)",
+                repeats, peak)
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ ffn.py              LN + FFN (+ in-kernel MoE routing) + residual in one kernel
 source_views.py     projection of the samples into the source views, bilinear gathers, mask, view codes, and with
                     them GNT's front end (per-view MLP + max-pool) in one kernel (CPU)
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
-view_attention.py   the view transformer's attention per (ray, sample) token, fused over views
+view_attention.py   the view transformer's attention per (ray, sample) token, fused over views; on the CPU also the
+                    whole pre-norm half-block (LN, q_fc, the attention, out_fc, residual)
+position_fusion.py  the points' NeRF encoding (sin/cos polynomials) and GNT's position-fusion MLP per ray (CPU)
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused
 hashed_attention.py hash + pack, XOR/popcount softmax attention, additive linear attention

@@ -75,7 +75,7 @@ from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_at
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
-__all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler",
+__all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler", "kernel_leaf_types",
            "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
@@ -438,6 +438,11 @@ Handler = Callable[[nn.Module, nn.Module, KernelConfig], nn.Module]
 # the parent defines its children in
 _SUBLAYERS = (SampledViewEmbedding, PreNormAttention, PreNormViewAttention, PreNormFeedForward)
 _HANDLERS: dict[type, Handler] = {}
+
+
+def kernel_leaf_types() -> dict[str, type]:
+    """The module types that have a kernel handler, by class name (what `filter_fn` can keep on PyTorch)."""
+    return {cls.__name__: cls for cls in _HANDLERS}
 
 
 def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
