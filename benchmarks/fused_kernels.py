@@ -16,6 +16,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
   ffn_sublayer[dense]          x + FFN(LN(x)) (kernels/ffn.py) vs the same in eager PyTorch
   int_ffn                      the fused integer FFN (kernels/int_shift.py, 8-bit activations) vs the int8 peak
   int_ffn_sublayer             the same with the block's LayerNorm in the kernel (what a model runs)
+  int_view_attention           the view attention with 8-bit integer shift layers (g, j) in one VNNI kernel
+                               (kernels/int_view_attention.py) vs the same IntShiftLinear modules in PyTorch
   position_fusion              the points' NeRF encoding + the fusion MLP per ray (kernels/position_fusion.py) vs the
                                model's PositionFusion eager (the encoding included)
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
@@ -64,6 +66,7 @@ from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
 from kernels.int_shift import int_ffn, int_ffn_sublayer, prepare_int_shift, reference_int_ffn, \
     reference_int_ffn_sublayer, vnni_available  # noqa: E402
+from kernels.int_view_attention import IntViewWeights, int_view_attention  # noqa: E402
 from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.source_views import prepare_source_views, reference_source_front_end, source_front_end, \
@@ -205,9 +208,42 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
         rows.append(_row("int_ffn_sublayer", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit, LN in the kernel",
                          tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
                          dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
+    if vnni_available():
+        rows.append(int_view_attention_row(cfg, repeats, int8))
     rows.append(position_fusion_row(cfg, repeats, fp32))
     rows += source_views_rows(cfg, repeats, fp32)
     return rows
+
+
+@torch.no_grad()
+def int_view_attention_row(cfg, repeats: int, peak: float) -> dict:
+    """The view attention with 8-bit integer shift layers (g, j) in one VNNI kernel against the same layers as
+    modules (each IntShiftLinear on its own reference, the softmax over views in PyTorch)."""
+    dim, views, tokens = cfg.model.netwidth, cfg.data.num_source_views, cfg.render.chunk_rays * cfg.render.n_samples
+    torch.manual_seed(2)
+    attention = ViewAttention(dim).eval()
+    for name, layer in list(attention.named_children()):
+        if isinstance(layer, nn.Linear):
+            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
+                                                                act_scale="per_token").eval())
+    weights = IntViewWeights.from_module(attention)
+    qp, features = torch.randn(tokens, dim), torch.randn(tokens, views, dim)
+    ray_diff, mask = torch.randn(tokens, views, 4) * 0.3, (torch.rand(tokens, views) > 0.2).float()
+
+    def modules():  # ViewAttention.forward between q_fc and out_fc
+        k, v = attention.k_fc(features), attention.v_fc(features)
+        pos = attention.pos_fc2(F.relu(attention.pos_fc1(ray_diff)))
+        logits = attention.attn_fc2(F.relu(attention.attn_fc1(k - qp[:, None, :] + pos)))
+        visible = mask[..., None]
+        logits = logits.masked_fill(visible == 0, torch.finfo(logits.dtype).min)
+        return ((v + pos) * (torch.softmax(logits, dim=-2) * visible)).sum(dim=-2)
+
+    _checked("int_view_attention", lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules(), 1e-5)
+    small = weights.hidden
+    macs = tokens * views * (2 * dim * dim + 4 * small + small * dim + dim * small + small * dim)
+    return _row("int_view_attention", f"[{tokens},{views},{dim}], 8-bit layers", macs,
+                lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules,
+                "the IntShiftLinear modules + softmax in PyTorch", repeats, peak, arithmetic="int8")
 
 
 @torch.no_grad()

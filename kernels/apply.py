@@ -15,7 +15,9 @@ with the same call signature, chosen by a handler registered per module type (`r
   PreNormViewAttention (view_blocks.i.attn_sublayer) -> KernelViewAttentionSublayer (CPU): LN + q_fc + the fused
                       view attention + out_fc + residual in one kernel (fp32 linears; otherwise, and on CUDA, as below)
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
-                      projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc
+                      projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc;
+                      with 8-bit integer shift layers (CPU, VNNI) KernelIntViewAttention: the same per-(token, view)
+                      work with every integer layer inside one VNNI kernel
   PreNormAttention    (ray_blocks.i.attn_sublayer)  -> KernelRayAttentionSublayer (CPU): LN + q/k/v projections +
                       dense or hashed-quadratic core (XOR/popcount) + out_fc + residual in one kernel per ray
                       (dense/shift fp32 linears; otherwise, and on CUDA, its parts are swapped as below)
@@ -65,8 +67,9 @@ from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
 from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, linear_weight, needs_grad, note_kernel, \
     resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
-from kernels.int_shift import prepare_int_shift
-from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, linear_attention, mat_shift, quadratic_attention, \
+from kernels.int_shift import prepare_int_shift, vnni_available
+from kernels.int_view_attention import IntViewWeights
+from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, int_view_attention, linear_attention, mat_shift, quadratic_attention, \
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
@@ -76,7 +79,7 @@ from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler", "kernel_leaf_types",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -307,6 +310,31 @@ class KernelViewAttention(KernelLeaf):
         return self.source.out_fc(mixed).reshape(rays, samples, dim)
 
 
+class KernelIntViewAttention(KernelLeaf):
+    """ViewAttention whose k/v, position and attention MLPs are all 8-bit integer shift layers (g, j; CPU): the
+    per-(token, view) work in one VNNI kernel (kernels/int_view_attention.py), every integer layer bit-exact;
+    q_fc and out_fc stay module calls (integer layers run on their own kernel). Same call and result as
+    ViewAttention: q [R, S, C] (already normed), features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1]
+    -> [R, S, C]. KernelNotApplicable for other layer formats."""
+
+    def __init__(self, source: ViewAttention):
+        super().__init__()
+        try:
+            self.weights = IntViewWeights.from_module(source)
+        except ValueError as error:
+            raise KernelNotApplicable(str(error)) from error
+        self.source = source
+        self.covered_ids = {id(m) for layer in (source.k_fc, source.v_fc, source.pos_fc1, source.pos_fc2,
+                                                source.attn_fc1, source.attn_fc2) for m in layer.modules()}
+
+    def run(self, q, features, ray_diff, mask):
+        rays, samples, views, dim = features.shape
+        query = self.source.q_fc(q).reshape(-1, dim)
+        mixed = int_view_attention(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
+                                   mask.reshape(-1, views), self.weights)
+        return self.source.out_fc(mixed).reshape(rays, samples, dim)
+
+
 class KernelViewAttentionSublayer(KernelLeaf):
     """PreNormViewAttention on the fused sublayer kernel (CPU). Same call: (q [R, S, C], features [R, S, V, C],
     ray_diff [R, S, V, 4], mask [R, S, V, 1], norm, attn) -> q + attn(norm(q), ...); norm/attn must be the modules
@@ -479,6 +507,10 @@ def _view_embedding(module, parent, cfg):
 
 @register_kernel_handler(ViewAttention)
 def _view_attention(module, parent, cfg):
+    if isinstance(module.k_fc, IntShiftLinear):  # integer layers: the VNNI view attention where it applies (CPU)
+        if cfg.kernel_device(module.k_fc.sign_param.device) != "cpu" or not vnni_available():
+            raise KernelNotApplicable("the integer view attention runs on CPUs with AVX-512 VNNI")
+        return KernelIntViewAttention(module)
     return KernelViewAttention(module)
 
 

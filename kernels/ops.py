@@ -29,6 +29,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> x + out_fc(core(LN(x))) fp32 [R, S, C]
   view_attention_sublayer             x [N.., C], features, ray_diff, mask, the view attention's and the sublayer's
                                       weights (SublayerWeights), eps -> x + out_fc(attention(q_fc(LN(x)))) [N.., C]
+  int_view_attention                  qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the attention's
+                                      integer layers (IntViewWeights tensors) -> [N, C] fp32 (CPU, VNNI)
   position_fusion                     q [R, S, C], points [R, S, 3], dir_code [R, D], PositionFusionWeights tensors
                                       -> the fused query [R, S, C] fp32
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
@@ -49,6 +51,7 @@ from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
+from kernels import int_view_attention as _int_view
 from kernels import mat_shift as _mat_shift
 from kernels import position_fusion as _position
 from kernels import ray_attention as _ray
@@ -58,7 +61,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -190,6 +193,33 @@ def ray_attention(x: Tensor, w: "_ray.RayAttentionWeights") -> Tensor:
         return _ray.reference_ray_attention(x, w)
     return torch.ops.shiftadd_gnt.ray_attention(x, w.ln_w, w.ln_b, w.qkv_t, w.out_t, w.out_b, w.scale, w.hash_w,
                                                 w.hash_b, w.eps, w.heads, w.core)
+
+
+# ---------------------------------------------------------------------------------------- integer view attention
+
+@torch.library.custom_op(f"{NAMESPACE}::int_view_attention", mutates_args=())
+def _int_view_attention_op(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor, kv_w: Tensor, kv_c: Tensor,
+                           kv_s: Tensor, kv_b: Tensor, p1_w: Tensor, p1_c: Tensor, p1_s: Tensor, p1_b: Tensor,
+                           p2_w: Tensor, p2_c: Tensor, p2_s: Tensor, p2_b: Tensor, a1_w: Tensor, a1_c: Tensor,
+                           a1_s: Tensor, a1_b: Tensor, a2_w: Tensor, a2_c: Tensor, a2_s: Tensor, a2_b: Tensor,
+                           channels: int, hidden: int) -> Tensor:
+    weights = _int_view.IntViewWeights.from_tensors(
+        (kv_w, kv_c, kv_s, kv_b), (p1_w, p1_c, p1_s, p1_b), (p2_w, p2_c, p2_s, p2_b), (a1_w, a1_c, a1_s, a1_b),
+        (a2_w, a2_c, a2_s, a2_b), channels, hidden)
+    return _int_view.int_view_attention(qp, features, ray_diff, mask, weights)
+
+
+@_int_view_attention_op.register_fake
+def _(qp, features, ray_diff, mask, *weights_and_sizes):
+    return qp.new_empty(qp.shape, dtype=torch.float32)
+
+
+def int_view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor,
+                       w: "_int_view.IntViewWeights") -> Tensor:
+    """The view attention with integer shift layers in one VNNI kernel through the custom op; inference only (the
+    integer modules train through their own differentiable forwards)."""
+    return torch.ops.shiftadd_gnt.int_view_attention(qp.detach(), features.detach(), ray_diff.detach(),
+                                                     mask.detach(), *w.tensors(), w.channels, w.hidden)
 
 
 # --------------------------------------------------------------------------------------------- position fusion
@@ -440,6 +470,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

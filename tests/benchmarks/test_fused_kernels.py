@@ -18,6 +18,9 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
     assert names[:6] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", "view_attention",
                          "view_attention_sublayer", "ffn_sublayer[dense]"]
     assert names[-3:] == ["position_fusion", "source_views", "source_front_end"]  # the last two on fern's real data
+    from kernels.int_shift import vnni_available
+
+    assert ("int_view_attention" in names) == vnni_available()  # the integer rows need AVX-512 VNNI
     for row in record["rows"]:
         assert row["kernel_ms"] > 0 and row["macs"] > 0
         assert row["peak_fraction"] == pytest.approx(row["kernel_gmac_per_s"] / row["peak_gmac_per_s"])

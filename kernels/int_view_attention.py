@@ -1,0 +1,254 @@
+"""GNT's view attention with integer shift layers in one VNNI kernel (CPU): for ShiftAdd variants whose view
+attention linears are all IntShiftLinear (8-bit per-token activations, exact power-of-two int8 weights; g, j).
+
+Per token, its V source-view rows go through every integer layer of the attention without leaving registers and
+L1 (kernels/int_shift.py's quantize and dot products, the views as the rows of a micro-tile):
+
+    k | v  = int(features) @ [Wk; Wv]^T                         [V, 2C]  (one quantization per row, as each layer)
+    pos    = int(relu(int(ray_diff) @ Wp1^T + bp1)) @ Wp2^T + bp2 [V, C]
+    logits = int(relu(int(k - qp + pos) @ Wa1^T + ba1)) @ Wa2^T + ba2, finfo.min where the view is invisible
+    out    = sum_V softmax_V(logits) * mask * (v + pos)           [C]
+
+Every integer layer is bit-exact against its module (`int_shift_reference`): the fp32 values it quantizes are
+computed in the module's order. qp = q_fc(LN(q)) comes in (an integer layer on its own kernel); out_fc follows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, note_kernel
+from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, prepare_int_shift, reference_from_weights, \
+    vnni_available
+
+__all__ = ["IntViewWeights", "reference_int_view_attention", "make_int_view_attention", "int_view_attention"]
+
+_RAY_DIFF_DIM = 4
+_LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
+
+
+@dataclass(frozen=True, eq=False)
+class IntViewWeights:
+    """The attention's integer layers in the kernel layout (IntShiftWeights): kv (k_fc and v_fc stacked, C -> 2C),
+    pos1 (4 -> h), pos2 (h -> C), attn1 (C -> h), attn2 (h -> C); every one 8-bit per-token."""
+
+    kv: IntShiftWeights
+    pos1: IntShiftWeights
+    pos2: IntShiftWeights
+    attn1: IntShiftWeights
+    attn2: IntShiftWeights
+
+    @property
+    def channels(self) -> int:
+        return self.kv.in_features
+
+    @classmethod
+    def from_module(cls, attention: nn.Module) -> "IntViewWeights":
+        """ValueError unless k, v, pos and attention layers are all 8-bit per-token IntShiftLinear with int8
+        weights (the only format this kernel computes) and the widths fit it (C a multiple of 16, h <= 4)."""
+        names = ("k_fc", "v_fc", "pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2")
+        layers = [getattr(attention, name) for name in names]
+        for name, layer in zip(names, layers):
+            if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
+                raise ValueError(f"integer view attention: {name} is not an 8-bit per-token IntShiftLinear")
+        exported = {name: export_int_shift(layer) for name, layer in zip(names, layers)}
+        if any(e["weight_int"].dtype != torch.int8 for e in exported.values()):
+            raise ValueError("integer view attention: every layer needs int8 weights (exponent span <= 6)")
+        channels, hidden = layers[0].in_features, max(layers[2].out_features, layers[4].out_features)
+        if channels % LANES or hidden > 4 or layers[2].in_features != _RAY_DIFF_DIM:
+            raise ValueError(f"integer view attention: needs C % 16 == 0 and a hidden width <= 4, got C={channels}, "
+                             f"h={hidden}")
+        k, v = exported["k_fc"], exported["v_fc"]
+        zeros = torch.zeros(channels)
+        kv = {**k, "weight_int": torch.cat([k["weight_int"], v["weight_int"]]),
+              "out_scale": torch.cat([k["out_scale"], v["out_scale"]]),
+              "bias": torch.cat([zeros if k["bias"] is None else k["bias"], zeros if v["bias"] is None else v["bias"]])}
+        return cls(kv=prepare_int_shift(kv), pos1=prepare_int_shift(exported["pos_fc1"]),
+                   pos2=prepare_int_shift(exported["pos_fc2"]), attn1=prepare_int_shift(exported["attn_fc1"]),
+                   attn2=prepare_int_shift(exported["attn_fc2"]))
+
+    @property
+    def hidden(self) -> int:
+        return self.pos1.out_features
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for name in _LAYERS for t in getattr(self, name).tensors()[:4])  # no absmax: per token
+
+    @classmethod
+    def from_tensors(cls, kv, pos1, pos2, attn1, attn2, channels: int, hidden: int) -> "IntViewWeights":
+        """Inverse of `tensors()` (what the custom op receives): each layer's (packed, compensation, out_scale,
+        bias), no copies."""
+        sizes = {"kv": (channels, 2 * channels), "pos1": (_RAY_DIFF_DIM, hidden), "pos2": (hidden, channels),
+                 "attn1": (channels, hidden), "attn2": (hidden, channels)}
+        layers = {name: IntShiftWeights(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8,
+                                        per_token=True, in_features=sizes[name][0], out_features=sizes[name][1])
+                  for name, parts in zip(_LAYERS, (kv, pos1, pos2, attn1, attn2))}
+        return cls(**layers)
+
+
+def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor,
+                                 mask: torch.Tensor, w: IntViewWeights) -> torch.Tensor:
+    """ViewAttention's forward between q_fc and out_fc with its integer layers (the ground truth and fallback):
+    qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V] -> [N, C]."""
+    channels = w.channels
+    mask = mask.float()[..., None]
+    kv = reference_from_weights(features.float(), w.kv)
+    k, v = kv[..., :channels], kv[..., channels:]
+    pos = reference_from_weights(reference_from_weights(ray_diff.float(), w.pos1, "relu"), w.pos2)
+    logits = reference_from_weights(reference_from_weights(k - qp.float()[:, None, :] + pos, w.attn1, "relu"),
+                                    w.attn2)
+    logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
+    return ((v + pos) * (torch.softmax(logits, dim=-2) * mask)).sum(dim=-2)
+
+
+def _exp(T, x, lanes: int):
+    """exp(x) for x <= 0 as vector arithmetic (kernels.te_math.vector_exp's polynomial, in TVMScript)."""
+    f = lambda value: T.Broadcast(T.float32(value), lanes)  # noqa: E731
+    clamped = T.max(x, f(-87.3))
+    n = T.floor(clamped * f(1.4426950408889634) + f(0.5))
+    r = clamped - n * f(0.693359375) + n * f(2.12194440e-4)
+    poly = f(1.0 / 5040.0)
+    for order in range(6, -1, -1):
+        poly = poly * r + f(1.0 / math.factorial(order))
+    scale = T.reinterpret(f"float32x{lanes}", T.shift_left(T.Cast(f"int32x{lanes}", n)
+                                                           + T.Broadcast(T.int32(127), lanes),
+                                                           T.Broadcast(T.int32(23), lanes)))
+    return T.Select(x < f(-87.3), f(0.0), poly * scale)
+
+
+def make_int_view_attention(views: int, channels: int):
+    """IRModule "main"(qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
+    compensation, out_scale, bias, out [N, C]) for the VNNI CPU; N symbolic, one token per step."""
+    import tvm  # lazy: TVM is optional
+    from tvm.script import tirx as T
+
+    parts = _KernelParts(8, views)
+    blocks = channels // LANES
+    lowest = float(torch.finfo(torch.float32).min)
+    lanes = lambda start, width=LANES: T.Ramp(start, 1, width)  # noqa: E731
+
+    def shapes(w_in: int, w_out: int):
+        in_p, out_p = -(-w_in // LANES) * LANES, -(-w_out // LANES) * LANES
+        return (out_p // LANES, in_p // 4, LANES * 4), (out_p,)
+
+    kv_p, kv_o = shapes(channels, 2 * channels)
+    p1_p, p1_o = shapes(4, 4)
+    p2_p, p2_o = shapes(4, channels)
+    a1_p, a1_o = shapes(channels, 4)
+    a2_p, a2_o = shapes(4, channels)
+
+    def softmax_and_sum(t, b, logits, kv, pos, mask, out):
+        """Channels b*16.. of token t: the views' softmax per channel and the weighted sum of v + pos (emitted while
+        the kernel is parsed, the views unrolled, every value a register)."""
+        peak = T.bind(logits[0, 0, lanes(b * LANES)])
+        for i in range(1, views):
+            peak = T.bind(T.max(peak, logits[0, i, lanes(b * LANES)]))
+        weights = [T.bind(_exp(T, logits[0, i, lanes(b * LANES)] - peak, LANES)) for i in range(views)]
+        total = weights[0]
+        for i in range(1, views):
+            total = total + weights[i]
+        total = T.bind(total)
+        value = T.Broadcast(T.float32(0), LANES)
+        for i in range(views):
+            value = value + weights[i] / total * T.Broadcast(mask[t, i], LANES) \
+                * (kv[i, lanes(channels + b * LANES)] + pos[i, lanes(b * LANES)])
+        T.buffer_store(out, value, [t, lanes(b * LANES)])
+
+    @T.prim_func
+    def main(qp_h: T.handle, feat_h: T.handle, diff_h: T.handle, mask_h: T.handle,
+             kv_w: T.Buffer(kv_p, "int8"), kv_c: T.Buffer(kv_o, "int32"), kv_s: T.Buffer(kv_o, "float32"),
+             kv_b: T.Buffer(kv_o, "float32"),
+             p1_w: T.Buffer(p1_p, "int8"), p1_c: T.Buffer(p1_o, "int32"), p1_s: T.Buffer(p1_o, "float32"),
+             p1_b: T.Buffer(p1_o, "float32"),
+             p2_w: T.Buffer(p2_p, "int8"), p2_c: T.Buffer(p2_o, "int32"), p2_s: T.Buffer(p2_o, "float32"),
+             p2_b: T.Buffer(p2_o, "float32"),
+             a1_w: T.Buffer(a1_p, "int8"), a1_c: T.Buffer(a1_o, "int32"), a1_s: T.Buffer(a1_o, "float32"),
+             a1_b: T.Buffer(a1_o, "float32"),
+             a2_w: T.Buffer(a2_p, "int8"), a2_c: T.Buffer(a2_o, "int32"), a2_s: T.Buffer(a2_o, "float32"),
+             a2_b: T.Buffer(a2_o, "float32"), out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        tokens = T.int32()
+        qp = T.match_buffer(qp_h, (tokens, channels), "float32")
+        features = T.match_buffer(feat_h, (tokens, views, channels), "float32")
+        ray_diff = T.match_buffer(diff_h, (tokens, views, _RAY_DIFF_DIM), "float32")
+        mask = T.match_buffer(mask_h, (tokens, views), "float32")
+        out = T.match_buffer(out_h, (tokens, channels), "float32")
+        for task in T.parallel((tokens + 63) // 64):
+            xq = T.alloc_buffer((views, channels), "uint8", scope="local")
+            scale = T.alloc_buffer((views,), "float32", scope="local")
+            small = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # pos / attention hidden units
+            diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # ray_diff rows, zero-padded
+            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
+            pos = T.alloc_buffer((views, channels), "float32", scope="local")
+            mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
+            for within in T.serial(64):
+                if task * 64 + within < tokens:
+                    t = task * 64 + within
+                    # k | v
+                    parts.quantize(features, t, channels, xq, scale, True, None, False)
+                    for p in T.serial(2 * blocks // 2):
+                        parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
+                                           lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
+                    # pos = pos_fc2(relu(pos_fc1(ray_diff)))
+                    for i in T.serial(views):
+                        diff[0, i, lanes(0)] = T.Broadcast(T.float32(0), LANES)
+                        diff[0, i, lanes(0, 4)] = ray_diff[t, i, lanes(0, 4)]
+                    parts.quantize(diff, 0, LANES, xq, scale, True, None, False)
+                    parts.dot_products(xq, p1_w, p1_c, p1_s, p1_b, scale, 0, 4, 1,
+                                       lambda i, block, value: T.buffer_store(small, parts.relu(value),
+                                                                              [0, i, lanes(0)]))
+                    parts.quantize(small, 0, LANES, xq, scale, True, None, True)
+                    for p in T.serial(blocks):
+                        parts.dot_products(xq, p2_w, p2_c, p2_s, p2_b, scale, p, 4, 1,
+                                           lambda i, block, value: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
+                    # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
+                    for i in T.serial(views):
+                        for b in T.serial(blocks):
+                            mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - qp[t, lanes(b * LANES)] \
+                                + pos[i, lanes(b * LANES)]
+                    parts.quantize(mixed, 0, channels, xq, scale, True, None, False)
+                    parts.dot_products(xq, a1_w, a1_c, a1_s, a1_b, scale, 0, channels, 1,
+                                       lambda i, block, value: T.buffer_store(small, parts.relu(value),
+                                                                              [0, i, lanes(0)]))
+                    parts.quantize(small, 0, LANES, xq, scale, True, None, True)
+                    for p in T.serial(blocks):
+                        parts.dot_products(xq, a2_w, a2_c, a2_s, a2_b, scale, p, 4, 1,
+                                           lambda i, block, value: T.buffer_store(
+                                               mixed, T.Select(T.Broadcast(mask[t, i], LANES) == T.Broadcast(
+                                                   T.float32(0), LANES), T.Broadcast(T.float32(lowest), LANES),
+                                                   value), [0, i, lanes(block * LANES)]))
+                    # softmax over the views per channel, weighted sum of v + pos
+                    for b in T.serial(blocks):
+                        softmax_and_sum(t, b, mixed, kv, pos, mask, out)
+
+    return tvm.IRModule({"main": main})
+
+
+def int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                       w: IntViewWeights) -> torch.Tensor:
+    """qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V] (CPU) -> [N, C] fp32 on the VNNI kernel; the
+    reference (one warning) where this CPU has no AVX-512 VNNI or no kernel builds."""
+    tokens, views, channels = features.shape
+    if tuple(qp.shape) != (tokens, channels) or tuple(ray_diff.shape) != (tokens, views, 4) \
+            or tuple(mask.shape) != (tokens, views) or channels != w.channels:
+        raise ValueError(f"int_view_attention: expected qp [{tokens}, {w.channels}], features [N, V, {w.channels}], "
+                         f"ray_diff [N, V, 4], mask [N, V]; got {tuple(qp.shape)}, {tuple(features.shape)}, "
+                         f"{tuple(ray_diff.shape)}, {tuple(mask.shape)}")
+    kernel = None
+    if vnni_available():
+        kernel = get_kernel("int_view_attention", {"views": views, "channels": channels}, features.device,
+                            lambda _: make_int_view_attention(views, channels))
+    else:
+        note_kernel("int_view_attention", "reference")
+    if kernel is None:
+        return reference_int_view_attention(qp, features, ray_diff, mask, w)
+    out = torch.empty(tokens, channels, dtype=torch.float32)
+    if tokens:
+        ready = lambda t: kernel_ready(t, torch.float32)  # noqa: E731
+        kernel(ready(qp), ready(features), ready(ray_diff), ready(mask), *w.tensors(), out)
+    return out

@@ -1,0 +1,102 @@
+"""kernels/int_view_attention.py: the view attention with its integer shift layers in one VNNI kernel."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gnt_shiftadd.models.transformers import ViewAttention
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+from kernels.dispatch import recording
+from kernels.int_shift import vnni_available
+from kernels.int_view_attention import IntViewWeights, int_view_attention, reference_int_view_attention
+
+pytest.importorskip("tvm")
+needs_vnni = pytest.mark.skipif(not vnni_available(), reason="AVX-512 VNNI CPU needed")
+
+
+def _integer_attention(channels: int = 32, seed: int = 0) -> ViewAttention:
+    """A ViewAttention whose layers are 8-bit per-token IntShiftLinear (as g and j convert them)."""
+    torch.manual_seed(seed)
+    attention = ViewAttention(channels).eval()
+    for name, layer in list(attention.named_children()):
+        if isinstance(layer, nn.Linear):
+            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
+                                                                act_scale="per_token").eval())
+    return attention
+
+
+def _module_output(attention, qp, features, ray_diff, mask):
+    """ViewAttention.forward between q_fc and out_fc, on the modules themselves."""
+    k, v = attention.k_fc(features), attention.v_fc(features)
+    pos = attention.pos_fc2(F.relu(attention.pos_fc1(ray_diff)))
+    logits = attention.attn_fc2(F.relu(attention.attn_fc1(k - qp[:, None, :] + pos)))
+    visible = mask[..., None]
+    logits = logits.masked_fill(visible == 0, torch.finfo(logits.dtype).min)
+    return ((v + pos) * (torch.softmax(logits, dim=-2) * visible)).sum(dim=-2)
+
+
+def _inputs(tokens, views=6, channels=32, seed=1):
+    torch.manual_seed(seed)
+    mask = (torch.rand(tokens, views) > 0.25).float()
+    mask[: min(3, tokens)] = 0  # tokens no view sees
+    return (torch.randn(tokens, channels), torch.randn(tokens, views, channels), torch.randn(tokens, views, 4) * 0.3,
+            mask)
+
+
+@needs_vnni
+@pytest.mark.parametrize("tokens,views", [(1, 6), (65, 6), (130, 3), (300, 8)])
+def test_kernel_matches_the_integer_modules(tokens, views):
+    attention = _integer_attention()
+    weights = IntViewWeights.from_module(attention)
+    qp, features, ray_diff, mask = _inputs(tokens, views)
+    with torch.no_grad():
+        expected = _module_output(attention, qp, features, ray_diff, mask)
+        assert torch.equal(reference_int_view_attention(qp, features, ray_diff, mask, weights), expected)
+        record = {}
+        with recording(record):
+            got = int_view_attention(qp, features, ray_diff, mask, weights)
+    assert record == {"int_view_attention": "tvm"}
+    # every integer layer is bit-exact (a quantization step apart would show as ~1e-2); the softmax and the sum
+    # over the views are fp32 in another order
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(got[: min(3, tokens)]) == 0
+
+
+def test_layers_the_kernel_does_not_compute_are_refused():
+    dense = ViewAttention(32)
+    with pytest.raises(ValueError, match="k_fc is not an 8-bit per-token IntShiftLinear"):
+        IntViewWeights.from_module(dense)
+    attention = _integer_attention()
+    attention.pos_fc1 = IntShiftLinear.from_linear(nn.Linear(4, 4), ShiftSpec(exponent_min=-6), 8,
+                                                   act_scale="per_tensor")
+    with pytest.raises(ValueError, match="pos_fc1 is not an 8-bit per-token IntShiftLinear"):
+        IntViewWeights.from_module(attention)
+    with pytest.raises(ValueError, match="C % 16 == 0"):
+        IntViewWeights.from_module(_integer_attention(channels=24))
+
+
+@needs_vnni
+def test_bad_shapes_are_named():
+    weights = IntViewWeights.from_module(_integer_attention())
+    qp, features, ray_diff, mask = _inputs(5)
+    with pytest.raises(ValueError, match=r"int_view_attention: expected qp \[5, 32\]"):
+        int_view_attention(qp[:4], features, ray_diff, mask, weights)
+
+
+@needs_vnni
+def test_the_leaf_swaps_in_for_integer_view_attention_and_keeps_the_module_result():
+    from kernels.apply import KernelConfig, KernelIntViewAttention, use_kernels_
+
+    attention = _integer_attention(seed=3)
+    holder = nn.ModuleDict({"attn": attention}).eval()
+    qp, features, ray_diff, mask = _inputs(40)
+    q = torch.randn(40, 32)
+    shaped = (q.view(4, 10, 32), features.view(4, 10, 6, 32), ray_diff.view(4, 10, 6, 4), mask.view(4, 10, 6, 1))
+    with torch.no_grad():
+        expected = attention(*shaped)
+        summary = use_kernels_(holder, KernelConfig("tvm"))
+        got = holder["attn"](*shaped)
+    assert isinstance(holder["attn"], KernelIntViewAttention) and summary["KernelIntViewAttention"] == 1
+    assert summary["KernelIntShiftLinear"] == 2  # q_fc and out_fc on their own integer kernel
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
