@@ -11,6 +11,7 @@ source_views.py     projection of the samples into the source views, bilinear ga
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
 view_attention.py   the view transformer's attention per (ray, sample) token, fused over views; on the CPU also the
                     whole pre-norm half-block (LN, q_fc, the attention, out_fc, residual)
+int_view_attention.py  the view attention with 8-bit integer shift layers (g, j) in one VNNI kernel (CPU)
 position_fusion.py  the points' NeRF encoding (sin/cos polynomials) and GNT's position-fusion MLP per ray (CPU)
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused

@@ -172,11 +172,13 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3)  # one 8-bit step moves a pixel by ~4e-3
     mapping = require_all_kernels(model)
     # every integer layer runs on an integer kernel: FFN pairs (and their LayerNorm) on the fused
-    # int_ffn_sublayer, the others on int_shift
+    # int_ffn_sublayer, each view attention's k, v, position and attention MLPs (6 layers) on int_view_attention,
+    # the others (q_fc, out_fc, the ray attentions' projections) on int_shift
     layers = len([m for m in model.modules() if isinstance(m, IntShiftLinear)])
     fused = sum(kernels.get("int_ffn_sublayer") == "tvm" for kernels in mapping.values())
-    assert fused == 2 * model.cfg.trans_depth
-    assert sum(kernels.get("int_shift") == "tvm" for kernels in mapping.values()) + 2 * fused == layers
+    views = sum(kernels.get("int_view_attention") == "tvm" for kernels in mapping.values())
+    assert fused == 2 * model.cfg.trans_depth and views == model.cfg.trans_depth
+    assert sum(kernels.get("int_shift") == "tvm" for kernels in mapping.values()) + 2 * fused + 6 * views == layers
 
 
 @pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")
