@@ -230,13 +230,8 @@ def int_view_attention_row(cfg, repeats: int, peak: float) -> dict:
     qp, features = torch.randn(tokens, dim), torch.randn(tokens, views, dim)
     ray_diff, mask = torch.randn(tokens, views, 4) * 0.3, (torch.rand(tokens, views) > 0.2).float()
 
-    def modules():  # ViewAttention.forward between q_fc and out_fc
-        k, v = attention.k_fc(features), attention.v_fc(features)
-        pos = attention.pos_fc2(F.relu(attention.pos_fc1(ray_diff)))
-        logits = attention.attn_fc2(F.relu(attention.attn_fc1(k - qp[:, None, :] + pos)))
-        visible = mask[..., None]
-        logits = logits.masked_fill(visible == 0, torch.finfo(logits.dtype).min)
-        return ((v + pos) * (torch.softmax(logits, dim=-2) * visible)).sum(dim=-2)
+    def modules():  # ViewAttention between q_fc and out_fc
+        return attention.attend(qp, features, ray_diff, mask[..., None])
 
     _checked("int_view_attention", lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules(), 1e-5)
     small = weights.hidden

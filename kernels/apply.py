@@ -305,20 +305,23 @@ class KernelViewAttention(KernelLeaf):
     def run(self, q, features, ray_diff, mask):
         rays, samples, views, dim = features.shape
         query = self.source.q_fc(q).reshape(-1, dim)
-        mixed = view_attention(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
-                               mask.reshape(-1, views), self.weights)
+        mixed = self.attend(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
+                            mask.reshape(-1, views))
         return self.source.out_fc(mixed).reshape(rays, samples, dim)
 
+    def attend(self, query, features, ray_diff, mask):
+        """Everything between q_fc and out_fc on token rows: query [N, C], features [N, V, C] -> [N, C]."""
+        return view_attention(query, features, ray_diff, mask, self.weights)
 
-class KernelIntViewAttention(KernelLeaf):
+
+class KernelIntViewAttention(KernelViewAttention):
     """ViewAttention whose k/v, position and attention MLPs are all 8-bit integer shift layers (g, j; CPU): the
     per-(token, view) work in one VNNI kernel (kernels/int_view_attention.py), every integer layer bit-exact;
     q_fc and out_fc stay module calls (integer layers run on their own kernel). Same call and result as
-    ViewAttention: q [R, S, C] (already normed), features [R, S, V, C], ray_diff [R, S, V, 4], mask [R, S, V, 1]
-    -> [R, S, C]. KernelNotApplicable for other layer formats."""
+    ViewAttention. KernelNotApplicable for other layer formats."""
 
     def __init__(self, source: ViewAttention):
-        super().__init__()
+        KernelLeaf.__init__(self)
         try:
             self.weights = IntViewWeights.from_module(source)
         except ValueError as error:
@@ -327,12 +330,8 @@ class KernelIntViewAttention(KernelLeaf):
         self.covered_ids = {id(m) for layer in (source.k_fc, source.v_fc, source.pos_fc1, source.pos_fc2,
                                                 source.attn_fc1, source.attn_fc2) for m in layer.modules()}
 
-    def run(self, q, features, ray_diff, mask):
-        rays, samples, views, dim = features.shape
-        query = self.source.q_fc(q).reshape(-1, dim)
-        mixed = int_view_attention(query, features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
-                                   mask.reshape(-1, views), self.weights)
-        return self.source.out_fc(mixed).reshape(rays, samples, dim)
+    def attend(self, query, features, ray_diff, mask):
+        return int_view_attention(query, features, ray_diff, mask, self.weights)
 
 
 class KernelViewAttentionSublayer(KernelLeaf):

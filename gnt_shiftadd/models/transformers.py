@@ -80,16 +80,20 @@ class ViewAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = self.q_fc(q)
+        return self.dropout(self.out_fc(self.attend(self.q_fc(q), features, ray_diff, mask)))
+
+    def attend(self, qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Everything between q_fc and out_fc (what the fused kernels compute): qp [..., C] (the projected query),
+        features [..., V, C], ray_diff [..., V, 4], mask [..., V, 1] -> [..., C]."""
         k = self.k_fc(features)
         v = self.v_fc(features)
         pos = self.pos_fc2(F.relu(self.pos_fc1(ray_diff)))
-        logits = self.attn_fc2(F.relu(self.attn_fc1(k - q[:, :, None, :] + pos)))  # [R, S, V, C]
+        logits = self.attn_fc2(F.relu(self.attn_fc1(k - qp[..., None, :] + pos)))  # [..., V, C]
         logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
         # x mask: a point no view sees gets no value at all (instead of a uniform mix of zero-padded samples)
         weights = self.dropout(torch.softmax(logits, dim=-2) * mask)
-        out = ((v + pos) * weights).sum(dim=-2)  # [R, S, C]
-        return self.dropout(self.out_fc(out))
+        return ((v + pos) * weights).sum(dim=-2)  # [..., C]
 
 
 class DotProductAttention(nn.Module):

@@ -1,7 +1,6 @@
 """kernels/int_view_attention.py: the view attention with its integer shift layers in one VNNI kernel."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.models.transformers import ViewAttention
@@ -27,13 +26,8 @@ def _integer_attention(channels: int = 32, seed: int = 0) -> ViewAttention:
 
 
 def _module_output(attention, qp, features, ray_diff, mask):
-    """ViewAttention.forward between q_fc and out_fc, on the modules themselves."""
-    k, v = attention.k_fc(features), attention.v_fc(features)
-    pos = attention.pos_fc2(F.relu(attention.pos_fc1(ray_diff)))
-    logits = attention.attn_fc2(F.relu(attention.attn_fc1(k - qp[:, None, :] + pos)))
-    visible = mask[..., None]
-    logits = logits.masked_fill(visible == 0, torch.finfo(logits.dtype).min)
-    return ((v + pos) * (torch.softmax(logits, dim=-2) * visible)).sum(dim=-2)
+    """ViewAttention between q_fc and out_fc, on the modules themselves."""
+    return attention.attend(qp, features, ray_diff, mask[..., None])
 
 
 def _inputs(tokens, views=6, channels=32, seed=1):
