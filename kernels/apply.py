@@ -331,6 +331,9 @@ class KernelIntViewAttention(KernelViewAttention):
                                                 source.attn_fc1, source.attn_fc2) for m in layer.modules()}
 
     def attend(self, query, features, ray_diff, mask):
+        if needs_grad(query, features, ray_diff):  # the integer modules train through their own forwards
+            note_kernel("int_view_attention", "reference")
+            return self.source.attend(query, features, ray_diff, mask[..., None])
         return int_view_attention(query, features, ray_diff, mask, self.weights)
 
 

@@ -316,6 +316,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
     group, w_dtype = parts.group, parts.w_dtype
     hidden_blocks, dim_blocks = hidden_padded // LANES, dim_padded // LANES
     jb1, jb2 = _blocks_per_pass(hidden_blocks, blocks[0]), _blocks_per_pass(dim_blocks, blocks[1])
+
     @T.macro
     def layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1, absmax1,
                packed2, compensation2, out_scale2, bias2, absmax2):

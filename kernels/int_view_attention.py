@@ -191,7 +191,7 @@ def make_int_view_attention(views: int, channels: int):
                     t = task * 64 + within
                     # k | v
                     parts.quantize(features, t, channels, xq, scale, True, None, False)
-                    for p in T.serial(2 * blocks // 2):
+                    for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
                         parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
                                            lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
                     # pos = pos_fc2(relu(pos_fc1(ray_diff)))

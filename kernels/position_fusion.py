@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gnt_shiftadd.models.encodings import PositionalEncoding
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel
 from kernels.te_math import register_blocked
@@ -93,18 +94,12 @@ class PositionFusionWeights:
         return self.q_t, self.code_t, self.w2_t, self.b2
 
 
-def _encode(points: torch.Tensor, num_freqs: int) -> torch.Tensor:
-    """points [..., 3] -> the code in the kernel's order [..., 3 + 6F] (PyTorch's sin/cos)."""
-    scaled = (points[..., None, :] * 2.0 ** torch.arange(num_freqs, dtype=points.dtype, device=points.device)[:, None])
-    scaled = scaled.flatten(-2)  # [..., F * 3], (k, d) ascending
-    return torch.cat([points, scaled.sin(), scaled.cos()], dim=-1)
-
-
 def reference_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: torch.Tensor,
                               w: PositionFusionWeights) -> torch.Tensor:
     """The ground truth and fallback: q [R, S, C], points [R, S, 3], dir_code [R, D] -> [R, S, C] fp32."""
     dir_bias = F.linear(dir_code.float(), w.dir_w, w.b1)  # [R, H]
-    hidden = torch.relu(q.float() @ w.q_t + _encode(points.float(), w.num_freqs) @ w.code_t + dir_bias[:, None, :])
+    code = PositionalEncoding(_POINT_DIM, w.num_freqs).to(points.device)(points.float())[..., encoding_order(w.num_freqs)]
+    hidden = torch.relu(q.float() @ w.q_t + code @ w.code_t + dir_bias[:, None, :])
     return hidden @ w.w2_t + w.b2
 
 

@@ -263,7 +263,7 @@ def _schedule_cpu(sch, samples: int, channels: int, heads: int, core: str) -> No
     # by (one vector of exps and d broadcast values per key)
     attended = sch.get_sblock("attended")
     h, d, i, ja = sch.get_loops(attended)[-4:]
-    i_outer, i_lane = sch.split(i, factors=[None, vector_lanes(samples) if samples % 16 == 0 else 8])
+    i_outer, i_lane = sch.split(i, factors=[None, vector_lanes(samples)])
     sch.reorder(h, ja, d, i_outer, i_lane)
     sch.unroll(d)
     sch.unroll(i_outer)

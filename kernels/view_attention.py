@@ -23,7 +23,6 @@ padded with tokens no view sees.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -194,14 +193,12 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
     num_tiles = te.var("num_tiles")
     if sublayer_eps is None:
         qp = te.placeholder((num_tiles, tile, channels), name="qp")
-        sublayer_in = []
     else:
         x = te.placeholder((num_tiles, tile, channels), name="x")
         ln_w, ln_b = te.placeholder((channels,), name="ln_w"), te.placeholder((channels,), name="ln_b")
         q_t = te.placeholder((channels, channels), name="q_t")
         c_mean, c_var, c_q = (te.reduce_axis((0, channels), name=n) for n in ("c_mean", "c_var", "c_q"))
-        # sums scaled once (by 1/C, a power of two for the model's widths: the same values as summing x / C),
-        # not a scalar divide per element, which was most of the LN's time
+        # the sums are scaled once by 1/C (a power of two at the model's widths: the same values as summing x / C)
         inv_channels = tirx.const(1.0 / channels, "float32")
         total = te.compute((num_tiles, tile), lambda n, t: te.sum(x[n, t, c_mean], axis=c_mean), name="mean")
         squares = te.compute((num_tiles, tile), lambda n, t: te.sum(
@@ -213,7 +210,6 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
                         * rstd[n, t] * ln_w[c] + ln_b[c], name="xn")
         qp = te.compute((num_tiles, tile, channels), lambda n, t, o: te.sum(xn[n, t, c_q] * q_t[c_q, o], axis=c_q),
                         name="qp")
-        sublayer_in = [x, ln_w, ln_b, q_t]
     features = te.placeholder((num_tiles, tile, views, channels), name="features")
     ray_diff = te.placeholder((num_tiles, tile, views, _RAY_DIFF_DIM), name="ray_diff")
     mask = te.placeholder((num_tiles, tile, views), name="mask")
@@ -313,7 +309,8 @@ def _schedule_cpu(sch, channels: int, kv_input: bool = False, sublayer: bool = F
 
     The k|v product keeps one 16-channel output chunk of all V views in registers while it runs over the input
     channels (features broadcast from memory); channel loops are vectorized, the small hidden-size loops unrolled.
-    sublayer: LN, q_fc before and out_fc + residual after, per token as well.
+    sublayer: LN and q_fc per token before the attention, out_fc (register-blocked over the tile) and the residual
+    after it.
     """
     if sublayer:
         n, token = _schedule_sublayer_cpu(sch, channels)
@@ -520,20 +517,30 @@ def view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Ten
     if kernel is None:
         return reference_view_attention(qp, features, ray_diff, mask, weights.source)
 
-    tokens = math.prod(lead)
-    rows = [_kernel_ready(qp.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
+    out = _run_tiles(kernel, kernel_tile(features.device.type, views, channels), qp, features, ray_diff, mask,
+                     weights.kernel_arguments())
+    return out.view(*lead, channels).to(features.dtype)
+
+
+def _run_tiles(kernel, tile: int, first: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor,
+               mask: torch.Tensor, weight_arguments: tuple) -> torch.Tensor:
+    """Call a token-tiled view-attention kernel (kernel(first [NT, tile, C], features, ray_diff, mask, weights...,
+    out)) on every token: the tile-aligned prefix in place, the last partial tile padded with tokens no view sees
+    (their output is 0). first = qp or x [..., C] -> out fp32 [tokens, C]."""
+    views, channels = features.shape[-2:]
+    tokens = first.numel() // channels
+    rows = [_kernel_ready(first.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
             _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM)), _kernel_ready(mask.reshape(tokens, views))]
     out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
-    tile = kernel_tile(features.device.type, views, channels)
 
     def launch(inputs, outputs) -> None:
-        qp_part, feature_part, ray_part, mask_part = inputs
-        kernel(qp_part.view(-1, tile, channels), feature_part.view(-1, tile, views, channels),
-               ray_part.view(-1, tile, views, _RAY_DIFF_DIM), mask_part.view(-1, tile, views),
-               *weights.kernel_arguments(), outputs[0].view(-1, tile, channels))
+        first_part, feature_part, ray_part, mask_part = inputs
+        kernel(first_part.view(-1, tile, channels), feature_part.view(-1, tile, views, channels),
+               ray_part.view(-1, tile, views, _RAY_DIFF_DIM), mask_part.view(-1, tile, views), *weight_arguments,
+               outputs[0].view(-1, tile, channels))
 
-    run_tiled(launch, tile, tokens, rows, [out])  # padded tokens: no view sees them, their output is 0
-    return out.view(*lead, channels).to(features.dtype)
+    run_tiled(launch, tile, tokens, rows, [out])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -607,16 +614,5 @@ def view_attention_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: t
                         lambda target: make_view_attention_sublayer(target, views, channels, weights.hidden, sub.eps))
     if kernel is None:
         return reference_view_attention_sublayer(x, features, ray_diff, mask, weights, sub)
-    tokens = math.prod(lead)
-    rows = [_kernel_ready(x.reshape(tokens, channels)), _kernel_ready(features.reshape(tokens, views, channels)),
-            _kernel_ready(ray_diff.reshape(tokens, views, _RAY_DIFF_DIM)), _kernel_ready(mask.reshape(tokens, views))]
-    out = torch.empty(tokens, channels, dtype=torch.float32, device=features.device)
-
-    def launch(inputs, outputs) -> None:
-        x_part, feature_part, ray_part, mask_part = inputs
-        kernel(x_part.view(-1, TILE, channels), feature_part.view(-1, TILE, views, channels),
-               ray_part.view(-1, TILE, views, _RAY_DIFF_DIM), mask_part.view(-1, TILE, views),
-               *weights.kernel_arguments(), *sub.kernel_arguments(), outputs[0].view(-1, TILE, channels))
-
-    run_tiled(launch, TILE, tokens, rows, [out])
+    out = _run_tiles(kernel, TILE, x, features, ray_diff, mask, (*weights.kernel_arguments(), *sub.kernel_arguments()))
     return out.view(*lead, channels)

@@ -94,3 +94,18 @@ def test_the_leaf_swaps_in_for_integer_view_attention_and_keeps_the_module_resul
     assert isinstance(holder["attn"], KernelIntViewAttention) and summary["KernelIntViewAttention"] == 1
     assert summary["KernelIntShiftLinear"] == 2  # q_fc and out_fc on their own integer kernel
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_the_leaf_runs_the_modules_when_gradients_are_needed():
+    from kernels.apply import KernelIntViewAttention
+
+    attention = _integer_attention(seed=4)
+    leaf = KernelIntViewAttention(attention)
+    qp, features, ray_diff, mask = _inputs(20)
+    qp.requires_grad_(True)
+    record = {}
+    with recording(record):
+        got = leaf.attend(qp, features, ray_diff, mask)
+    assert record == {"int_view_attention": "reference"} and got.requires_grad
+    torch.testing.assert_close(got.detach(), _module_output(attention, qp.detach(), features, ray_diff, mask))
