@@ -236,7 +236,7 @@ def _view_attention_compute(views: int, channels: int, hidden: int, tile: int, f
         values = te.compute((num_tiles, tile, views, channels), lambda n, t, v, c: kv[n, t, v, channels + c], name="v")
     else:
         # CPU: k and v as two products; per token each is a [V, C] buffer small enough (< 1 KB) to live on the
-        # stack, where LLVM keeps it in registers; one [V, 2C] buffer went to TVM's workspace (7% slower)
+        # stack, where LLVM keeps it in registers; one [V, 2C] buffer went to TVM's workspace
         j_k, j_v = te.reduce_axis((0, channels), name="j_k"), te.reduce_axis((0, channels), name="j_v")
         keys = te.compute((num_tiles, tile, views, channels),
                           lambda n, t, v, o: te.sum(features[n, t, v, j_k] * kv_t[j_k, o], axis=j_k), name="k")
