@@ -20,7 +20,9 @@ with the same call signature, chosen by a handler registered per module type (`r
                       work with every integer layer inside one VNNI kernel
   PreNormAttention    (ray_blocks.i.attn_sublayer)  -> KernelRayAttentionSublayer (CPU): LN + q/k/v projections +
                       dense or hashed-quadratic core (XOR/popcount) + out_fc + residual in one kernel per ray
-                      (dense/shift fp32 linears; otherwise, and on CUDA, its parts are swapped as below)
+                      (dense/shift fp32 linears); with 8-bit integer shift layers and the hashed core (CPU, VNNI)
+                      KernelIntRayAttentionSublayer: the same in one VNNI kernel per ray; otherwise, and on CUDA, its
+                      parts are swapped as below
   HashedQuadratic/LinearAttention (ray_blocks.i.attn.core) -> KernelHashedAttention: hash + pack, then the
                       XOR/popcount softmax kernel or the additive linear form (dense SDPA and the seed form stay)
   PreNormFeedForward  (*_blocks.i.ffn)              -> KernelFFNSublayer: LN + FFN (+ in-kernel MoE routing) +
@@ -68,8 +70,9 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
     resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift, vnni_available
+from kernels.int_ray_attention import IntRayWeights
 from kernels.int_view_attention import IntViewWeights
-from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_shift, int_view_attention, linear_attention, mat_shift, quadratic_attention, \
+from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, linear_attention, mat_shift, quadratic_attention, \
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
@@ -79,7 +82,7 @@ from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler", "kernel_leaf_types",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelIntRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -90,14 +93,15 @@ class KernelConfig:
     """backend: "tvm" (the compiled kernels), "auto" (tvm when TVM is importable, else the reference with one
     warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc);
     device_type: the device the kernels are chosen for, when not the model's own (the AOT export records a CUDA
-    model's kernel requests on CPU tensors); int_norm_in_kernel: the integer FFN kernel computes its LayerNorm
-    itself (faster; fp32 rounding in its own order, so a quantized activation may land one step from the module's)
-    or takes it from PyTorch (then the frame is bit-identical to the integer modules)."""
+    model's kernel requests on CPU tensors); int_norm_in_kernel: the integer FFN and ray-attention kernels compute
+    their block's LayerNorm themselves (faster; fp32 rounding in its own order, so a quantized activation may land
+    one step from the module's) or take it from PyTorch (then an integer FFN half-block is bit-identical to its
+    modules)."""
 
     backend: str = "tvm"
     gemm: str = "auto"
     device_type: str | None = None
-    int_norm_in_kernel: bool = True  # False: integer FFNs take their LayerNorm from PyTorch (bit-identical frames)
+    int_norm_in_kernel: bool = True  # False: integer kernels take their LayerNorm from PyTorch
 
     def kernel_device(self, device: torch.device) -> str:
         return self.device_type or device.type
@@ -416,6 +420,31 @@ class KernelRayAttentionSublayer(KernelLeaf):
         return ray_attention(x, self.weights).to(x.dtype)
 
 
+class KernelIntRayAttentionSublayer(KernelLeaf):
+    """PreNormAttention of a ray block whose q/k/v/out linears are 8-bit per-token integer shift layers and whose
+    core is the hashed quadratic attention (j; CPU with VNNI): LN, one quantization for q|k|v, the integer layers,
+    hash codes, the popcount softmax, out_fc and the residual in one kernel per ray (kernels/int_ray_attention.py).
+    norm_in_kernel=False takes the LN from PyTorch (then q|k|v are bit-exact). Calls that need gradients run the
+    modules. Same call: (x [R, S, C], norm, attn) -> x + attn(norm(x)). KernelNotApplicable for other layers."""
+
+    def __init__(self, norm: nn.Module, attn: nn.Module, norm_in_kernel: bool = True):
+        super().__init__()
+        try:
+            self.weights = IntRayWeights.from_modules(norm, attn)
+        except ValueError as error:
+            raise KernelNotApplicable(str(error)) from error
+        self.norm_in_kernel = norm_in_kernel
+        self._layer_ids = (id(norm), id(attn))
+        self.covered_ids = {id(m) for m in attn.modules()}  # the kernel computes the whole attention
+
+    def run(self, x, norm, attn):
+        _check_same_layers(self, (norm, attn))
+        if needs_grad(x):
+            note_kernel("int_ray_attention", "reference")
+            return x + attn(norm(x))
+        return int_ray_attention(x, self.weights, self.norm_in_kernel).to(x.dtype)
+
+
 class KernelHashedAttention(KernelLeaf):
     """A hashed ray-attention core on the MatAdd kernels: q, k, v [R, H, S, d] -> [R, H, S, d]."""
 
@@ -539,6 +568,10 @@ def _view_attention_sublayer(module, parent, cfg):
 def _ray_attention_sublayer(module, parent, cfg):
     if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
         raise KernelNotApplicable("the fused ray attention kernel is CPU-only; on CUDA its core has its own kernel")
+    if isinstance(getattr(parent.attn, "q_fc", None), IntShiftLinear):  # integer layers: the VNNI kernel (CPU)
+        if not vnni_available():
+            raise KernelNotApplicable("the integer ray attention runs on CPUs with AVX-512 VNNI")
+        return KernelIntRayAttentionSublayer(parent.attn_norm, parent.attn, cfg.int_norm_in_kernel)
     return KernelRayAttentionSublayer(parent.attn_norm, parent.attn)
 
 

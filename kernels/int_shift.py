@@ -234,17 +234,19 @@ class _KernelParts:
                 T.buffer_store(normed, row * T.Broadcast(rstd, LANES) * ln_w[lanes(kv)] + ln_b[lanes(kv)],
                                [0, i, lanes(kv)])
 
-    def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store):
+    def dot_products(self, xq, packed, compensation, out_scale, bias, scale, p, width_in, jb, store, word=None):
         """Fully unrolled over the input groups: the TILE x JB accumulators are bound values (T.bind), not a
         buffer, so LLVM keeps them in registers for the whole reduction. (A local accumulator buffer lives in TVM's
         workspace memory; LLVM cannot prove it does not alias the activations and stored every accumulator after
-        every dot product.) Each group loads its JB weight vectors and TILE broadcast activation words once."""
+        every dot product.) Each group loads its JB weight vectors and TILE broadcast activation words once.
+        word(i, kg): token i's G quantized inputs of group kg as one int32 (default: read from xq [tile, width])."""
         T, tile, group = self.T, self.tile, self.group
+        if word is None:
+            word = lambda i, kg: T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)])  # noqa: E731
         blocks = [p * jb + j for j in range(jb)]
         acc = {(i, j): T.bind(compensation[T.Ramp(blocks[j] * LANES, 1, LANES)]) for i in range(tile) for j in range(jb)}
         for kg in range(width_in // group):
-            words = [T.bind(T.reinterpret(self.word_type, T.Broadcast(
-                T.reinterpret("int32", xq[i, T.Ramp(kg * group, 1, group)]), LANES))) for i in range(tile)]
+            words = [T.bind(T.reinterpret(self.word_type, T.Broadcast(word(i, kg), LANES))) for i in range(tile)]
             for j in range(jb):
                 weight = T.bind(packed[blocks[j], kg, T.Ramp(0, 1, LANES * group)])
                 for i in range(tile):

@@ -14,7 +14,6 @@ computed in the module's order. qp = q_fc(LN(q)) comes in (an integer layer on i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
 from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, prepare_int_shift, reference_from_weights, \
     vnni_available
+from kernels.te_math import script_exp
 
 __all__ = ["IntViewWeights", "reference_int_view_attention", "make_int_view_attention", "int_view_attention"]
 
@@ -106,21 +106,6 @@ def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_d
     return ((v + pos) * (torch.softmax(logits, dim=-2) * mask)).sum(dim=-2)
 
 
-def _exp(T, x, lanes: int):
-    """exp(x) for x <= 0 as vector arithmetic (kernels.te_math.vector_exp's polynomial, in TVMScript)."""
-    f = lambda value: T.Broadcast(T.float32(value), lanes)  # noqa: E731
-    clamped = T.max(x, f(-87.3))
-    n = T.floor(clamped * f(1.4426950408889634) + f(0.5))
-    r = clamped - n * f(0.693359375) + n * f(2.12194440e-4)
-    poly = f(1.0 / 5040.0)
-    for order in range(6, -1, -1):
-        poly = poly * r + f(1.0 / math.factorial(order))
-    scale = T.reinterpret(f"float32x{lanes}", T.shift_left(T.Cast(f"int32x{lanes}", n)
-                                                           + T.Broadcast(T.int32(127), lanes),
-                                                           T.Broadcast(T.int32(23), lanes)))
-    return T.Select(x < f(-87.3), f(0.0), poly * scale)
-
-
 def make_int_view_attention(views: int, channels: int):
     """IRModule "main"(qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
     compensation, out_scale, bias, out [N, C]) for the VNNI CPU; N symbolic, one token per step."""
@@ -148,7 +133,7 @@ def make_int_view_attention(views: int, channels: int):
         peak = T.bind(logits[0, 0, lanes(b * LANES)])
         for i in range(1, views):
             peak = T.bind(T.max(peak, logits[0, i, lanes(b * LANES)]))
-        weights = [T.bind(_exp(T, logits[0, i, lanes(b * LANES)] - peak, LANES)) for i in range(views)]
+        weights = [T.bind(script_exp(T, logits[0, i, lanes(b * LANES)] - peak, LANES)) for i in range(views)]
         total = weights[0]
         for i in range(1, views):
             total = total + weights[i]

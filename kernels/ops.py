@@ -31,6 +31,10 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       weights (SublayerWeights), eps -> x + out_fc(attention(q_fc(LN(x)))) [N.., C]
   int_view_attention                  qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the attention's
                                       integer layers (IntViewWeights tensors) -> [N, C] fp32 (CPU, VNNI)
+  int_ray_attention                   x [R, S, C], the block's LN, the integer q|k|v and out layers, the hashed
+                                      core's scale/hash_w/hash_b/softmax table/flip (IntRayWeights.tensors()), eps,
+                                      norm_in_kernel
+                                      -> x + out_fc(hashed core(q, k, v)) fp32 [R, S, C] (CPU, VNNI)
   position_fusion                     q [R, S, C], points [R, S, 3], dir_code [R, D], PositionFusionWeights tensors
                                       -> the fused query [R, S, C] fp32
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
@@ -51,6 +55,7 @@ from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
+from kernels import int_ray_attention as _int_ray
 from kernels import int_view_attention as _int_view
 from kernels import mat_shift as _mat_shift
 from kernels import position_fusion as _position
@@ -61,7 +66,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -220,6 +225,29 @@ def int_view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Ten
     integer modules train through their own differentiable forwards)."""
     return torch.ops.shiftadd_gnt.int_view_attention(qp.detach(), features.detach(), ray_diff.detach(),
                                                      mask.detach(), *w.tensors(), w.channels, w.hidden)
+
+
+# ----------------------------------------------------------------------------------------- integer ray attention
+
+@torch.library.custom_op(f"{NAMESPACE}::int_ray_attention", mutates_args=())
+def _int_ray_attention_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_c: Tensor, qkv_s: Tensor,
+                          qkv_b: Tensor, out_w: Tensor, out_c: Tensor, out_s: Tensor, out_b: Tensor, scale: Tensor,
+                          hash_w: Tensor, hash_b: Tensor, softmax_table: Tensor, flip: Tensor, eps: float,
+                          norm_in_kernel: bool) -> Tensor:
+    weights = _int_ray.IntRayWeights.from_tensors(ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b,
+                                                  scale, hash_w, hash_b, softmax_table, flip, eps)
+    return _int_ray.int_ray_attention(x, weights, norm_in_kernel)
+
+
+@_int_ray_attention_op.register_fake
+def _(x, *weights_and_flags):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def int_ray_attention(x: Tensor, w: "_int_ray.IntRayWeights", norm_in_kernel: bool = True) -> Tensor:
+    """The attention half of a ray block with integer shift layers and the hashed core in one VNNI kernel through
+    the custom op; inference only (the integer modules train through their own differentiable forwards)."""
+    return torch.ops.shiftadd_gnt.int_ray_attention(x.detach(), *w.tensors(), w.eps, norm_in_kernel)
 
 
 # --------------------------------------------------------------------------------------------- position fusion
@@ -470,6 +498,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -1,10 +1,11 @@
 """What the CPU TE kernels share: scalar math LLVM can vectorize (TVM lowers tirx.exp to one libm call per lane on
-CPU), the vector width for a loop, and the register-blocked schedule of a small [rows, in] x [in, out] product."""
+CPU), the vector width for a loop, and the register-blocked schedule of a small [rows, in] x [in, out] product;
+`script_exp` is the same exp for kernels written in TVMScript."""
 from __future__ import annotations
 
 import math
 
-__all__ = ["vector_exp", "vector_lanes", "register_blocked"]
+__all__ = ["vector_exp", "script_exp", "vector_lanes", "register_blocked"]
 
 
 def vector_lanes(extent: int) -> int:
@@ -42,3 +43,20 @@ def vector_exp(x):
         poly = poly * r + tirx.const(1.0 / math.factorial(order), "float32")
     scale = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, 23))
     return tirx.if_then_else(x < tirx.const(-87.3, "float32"), tirx.const(0.0, "float32"), poly * scale)
+
+
+def script_exp(T, x, lanes: int):
+    """`vector_exp` for x <= 0 on a vector value of `lanes` fp32, emitted while a TVMScript kernel is parsed (T:
+    tvm.script.tirx); the same polynomial and constants, without the upper clamp (softmax arguments are <= 0)."""
+    spread = (lambda value: value) if lanes == 1 else (lambda value: T.Broadcast(value, lanes))  # noqa: E731
+    f = lambda value: spread(T.float32(value))  # noqa: E731
+    suffix = "" if lanes == 1 else f"x{lanes}"
+    clamped = T.max(x, f(-87.3))
+    n = T.floor(clamped * f(1.4426950408889634) + f(0.5))
+    r = clamped - n * f(0.693359375) + n * f(2.12194440e-4)
+    poly = f(1.0 / 5040.0)
+    for order in range(6, -1, -1):
+        poly = poly * r + f(1.0 / math.factorial(order))
+    scale = T.reinterpret(f"float32{suffix}", T.shift_left(T.Cast(f"int32{suffix}", n) + spread(T.int32(127)),
+                                                           spread(T.int32(23))))
+    return T.Select(x < f(-87.3), f(0.0), poly * scale)

@@ -145,6 +145,27 @@ def _int_view_case():
     return (qp, features, ray_diff, mask, *w.tensors(), w.channels, w.hidden)
 
 
+def _int_ray_weights():
+    from torch import nn
+
+    from gnt_shiftadd.models.transformers import RayAttention
+    from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
+    from kernels.int_ray_attention import IntRayWeights
+
+    torch.manual_seed(10)
+    attention = RayAttention(DIM, 2).eval()
+    attention.core = HashedQuadraticAttention(2, DIM // 2, 16)
+    for name in ("q_fc", "k_fc", "v_fc", "out_fc"):
+        setattr(attention, name, IntShiftLinear.from_linear(getattr(attention, name), ShiftSpec(exponent_min=-6), 8,
+                                                            act_scale="per_token"))
+    return IntRayWeights.from_modules(nn.LayerNorm(DIM, eps=1e-6), attention)
+
+
+def _int_ray_case():
+    w = _int_ray_weights()
+    return (torch.randn(3, 8, DIM), *w.tensors(), w.eps, True)
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -173,6 +194,7 @@ def _op_cases():
                     *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True, DIM, HIDDEN),
         "position_fusion": _position_fusion_case(),
         "int_view_attention": _int_view_case(),
+        "int_ray_attention": _int_ray_case(),
         "int_ffn_sublayer": (torch.randn(11, DIM), torch.rand(DIM) + 0.5, torch.randn(DIM) * 0.1, 1e-6,
                              *_int_weights().tensors(), *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True,
                              DIM, HIDDEN),
@@ -210,6 +232,10 @@ def test_ops_equal_the_direct_kernel_calls():
     for core in ("dense", "hashed"):
         rw, rx = _ray_weights(core), torch.randn(5, 7, DIM)
         assert torch.equal(ops.ray_attention(rx, rw), direct_ray_attention(rx, rw))
+    from kernels.int_ray_attention import int_ray_attention as direct_int_ray_attention
+
+    iw, ix = _int_ray_weights(), torch.randn(4, 8, DIM)
+    assert torch.equal(ops.int_ray_attention(ix, iw), direct_int_ray_attention(ix, iw))
     # weights that went through the op's tensor arguments rebuild the same reference weights
     rebuilt = PreparedViewWeights.from_kernel_arguments(*vw.kernel_arguments())
     for key, value in vw.source.items():

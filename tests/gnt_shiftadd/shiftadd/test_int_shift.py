@@ -21,11 +21,11 @@ def _rgb(output):
     return output["rgb"] if isinstance(output, dict) else output
 
 
-def _int8_reference_frame(dense):
-    """The dense model converted to the int8 variant on the reference modules, its calibration forward, and the
-    colours that forward gives (what the kernel-swapped model must reproduce)."""
+def _int8_reference_frame(dense, **variant):
+    """The dense model converted to the int8 variant (INT8, updated by `variant`) on the reference modules, its
+    calibration forward, and the colours that forward gives (what the kernel-swapped model must reproduce)."""
     cfg, model, tensors = dense
-    reparameterize(model, ShiftAddConfig(**INT8))
+    reparameterize(model, ShiftAddConfig(**{**INT8, **variant}))
     run = calibration_forward(model, tensors, cfg)
     with torch.no_grad():
         expected = _rgb(run())
@@ -155,16 +155,18 @@ def test_kernel_model_renders_the_reference_models_frame_bit_for_bit(dense):
 
 
 @pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")
-def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
+@pytest.mark.parametrize("ray_core", ["dense", "hash_quadratic"])
+def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense, ray_core):
     """use_kernels on an int8 variant: blocks holding integer layers are not fallbacks (their layers run on the
     integer kernel), so require_all_kernels accepts the model; the frame matches the reference model closely
     (the other kernels are fp32 kernels with their own summation order, and an ulp of difference in an integer
-    layer's input can move its rounding by one quantization step; bit-exactness is the test above)."""
+    layer's input can move its rounding by one quantization step; bit-exactness is the test above). With the
+    hashed ray core (g, j) each ray attention runs whole on the integer ray-attention kernel."""
     pytest.importorskip("tvm")
     from kernels.dispatch import require_all_kernels
     from kernels.apply import use_kernels
 
-    model, run, expected = _int8_reference_frame(dense)
+    model, run, expected = _int8_reference_frame(dense, ray_attention=ray_core)
     summary = use_kernels(model, "tvm")
     assert summary["skipped"] == []
     with torch.no_grad():
@@ -173,12 +175,16 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense):
     mapping = require_all_kernels(model)
     # every integer layer runs on an integer kernel: FFN pairs (and their LayerNorm) on the fused
     # int_ffn_sublayer, each view attention's k, v, position and attention MLPs (6 layers) on int_view_attention,
-    # the others (q_fc, out_fc, the ray attentions' projections) on int_shift
+    # with the hashed core each ray attention's q, k, v and out_fc (4 layers) on int_ray_attention, the others
+    # (q_fc, out_fc, a dense-core ray attention's projections) on int_shift
     layers = len([m for m in model.modules() if isinstance(m, IntShiftLinear)])
-    fused = sum(kernels.get("int_ffn_sublayer") == "tvm" for kernels in mapping.values())
-    views = sum(kernels.get("int_view_attention") == "tvm" for kernels in mapping.values())
-    assert fused == 2 * model.cfg.trans_depth and views == model.cfg.trans_depth
-    assert sum(kernels.get("int_shift") == "tvm" for kernels in mapping.values()) + 2 * fused + 6 * views == layers
+    ran = {name: sum(kernels.get(name) == "tvm" for kernels in mapping.values())
+           for name in ("int_ffn_sublayer", "int_view_attention", "int_ray_attention", "int_shift")}
+    depth = model.cfg.trans_depth
+    assert ran["int_ffn_sublayer"] == 2 * depth and ran["int_view_attention"] == depth
+    assert ran["int_ray_attention"] == (depth if ray_core == "hash_quadratic" else 0)
+    assert ran["int_shift"] + 2 * ran["int_ffn_sublayer"] + 6 * ran["int_view_attention"] \
+        + 4 * ran["int_ray_attention"] == layers
 
 
 @pytest.mark.skipif(not pytest.importorskip("kernels.int_shift").vnni_available(), reason="no AVX-512 VNNI")

@@ -1,0 +1,136 @@
+"""kernels/int_ray_attention.py: a ray block's attention half with integer shift layers and the hashed core in one
+VNNI kernel per ray."""
+import pytest
+import torch
+from torch import nn
+
+from gnt_shiftadd.models.transformers import RayAttention, RayTransformerBlock
+from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+from kernels.dispatch import recording
+from kernels.int_ray_attention import IntRayWeights, int_ray_attention, quantization_margins, \
+    reference_int_ray_attention
+from kernels.int_shift import vnni_available
+
+pytest.importorskip("tvm")
+needs_vnni = pytest.mark.skipif(not vnni_available(), reason="AVX-512 VNNI CPU needed")
+
+
+def _integer(layer: nn.Linear, act_scale: str = "per_token") -> IntShiftLinear:
+    return IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8, act_scale=act_scale).eval()
+
+
+def _block(channels: int = 32, heads: int = 4, n_bits: int = 16, seed: int = 0) -> RayTransformerBlock:
+    """A ray block as j converts it: integer q/k/v/out layers, the hashed quadratic core (its hasher fitted on the
+    block's own queries and keys), a LayerNorm with non-trivial gain and bias."""
+    torch.manual_seed(seed)
+    block = RayTransformerBlock(channels, heads, 4 * channels).eval()
+    attention = block.attn
+    attention.core = HashedQuadraticAttention(heads, channels // heads, n_bits)
+    with torch.no_grad():
+        block.attn_norm.weight.uniform_(0.5, 1.5)
+        block.attn_norm.bias.normal_(0.0, 0.1)
+        normed = block.attn_norm(torch.randn(64, 24, channels))
+        split = lambda t: attention._split_heads(t)  # noqa: E731
+        attention.core.calibrate(split(attention.q_fc(normed)), split(attention.k_fc(normed)), None)
+    for name in ("q_fc", "k_fc", "v_fc", "out_fc"):
+        setattr(attention, name, _integer(getattr(attention, name)))
+    return block
+
+
+def _modules(block, x):
+    with torch.no_grad():
+        return x + block.attn(block.attn_norm(x))
+
+
+def test_reference_is_the_modules_forward():
+    block = _block()
+    x = torch.randn(7, 24, 32) * 2
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    assert torch.equal(reference_int_ray_attention(x, weights), _modules(block, x))
+
+
+@needs_vnni
+@pytest.mark.parametrize("rays,samples,channels,heads,n_bits", [(1, 24, 32, 4, 16), (37, 24, 32, 4, 16),
+                                                                (9, 16, 32, 4, 32), (5, 12, 64, 4, 16),
+                                                                (3, 7, 16, 2, 16)])
+@pytest.mark.parametrize("norm_in_kernel", [True, False])
+def test_kernel_matches_the_modules(rays, samples, channels, heads, n_bits, norm_in_kernel):
+    """Every ray whose roundings are not within a hair of a tie (`quantization_margins`) matches the modules to fp32
+    summation-order noise: a quantization step apart in any integer layer or a flipped code bit would show as
+    ~1e-2. The others may differ by such a step, and no more."""
+    block = _block(channels, heads, n_bits)
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    torch.manual_seed(1)
+    x = torch.randn(rays, samples, channels) * 2 + 0.3
+    record = {}
+    with recording(record):
+        got = int_ray_attention(x, weights, norm_in_kernel)
+    assert record == {"int_ray_attention": "tvm"}
+    expected = _modules(block, x)
+    error = (got - expected).abs().amax(dim=(1, 2))
+    clear = quantization_margins(x, weights) > 1e-5
+    assert clear.float().mean() >= 0.5
+    assert error[clear].max() <= 1e-5
+    assert error.max() <= 0.1
+
+
+@needs_vnni
+def test_one_rounding_per_token_serves_q_k_and_v():
+    """The LN from PyTorch and the core made trivial (every key the same code: uniform weights; v = the mean of
+    identical rows when all tokens of a ray are equal): the whole sublayer then matches the modules bit for bit,
+    which needs q|k|v from one quantization to equal the three layers' own."""
+    block = _block(seed=2)
+    with torch.no_grad():
+        block.attn.core.hasher.weight.zero_()  # every projection = the bias: one code for all tokens
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    x = torch.randn(6, 1, 32).expand(6, 8, 32).contiguous()  # 8 equal tokens per ray
+    got = int_ray_attention(x, weights, norm_in_kernel=False)
+    assert torch.equal(got, _modules(block, x))
+
+
+def test_layers_the_kernel_does_not_compute_are_refused():
+    block = _block()
+    dense_core = _block()
+    dense_core.attn.core = RayAttention(32, 4).core
+    with pytest.raises(ValueError, match="HashedQuadraticAttention core"):
+        IntRayWeights.from_modules(dense_core.attn_norm, dense_core.attn)
+    per_tensor = _block()
+    per_tensor.attn.v_fc = _integer(nn.Linear(32, 32, bias=False), act_scale="per_tensor")
+    with pytest.raises(ValueError, match="v_fc is not an 8-bit per-token IntShiftLinear"):
+        IntRayWeights.from_modules(per_tensor.attn_norm, per_tensor.attn)
+    with pytest.raises(ValueError, match="16 or 32 hash bits"):
+        narrow = _block(n_bits=8)
+        IntRayWeights.from_modules(narrow.attn_norm, narrow.attn)
+    with pytest.raises(ValueError, match="affine nn.LayerNorm"):
+        IntRayWeights.from_modules(nn.Identity(), block.attn)
+
+
+@needs_vnni
+def test_bad_inputs_are_named():
+    block = _block()
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    with pytest.raises(ValueError, match=r"int_ray_attention: x must be \[rays, samples, C=32\], got \(4, 32\)"):
+        int_ray_attention(torch.randn(4, 32), weights)
+
+
+@needs_vnni
+def test_the_leaf_swaps_in_and_runs_the_modules_when_gradients_are_needed():
+    from kernels.apply import KernelConfig, KernelIntRayAttentionSublayer, use_kernels_
+
+    block = _block(seed=3)
+    x = torch.randn(5, 24, 32)
+    expected = _modules(block, x)
+    with torch.no_grad():
+        summary = use_kernels_(block, KernelConfig("tvm"))
+        got = block.attn_sublayer(x, block.attn_norm, block.attn)
+    assert isinstance(block.attn_sublayer, KernelIntRayAttentionSublayer)
+    assert summary["KernelIntRayAttentionSublayer"] == 1 and "KernelIntShiftLinear" not in summary
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.1)
+    assert block.attn_sublayer.kernels_ran == {"int_ray_attention": "tvm"}
+    block.attn_sublayer.kernels_ran = {}
+    x.requires_grad_(True)
+    out = block.attn_sublayer(x, block.attn_norm, block.attn)
+    assert block.attn_sublayer.kernels_ran == {"int_ray_attention": "reference"} and out.requires_grad
+    torch.testing.assert_close(out.detach(), expected)
