@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift
@@ -26,7 +27,8 @@ from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, prepare_int_
     vnni_available
 from kernels.te_math import script_exp
 
-__all__ = ["IntViewWeights", "reference_int_view_attention", "make_int_view_attention", "int_view_attention"]
+__all__ = ["IntViewWeights", "IntViewSublayerWeights", "reference_int_view_attention", "reference_int_view_sublayer",
+           "make_int_view_attention", "int_view_attention", "int_view_sublayer"]
 
 _RAY_DIFF_DIM = 4
 _LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
@@ -91,6 +93,56 @@ class IntViewWeights:
         return cls(**layers)
 
 
+def _integer_layer(layer: nn.Module, name: str) -> IntShiftWeights:
+    if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
+        raise ValueError(f"integer view attention: {name} is not an 8-bit per-token IntShiftLinear")
+    exported = export_int_shift(layer)
+    if exported["weight_int"].dtype != torch.int8:
+        raise ValueError(f"integer view attention: {name} needs int8 weights (exponent span <= 6)")
+    return prepare_int_shift(exported)
+
+
+@dataclass(frozen=True, eq=False)
+class IntViewSublayerWeights:
+    """What the pre-norm sublayer adds around the attention (q + out_fc(attention(q_fc(LN(q)))): the block's
+    LayerNorm (ln_w, ln_b [C], eps) and q_fc, out_fc as IntShiftWeights (8-bit per-token)."""
+
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+    eps: float
+    q: IntShiftWeights
+    out: IntShiftWeights
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, attention: nn.Module) -> "IntViewSublayerWeights":
+        """ValueError unless norm is an affine nn.LayerNorm and q_fc, out_fc are 8-bit per-token IntShiftLinear."""
+        if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
+            raise ValueError("integer view attention sublayer: the block's norm must be an affine nn.LayerNorm")
+        snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
+        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
+                   q=_integer_layer(attention.q_fc, "q_fc"), out=_integer_layer(attention.out_fc, "out_fc"))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.ln_w, self.ln_b, *self.q.tensors()[:4], *self.out.tensors()[:4])
+
+    @classmethod
+    def from_tensors(cls, ln_w, ln_b, q, out, eps: float) -> "IntViewSublayerWeights":
+        """Inverse of `tensors()`: q and out as each layer's (packed, compensation, out_scale, bias)."""
+        channels = ln_w.shape[0]
+        layer = lambda parts: IntShiftWeights(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8,  # noqa
+                                              per_token=True, in_features=channels, out_features=channels)
+        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=layer(q), out=layer(out))
+
+
+def reference_int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                                w: IntViewWeights, sub: IntViewSublayerWeights) -> torch.Tensor:
+    """The pre-norm sublayer with its integer layers (the ground truth and fallback): x [N, C] -> x + out_fc(
+    attention(q_fc(LN(x)), features [N, V, C], ray_diff [N, V, 4], mask [N, V])) fp32 [N, C]."""
+    x = x.float()
+    qp = reference_from_weights(F.layer_norm(x, (x.shape[-1],), sub.ln_w, sub.ln_b, sub.eps), sub.q)
+    return x + reference_from_weights(reference_int_view_attention(qp, features, ray_diff, mask, w), sub.out)
+
+
 def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor,
                                  mask: torch.Tensor, w: IntViewWeights) -> torch.Tensor:
     """ViewAttention's forward between q_fc and out_fc with its integer layers (the ground truth and fallback):
@@ -106,13 +158,19 @@ def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_d
     return ((v + pos) * (torch.softmax(logits, dim=-2) * mask)).sum(dim=-2)
 
 
-def make_int_view_attention(views: int, channels: int):
-    """IRModule "main"(qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
-    compensation, out_scale, bias, out [N, C]) for the VNNI CPU; N symbolic, one token per step."""
+def make_int_view_attention(views: int, channels: int, sublayer: bool = False, eps: float | None = None):
+    """IRModule "main" for the VNNI CPU; N symbolic, one token per step.
+
+    sublayer False: (qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
+    compensation, out_scale, bias, out [N, C]): everything between q_fc and out_fc.
+    sublayer True (the whole pre-norm sublayer, x + out_fc(attention(q_fc(LN(x))))): eps given: (x [N, 1, C], ln_w,
+    ln_b, features, ray_diff, mask, the five layers' four tensors, q_fc's and out_fc's four, out [N, 1, C]);
+    eps None: (normed [N, 1, C] (the block's LN of x, from the caller), x, then the same from features on)."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
 
     parts = _KernelParts(8, views)
+    row = _KernelParts(8, 1)  # q_fc and out_fc: one token
     blocks = channels // LANES
     lowest = float(torch.finfo(torch.float32).min)
     lanes = lambda start, width=LANES: T.Ramp(start, 1, width)  # noqa: E731
@@ -126,10 +184,11 @@ def make_int_view_attention(views: int, channels: int):
     p2_p, p2_o = shapes(4, channels)
     a1_p, a1_o = shapes(channels, 4)
     a2_p, a2_o = shapes(4, channels)
+    c_p, c_o = shapes(channels, channels)
 
-    def softmax_and_sum(t, b, logits, kv, pos, mask, out):
-        """Channels b*16.. of token t: the views' softmax per channel and the weighted sum of v + pos (emitted while
-        the kernel is parsed, the views unrolled, every value a register)."""
+    def softmax_and_sum(t, b, logits, kv, pos, mask, store):
+        """Channels b*16.. of token t: the views' softmax per channel and the weighted sum of v + pos, normalised
+        once at the end (emitted while the kernel is parsed, the views unrolled, every value a register)."""
         peak = T.bind(logits[0, 0, lanes(b * LANES)])
         for i in range(1, views):
             peak = T.bind(T.max(peak, logits[0, i, lanes(b * LANES)]))
@@ -137,15 +196,137 @@ def make_int_view_attention(views: int, channels: int):
         total = weights[0]
         for i in range(1, views):
             total = total + weights[i]
-        total = T.bind(total)
         value = T.Broadcast(T.float32(0), LANES)
         for i in range(views):
-            value = value + weights[i] / total * T.Broadcast(mask[t, i], LANES) \
+            value = value + weights[i] * T.Broadcast(mask[t, i], LANES) \
                 * (kv[i, lanes(channels + b * LANES)] + pos[i, lanes(b * LANES)])
-        T.buffer_store(out, value, [t, lanes(b * LANES)])
+        store(b, value / total)
+
+    @T.macro
+    def attend(t, query, features, ray_diff, mask, xq, scale, small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b,
+               p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, store):
+        """Token t's attention between q_fc and out_fc; query(b): channels b*16.. of its projected query; the result
+        goes to store(b, value)."""
+        # k | v
+        parts.quantize(features, t, channels, xq, scale, True, None, False)
+        for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
+            parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
+                               lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
+        # pos = pos_fc2(relu(pos_fc1(ray_diff)))
+        for i in T.serial(views):
+            diff[0, i, lanes(0)] = T.Broadcast(T.float32(0), LANES)
+            diff[0, i, lanes(0, 4)] = ray_diff[t, i, lanes(0, 4)]
+        parts.quantize(diff, 0, LANES, xq, scale, True, None, False)
+        parts.dot_products(xq, p1_w, p1_c, p1_s, p1_b, scale, 0, 4, 1,
+                           lambda i, block, value: T.buffer_store(small, parts.relu(value), [0, i, lanes(0)]))
+        parts.quantize(small, 0, LANES, xq, scale, True, None, True)
+        for p in T.serial(blocks):
+            parts.dot_products(xq, p2_w, p2_c, p2_s, p2_b, scale, p, 4, 1,
+                               lambda i, block, value: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
+        # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
+        for i in T.serial(views):
+            for b in T.serial(blocks):
+                mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - query(b) + pos[i, lanes(b * LANES)]
+        parts.quantize(mixed, 0, channels, xq, scale, True, None, False)
+        parts.dot_products(xq, a1_w, a1_c, a1_s, a1_b, scale, 0, channels, 1,
+                           lambda i, block, value: T.buffer_store(small, parts.relu(value), [0, i, lanes(0)]))
+        parts.quantize(small, 0, LANES, xq, scale, True, None, True)
+        for p in T.serial(blocks):
+            parts.dot_products(xq, a2_w, a2_c, a2_s, a2_b, scale, p, 4, 1,
+                               lambda i, block, value: T.buffer_store(
+                                   mixed, T.Select(T.Broadcast(mask[t, i], LANES) == T.Broadcast(
+                                       T.float32(0), LANES), T.Broadcast(T.float32(lowest), LANES),
+                                       value), [0, i, lanes(block * LANES)]))
+        # softmax over the views per channel, weighted sum of v + pos
+        for b in T.serial(blocks):
+            softmax_and_sum(t, b, mixed, kv, pos, mask, store)
+
+    def query_layer(t, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c, q_s, q_b, qp):
+        """qp [1, C] = q_fc(LN(x[t])) (the LN in the kernel, or the caller's normed rows)."""
+        if eps is None:
+            row.quantize(normed, t, channels, xq_row, scale_row, True, None, False)
+        else:
+            row.layer_norm(x, t, normed_row, ln_w, ln_b, eps)
+            row.quantize(normed_row, 0, channels, xq_row, scale_row, True, None, False)
+        for p in range(blocks):
+            row.dot_products(xq_row, q_w, q_c, q_s, q_b, scale_row, p, channels, 1,
+                             lambda i, block, value: T.buffer_store(qp, value, [0, lanes(block * LANES)]))
+
+    def out_layer(t, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out):
+        """out[t] = x[t] + out_fc(attended)."""
+        row.quantize(attended, 0, channels, xq_row, scale_row, True, None, False)
+        for p in range(blocks):
+            row.dot_products(xq_row, o_w, o_c, o_s, o_b, scale_row, p, channels, 1,
+                             lambda i, block, value: T.buffer_store(
+                                 out, x[t, 0, lanes(block * LANES)] + value, [t, 0, lanes(block * LANES)]))
+
+    if not sublayer:
+        @T.prim_func
+        def main(qp_h: T.handle, feat_h: T.handle, diff_h: T.handle, mask_h: T.handle,
+                 kv_w: T.Buffer(kv_p, "int8"), kv_c: T.Buffer(kv_o, "int32"), kv_s: T.Buffer(kv_o, "float32"),
+                 kv_b: T.Buffer(kv_o, "float32"),
+                 p1_w: T.Buffer(p1_p, "int8"), p1_c: T.Buffer(p1_o, "int32"), p1_s: T.Buffer(p1_o, "float32"),
+                 p1_b: T.Buffer(p1_o, "float32"),
+                 p2_w: T.Buffer(p2_p, "int8"), p2_c: T.Buffer(p2_o, "int32"), p2_s: T.Buffer(p2_o, "float32"),
+                 p2_b: T.Buffer(p2_o, "float32"),
+                 a1_w: T.Buffer(a1_p, "int8"), a1_c: T.Buffer(a1_o, "int32"), a1_s: T.Buffer(a1_o, "float32"),
+                 a1_b: T.Buffer(a1_o, "float32"),
+                 a2_w: T.Buffer(a2_p, "int8"), a2_c: T.Buffer(a2_o, "int32"), a2_s: T.Buffer(a2_o, "float32"),
+                 a2_b: T.Buffer(a2_o, "float32"), out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            tokens = T.int32()
+            qp = T.match_buffer(qp_h, (tokens, channels), "float32")
+            features = T.match_buffer(feat_h, (tokens, views, channels), "float32")
+            ray_diff = T.match_buffer(diff_h, (tokens, views, _RAY_DIFF_DIM), "float32")
+            mask = T.match_buffer(mask_h, (tokens, views), "float32")
+            out = T.match_buffer(out_h, (tokens, channels), "float32")
+            for task in T.parallel((tokens + 63) // 64):
+                xq = T.alloc_buffer((views, channels), "uint8", scope="local")
+                scale = T.alloc_buffer((views,), "float32", scope="local")
+                small = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # pos / attention hidden units
+                diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # ray_diff rows, zero-padded
+                kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
+                pos = T.alloc_buffer((views, channels), "float32", scope="local")
+                mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
+                for within in T.serial(64):
+                    if task * 64 + within < tokens:
+                        attend(task * 64 + within, lambda b: qp[task * 64 + within, lanes(b * LANES)], features,
+                               ray_diff, mask, xq, scale, small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w,
+                               p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s,
+                               a2_b, lambda b, value: T.buffer_store(out, value,
+                                                                     [task * 64 + within, lanes(b * LANES)]))
+        return tvm.IRModule({"main": main})
+
+    @T.macro
+    def sublayer_tokens(tokens, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
+                        p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
+                        q_s, q_b, o_w, o_c, o_s, o_b, out):
+        for task in T.parallel((tokens + 63) // 64):
+            xq = T.alloc_buffer((views, channels), "uint8", scope="local")
+            scale = T.alloc_buffer((views,), "float32", scope="local")
+            small = T.alloc_buffer((1, views, LANES), "float32", scope="local")
+            diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")
+            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
+            pos = T.alloc_buffer((views, channels), "float32", scope="local")
+            mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")
+            normed_row = T.alloc_buffer((1, 1, channels), "float32", scope="local")
+            xq_row = T.alloc_buffer((1, channels), "uint8", scope="local")
+            scale_row = T.alloc_buffer((1,), "float32", scope="local")
+            qp = T.alloc_buffer((1, channels), "float32", scope="local")
+            attended = T.alloc_buffer((1, 1, channels), "float32", scope="local")
+            for within in T.serial(64):
+                if task * 64 + within < tokens:
+                    query_layer(task * 64 + within, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c,
+                                q_s, q_b, qp)
+                    attend(task * 64 + within, lambda b: qp[0, lanes(b * LANES)], features, ray_diff, mask, xq,
+                           scale, small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w,
+                           p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
+                           lambda b, value: T.buffer_store(attended, value, [0, 0, lanes(b * LANES)]))
+                    out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out)
 
     @T.prim_func
-    def main(qp_h: T.handle, feat_h: T.handle, diff_h: T.handle, mask_h: T.handle,
+    def main(first_h: T.handle, second_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
+             ln_b: T.Buffer((channels,), "float32"), feat_h: T.handle, diff_h: T.handle, mask_h: T.handle,
              kv_w: T.Buffer(kv_p, "int8"), kv_c: T.Buffer(kv_o, "int32"), kv_s: T.Buffer(kv_o, "float32"),
              kv_b: T.Buffer(kv_o, "float32"),
              p1_w: T.Buffer(p1_p, "int8"), p1_c: T.Buffer(p1_o, "int32"), p1_s: T.Buffer(p1_o, "float32"),
@@ -155,61 +336,22 @@ def make_int_view_attention(views: int, channels: int):
              a1_w: T.Buffer(a1_p, "int8"), a1_c: T.Buffer(a1_o, "int32"), a1_s: T.Buffer(a1_o, "float32"),
              a1_b: T.Buffer(a1_o, "float32"),
              a2_w: T.Buffer(a2_p, "int8"), a2_c: T.Buffer(a2_o, "int32"), a2_s: T.Buffer(a2_o, "float32"),
-             a2_b: T.Buffer(a2_o, "float32"), out_h: T.handle):
+             a2_b: T.Buffer(a2_o, "float32"),
+             q_w: T.Buffer(c_p, "int8"), q_c: T.Buffer(c_o, "int32"), q_s: T.Buffer(c_o, "float32"),
+             q_b: T.Buffer(c_o, "float32"),
+             o_w: T.Buffer(c_p, "int8"), o_c: T.Buffer(c_o, "int32"), o_s: T.Buffer(c_o, "float32"),
+             o_b: T.Buffer(c_o, "float32"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         tokens = T.int32()
-        qp = T.match_buffer(qp_h, (tokens, channels), "float32")
+        normed = T.match_buffer(first_h, (tokens, 1, channels), "float32")  # = x when the LN is in the kernel
+        x = T.match_buffer(second_h, (tokens, 1, channels), "float32")
         features = T.match_buffer(feat_h, (tokens, views, channels), "float32")
         ray_diff = T.match_buffer(diff_h, (tokens, views, _RAY_DIFF_DIM), "float32")
         mask = T.match_buffer(mask_h, (tokens, views), "float32")
-        out = T.match_buffer(out_h, (tokens, channels), "float32")
-        for task in T.parallel((tokens + 63) // 64):
-            xq = T.alloc_buffer((views, channels), "uint8", scope="local")
-            scale = T.alloc_buffer((views,), "float32", scope="local")
-            small = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # pos / attention hidden units
-            diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # ray_diff rows, zero-padded
-            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
-            pos = T.alloc_buffer((views, channels), "float32", scope="local")
-            mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
-            for within in T.serial(64):
-                if task * 64 + within < tokens:
-                    t = task * 64 + within
-                    # k | v
-                    parts.quantize(features, t, channels, xq, scale, True, None, False)
-                    for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
-                        parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
-                                           lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
-                    # pos = pos_fc2(relu(pos_fc1(ray_diff)))
-                    for i in T.serial(views):
-                        diff[0, i, lanes(0)] = T.Broadcast(T.float32(0), LANES)
-                        diff[0, i, lanes(0, 4)] = ray_diff[t, i, lanes(0, 4)]
-                    parts.quantize(diff, 0, LANES, xq, scale, True, None, False)
-                    parts.dot_products(xq, p1_w, p1_c, p1_s, p1_b, scale, 0, 4, 1,
-                                       lambda i, block, value: T.buffer_store(small, parts.relu(value),
-                                                                              [0, i, lanes(0)]))
-                    parts.quantize(small, 0, LANES, xq, scale, True, None, True)
-                    for p in T.serial(blocks):
-                        parts.dot_products(xq, p2_w, p2_c, p2_s, p2_b, scale, p, 4, 1,
-                                           lambda i, block, value: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
-                    # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
-                    for i in T.serial(views):
-                        for b in T.serial(blocks):
-                            mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - qp[t, lanes(b * LANES)] \
-                                + pos[i, lanes(b * LANES)]
-                    parts.quantize(mixed, 0, channels, xq, scale, True, None, False)
-                    parts.dot_products(xq, a1_w, a1_c, a1_s, a1_b, scale, 0, channels, 1,
-                                       lambda i, block, value: T.buffer_store(small, parts.relu(value),
-                                                                              [0, i, lanes(0)]))
-                    parts.quantize(small, 0, LANES, xq, scale, True, None, True)
-                    for p in T.serial(blocks):
-                        parts.dot_products(xq, a2_w, a2_c, a2_s, a2_b, scale, p, 4, 1,
-                                           lambda i, block, value: T.buffer_store(
-                                               mixed, T.Select(T.Broadcast(mask[t, i], LANES) == T.Broadcast(
-                                                   T.float32(0), LANES), T.Broadcast(T.float32(lowest), LANES),
-                                                   value), [0, i, lanes(block * LANES)]))
-                    # softmax over the views per channel, weighted sum of v + pos
-                    for b in T.serial(blocks):
-                        softmax_and_sum(t, b, mixed, kv, pos, mask, out)
+        out = T.match_buffer(out_h, (tokens, 1, channels), "float32")
+        sublayer_tokens(tokens, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
+                        p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
+                        q_s, q_b, o_w, o_c, o_s, o_b, out)
 
     return tvm.IRModule({"main": main})
 
@@ -237,3 +379,35 @@ def int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch
         ready = lambda t: kernel_ready(t, torch.float32)  # noqa: E731
         kernel(ready(qp), ready(features), ready(ray_diff), ready(mask), *w.tensors(), out)
     return out
+
+
+def int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
+                      w: IntViewWeights, sub: IntViewSublayerWeights, norm_in_kernel: bool = True) -> torch.Tensor:
+    """x [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V] (CPU) -> x + out_fc(attention(q_fc(LN(x))))
+    fp32 [N, C] on one VNNI kernel; norm_in_kernel=False takes the LN from PyTorch. The reference (one note) where
+    this CPU has no AVX-512 VNNI or no kernel builds. q_fc is bit-exact given the same normed input; out_fc's input
+    comes from the kernel's softmax, so a value within rounding of a .5 step may quantize one step apart."""
+    tokens, views, channels = features.shape
+    if tuple(x.shape) != (tokens, channels) or tuple(ray_diff.shape) != (tokens, views, 4) \
+            or tuple(mask.shape) != (tokens, views) or channels != w.channels:
+        raise ValueError(f"int_view_sublayer: expected x [{tokens}, {w.channels}], features [N, V, {w.channels}], "
+                         f"ray_diff [N, V, 4], mask [N, V]; got {tuple(x.shape)}, {tuple(features.shape)}, "
+                         f"{tuple(ray_diff.shape)}, {tuple(mask.shape)}")
+    kernel = None
+    eps = sub.eps if norm_in_kernel else None
+    if vnni_available():
+        kernel = get_kernel("int_view_sublayer", {"views": views, "channels": channels, "eps": eps}, features.device,
+                            lambda _: make_int_view_attention(views, channels, sublayer=True, eps=eps))
+    else:
+        note_kernel("int_view_sublayer", "reference")
+    if kernel is None:
+        return reference_int_view_sublayer(x, features, ray_diff, mask, w, sub)
+    out = torch.empty(tokens, 1, channels, dtype=torch.float32)
+    if tokens:
+        ready = lambda t: kernel_ready(t, torch.float32)  # noqa: E731
+        rows = ready(x).view(tokens, 1, channels)
+        first = rows if norm_in_kernel else ready(F.layer_norm(x.float(), (channels,), sub.ln_w, sub.ln_b,
+                                                               sub.eps)).view(tokens, 1, channels)
+        kernel(first, rows, sub.ln_w, sub.ln_b, ready(features), ready(ray_diff), ready(mask), *w.tensors(),
+               *sub.tensors()[2:], out)
+    return out.view(tokens, channels)
