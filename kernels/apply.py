@@ -13,7 +13,9 @@ with the same call signature, chosen by a handler registered per module type (`r
   ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
   PreNormViewAttention (view_blocks.i.attn_sublayer) -> KernelViewAttentionSublayer (CPU): LN + q_fc + the fused
-                      view attention + out_fc + residual in one kernel (fp32 linears; otherwise, and on CUDA, as below)
+                      view attention + out_fc + residual in one kernel (fp32 linears); with 8-bit integer shift
+                      layers (CPU, VNNI) KernelIntViewAttentionSublayer: the same in one VNNI kernel; otherwise, and
+                      on CUDA, as below
   ViewAttention       (view_blocks.i.attn)          -> KernelViewAttention: q_fc, then one fused kernel (k/v
                       projections, pos MLP, attention MLP, masked softmax over views, weighted sum), then out_fc;
                       with 8-bit integer shift layers (CPU, VNNI) KernelIntViewAttention: the same per-(token, view)
@@ -71,8 +73,8 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift, vnni_available
 from kernels.int_ray_attention import IntRayWeights
-from kernels.int_view_attention import IntViewWeights
-from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, linear_attention, mat_shift, quadratic_attention, \
+from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights
+from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, int_view_sublayer, linear_attention, mat_shift, quadratic_attention, \
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
@@ -82,7 +84,7 @@ from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler", "kernel_leaf_types",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelIntRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelIntViewAttentionSublayer", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelIntRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -93,8 +95,8 @@ class KernelConfig:
     """backend: "tvm" (the compiled kernels), "auto" (tvm when TVM is importable, else the reference with one
     warning) or "torch" (leave the model alone); gemm: where dense-shaped products run (see the module doc);
     device_type: the device the kernels are chosen for, when not the model's own (the AOT export records a CUDA
-    model's kernel requests on CPU tensors); int_norm_in_kernel: the integer FFN and ray-attention kernels compute
-    their block's LayerNorm themselves (faster; fp32 rounding in its own order, so a quantized activation may land
+    model's kernel requests on CPU tensors); int_norm_in_kernel: the integer FFN, ray- and view-attention kernels
+    compute their block's LayerNorm themselves (faster; fp32 rounding in its own order, so a quantized activation may land
     one step from the module's) or take it from PyTorch (then an integer FFN half-block is bit-identical to its
     modules)."""
 
@@ -368,6 +370,37 @@ class KernelViewAttentionSublayer(KernelLeaf):
         return out.reshape(rays, samples, dim).to(q.dtype)
 
 
+class KernelIntViewAttentionSublayer(KernelLeaf):
+    """PreNormViewAttention whose view attention's eight linears are all 8-bit per-token integer shift layers (g, j;
+    CPU with VNNI): the LN, q_fc, the per-(token, view) attention, out_fc and the residual in one VNNI kernel
+    (kernels/int_view_attention.py). norm_in_kernel=False takes the LN from PyTorch. Calls that need gradients run
+    the modules. Same call: (q [R, S, C], features, ray_diff, mask, norm, attn) -> q + attn(norm(q), ...).
+    KernelNotApplicable for other layers (then the attention alone is swapped)."""
+
+    def __init__(self, norm: nn.Module, attn: nn.Module, norm_in_kernel: bool = True):
+        super().__init__()
+        if type(attn) is not ViewAttention:
+            raise KernelNotApplicable(f"no integer view-attention sublayer for {type(attn).__name__}")
+        try:
+            self.weights = IntViewWeights.from_module(attn)
+            self.sublayer = IntViewSublayerWeights.from_modules(norm, attn)
+        except ValueError as error:
+            raise KernelNotApplicable(str(error)) from error
+        self.norm_in_kernel = norm_in_kernel
+        self._layer_ids = (id(norm), id(attn))
+        self.covered_ids = {id(m) for m in attn.modules()}
+
+    def run(self, q, features, ray_diff, mask, norm, attn):
+        _check_same_layers(self, (norm, attn))
+        if needs_grad(q, features, ray_diff):
+            note_kernel("int_view_sublayer", "reference")
+            return q + attn(norm(q), features, ray_diff, mask)
+        rays, samples, views, dim = features.shape
+        out = int_view_sublayer(q.reshape(-1, dim), features.reshape(-1, views, dim), ray_diff.reshape(-1, views, 4),
+                                mask.reshape(-1, views), self.weights, self.sublayer, self.norm_in_kernel)
+        return out.reshape(rays, samples, dim).to(q.dtype)
+
+
 class KernelViewColorBlend(KernelLeaf):
     """ViewColorBlend on the view-blend kernel. Same call: (h [R, S, C], features [R, S, V, C], colors [R, S, V, 3],
     ray_diff [R, S, V, 4], mask [R, S, V, 1], fc1, fc2) -> sample colours [R, S, 3]; fc1/fc2 must be the layers it
@@ -561,6 +594,10 @@ def _position_fusion(module, parent, cfg):
 def _view_attention_sublayer(module, parent, cfg):
     if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
         raise KernelNotApplicable("the fused view-attention sublayer is CPU-only; on CUDA the attention has its kernel")
+    if isinstance(getattr(parent.attn, "q_fc", None), IntShiftLinear):  # integer layers: the VNNI kernel (CPU)
+        if not vnni_available():
+            raise KernelNotApplicable("the integer view-attention sublayer runs on CPUs with AVX-512 VNNI")
+        return KernelIntViewAttentionSublayer(parent.attn_norm, parent.attn, cfg.int_norm_in_kernel)
     return KernelViewAttentionSublayer(parent.attn_norm, parent.attn)
 
 

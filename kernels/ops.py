@@ -31,6 +31,9 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       weights (SublayerWeights), eps -> x + out_fc(attention(q_fc(LN(x)))) [N.., C]
   int_view_attention                  qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the attention's
                                       integer layers (IntViewWeights tensors) -> [N, C] fp32 (CPU, VNNI)
+  int_view_sublayer                   x [N, C], features, ray_diff, mask, the attention's integer layers, the block's
+                                      LN and integer q_fc/out_fc (IntViewSublayerWeights tensors), sizes, eps,
+                                      norm_in_kernel -> x + out_fc(attention(q_fc(LN(x)))) fp32 [N, C] (CPU, VNNI)
   int_ray_attention                   x [R, S, C], the block's LN, the integer q|k|v and out layers, the hashed
                                       core's scale/hash_w/hash_b/softmax table/flip (IntRayWeights.tensors()), eps,
                                       norm_in_kernel
@@ -66,7 +69,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "int_view_sublayer", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -225,6 +228,35 @@ def int_view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Ten
     integer modules train through their own differentiable forwards)."""
     return torch.ops.shiftadd_gnt.int_view_attention(qp.detach(), features.detach(), ray_diff.detach(),
                                                      mask.detach(), *w.tensors(), w.channels, w.hidden)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int_view_sublayer", mutates_args=())
+def _int_view_sublayer_op(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor, kv_w: Tensor, kv_c: Tensor,
+                          kv_s: Tensor, kv_b: Tensor, p1_w: Tensor, p1_c: Tensor, p1_s: Tensor, p1_b: Tensor,
+                          p2_w: Tensor, p2_c: Tensor, p2_s: Tensor, p2_b: Tensor, a1_w: Tensor, a1_c: Tensor,
+                          a1_s: Tensor, a1_b: Tensor, a2_w: Tensor, a2_c: Tensor, a2_s: Tensor, a2_b: Tensor,
+                          ln_w: Tensor, ln_b: Tensor, q_w: Tensor, q_c: Tensor, q_s: Tensor, q_b: Tensor, o_w: Tensor,
+                          o_c: Tensor, o_s: Tensor, o_b: Tensor, channels: int, hidden: int, eps: float,
+                          norm_in_kernel: bool) -> Tensor:
+    weights = _int_view.IntViewWeights.from_tensors(
+        (kv_w, kv_c, kv_s, kv_b), (p1_w, p1_c, p1_s, p1_b), (p2_w, p2_c, p2_s, p2_b), (a1_w, a1_c, a1_s, a1_b),
+        (a2_w, a2_c, a2_s, a2_b), channels, hidden)
+    sub = _int_view.IntViewSublayerWeights.from_tensors(ln_w, ln_b, (q_w, q_c, q_s, q_b), (o_w, o_c, o_s, o_b), eps)
+    return _int_view.int_view_sublayer(x, features, ray_diff, mask, weights, sub, norm_in_kernel)
+
+
+@_int_view_sublayer_op.register_fake
+def _(x, features, ray_diff, mask, *weights_and_flags):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def int_view_sublayer(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tensor, w: "_int_view.IntViewWeights",
+                      sub: "_int_view.IntViewSublayerWeights", norm_in_kernel: bool = True) -> Tensor:
+    """The pre-norm view-attention sublayer with integer shift layers in one VNNI kernel through the custom op;
+    inference only (the integer modules train through their own differentiable forwards)."""
+    return torch.ops.shiftadd_gnt.int_view_sublayer(x.detach(), features.detach(), ray_diff.detach(), mask.detach(),
+                                                    *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps,
+                                                    norm_in_kernel)
 
 
 # ----------------------------------------------------------------------------------------- integer ray attention
@@ -498,6 +530,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "int_view_sublayer": _int_view_sublayer_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -145,6 +145,23 @@ def _int_view_case():
     return (qp, features, ray_diff, mask, *w.tensors(), w.channels, w.hidden)
 
 
+def _int_view_sublayer_case():
+    from torch import nn
+
+    from gnt_shiftadd.models.transformers import ViewAttention
+    from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights
+
+    torch.manual_seed(9)
+    attention = ViewAttention(DIM).eval()
+    for name, layer in list(attention.named_children()):
+        if isinstance(layer, nn.Linear):
+            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
+                                                                act_scale="per_token"))
+    w, sub = IntViewWeights.from_module(attention), IntViewSublayerWeights.from_modules(nn.LayerNorm(DIM), attention)
+    qp, features, ray_diff, mask = _view_inputs()
+    return (qp, features, ray_diff, mask, *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps, True)
+
+
 def _int_ray_weights():
     from torch import nn
 
@@ -195,6 +212,7 @@ def _op_cases():
         "position_fusion": _position_fusion_case(),
         "int_view_attention": _int_view_case(),
         "int_ray_attention": _int_ray_case(),
+        "int_view_sublayer": _int_view_sublayer_case(),
         "int_ffn_sublayer": (torch.randn(11, DIM), torch.rand(DIM) + 0.5, torch.randn(DIM) * 0.1, 1e-6,
                              *_int_weights().tensors(), *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True,
                              DIM, HIDDEN),

@@ -109,3 +109,75 @@ def test_the_leaf_runs_the_modules_when_gradients_are_needed():
         got = leaf.attend(qp, features, ray_diff, mask)
     assert record == {"int_view_attention": "reference"} and got.requires_grad
     torch.testing.assert_close(got.detach(), _module_output(attention, qp.detach(), features, ray_diff, mask))
+
+
+def _tie_margin(values: torch.Tensor) -> torch.Tensor:
+    """Per row: how far (in quantization steps) the row's scaled values stay from a rounding tie."""
+    from gnt_shiftadd.shiftadd.int_shift import activation_scales
+
+    inv, _ = activation_scales(values, 8, None)
+    scaled = values * inv
+    return ((scaled - scaled.floor()) - 0.5).abs().amin(dim=-1)
+
+
+@needs_vnni
+@pytest.mark.parametrize("norm_in_kernel", [True, False])
+@pytest.mark.parametrize("tokens,views", [(1, 6), (300, 6), (77, 8)])
+def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views):
+    """LN + q_fc + the attention + out_fc + residual in one kernel: every token whose LN output and out_fc input are
+    not within a hair of a rounding tie matches the modules to fp32 noise (a quantization step apart would show as
+    ~1e-2); the others may be a step apart, no more."""
+    import torch.nn.functional as F
+
+    from kernels.int_view_attention import IntViewSublayerWeights, int_view_sublayer, reference_from_weights, \
+        reference_int_view_sublayer
+
+    attention = _integer_attention(seed=5)
+    norm = nn.LayerNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0.0, 0.1)
+    weights, sub = IntViewWeights.from_module(attention), IntViewSublayerWeights.from_modules(norm, attention)
+    _, features, ray_diff, mask = _inputs(tokens, views)
+    x = torch.randn(tokens, 32) * 2
+    with torch.no_grad():
+        expected = x + attention(norm(x)[:, None], features[:, None], ray_diff[:, None], mask[:, None, :, None])[:, 0]
+        assert torch.equal(reference_int_view_sublayer(x, features, ray_diff, mask, weights, sub), expected)
+        normed = F.layer_norm(x, (32,), sub.ln_w, sub.ln_b, sub.eps)
+        attended = reference_int_view_attention(reference_from_weights(normed, sub.q), features, ray_diff, mask,
+                                                weights)
+    record = {}
+    with recording(record):
+        got = int_view_sublayer(x, features, ray_diff, mask, weights, sub, norm_in_kernel)
+    assert record == {"int_view_sublayer": "tvm"}
+    clear = _tie_margin(attended) > 1e-5
+    if norm_in_kernel:
+        clear &= _tie_margin(normed) > 1e-5
+    error = (got - expected).abs().amax(dim=-1)
+    assert clear.float().mean() >= 0.9
+    assert error[clear].max() <= 1e-5 and error.max() <= 0.1
+
+
+@needs_vnni
+def test_the_sublayer_leaf_swaps_in_for_integer_view_blocks_and_runs_the_modules_for_gradients():
+    from gnt_shiftadd.models.transformers import ViewTransformerBlock
+    from kernels.apply import KernelConfig, KernelIntViewAttentionSublayer, use_kernels_
+
+    block = ViewTransformerBlock(32, 128).eval()
+    block.attn = _integer_attention(seed=6)
+    q, features, ray_diff, mask = (t.view(4, 10, *t.shape[1:]) for t in _inputs(40))
+    mask = mask[..., None]
+    with torch.no_grad():
+        expected = block.attn_sublayer(q, features, ray_diff, mask, block.attn_norm, block.attn)
+        summary = use_kernels_(block, KernelConfig("tvm"))
+        got = block.attn_sublayer(q, features, ray_diff, mask, block.attn_norm, block.attn)
+    leaf = block.attn_sublayer
+    assert isinstance(leaf, KernelIntViewAttentionSublayer) and summary["KernelIntViewAttentionSublayer"] == 1
+    assert "KernelIntViewAttention" not in summary and "KernelIntShiftLinear" not in summary
+    assert leaf.kernels_ran == {"int_view_sublayer": "tvm"}
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.1)
+    leaf.kernels_ran = {}
+    q.requires_grad_(True)
+    out = leaf(q, features, ray_diff, mask, block.attn_norm, block.attn)
+    assert leaf.kernels_ran == {"int_view_sublayer": "reference"} and out.requires_grad
+    torch.testing.assert_close(out.detach(), expected)

@@ -161,7 +161,8 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense, ray
     integer kernel), so require_all_kernels accepts the model; the frame matches the reference model closely
     (the other kernels are fp32 kernels with their own summation order, and an ulp of difference in an integer
     layer's input can move its rounding by one quantization step; bit-exactness is the test above). With the
-    hashed ray core (g, j) each ray attention runs whole on the integer ray-attention kernel."""
+    hashed ray core (g, j) each ray attention runs whole on the integer ray-attention kernel, and each view
+    attention sublayer on the integer view-sublayer kernel."""
     pytest.importorskip("tvm")
     from kernels.dispatch import require_all_kernels
     from kernels.apply import use_kernels
@@ -174,16 +175,16 @@ def test_full_kernel_swap_of_an_int8_variant_passes_the_tvm_row_check(dense, ray
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3)  # one 8-bit step moves a pixel by ~4e-3
     mapping = require_all_kernels(model)
     # every integer layer runs on an integer kernel: FFN pairs (and their LayerNorm) on the fused
-    # int_ffn_sublayer, each view attention's k, v, position and attention MLPs (6 layers) on int_view_attention,
-    # with the hashed core each ray attention's q, k, v and out_fc (4 layers) on int_ray_attention, the others
-    # (q_fc, out_fc, a dense-core ray attention's projections) on int_shift
+    # int_ffn_sublayer, each view attention's eight layers (and its LayerNorm) on int_view_sublayer, with the hashed
+    # core each ray attention's q, k, v and out_fc (4 layers) on int_ray_attention, a dense-core ray attention's
+    # projections on int_shift
     layers = len([m for m in model.modules() if isinstance(m, IntShiftLinear)])
     ran = {name: sum(kernels.get(name) == "tvm" for kernels in mapping.values())
-           for name in ("int_ffn_sublayer", "int_view_attention", "int_ray_attention", "int_shift")}
+           for name in ("int_ffn_sublayer", "int_view_sublayer", "int_ray_attention", "int_shift")}
     depth = model.cfg.trans_depth
-    assert ran["int_ffn_sublayer"] == 2 * depth and ran["int_view_attention"] == depth
+    assert ran["int_ffn_sublayer"] == 2 * depth and ran["int_view_sublayer"] == depth
     assert ran["int_ray_attention"] == (depth if ray_core == "hash_quadratic" else 0)
-    assert ran["int_shift"] + 2 * ran["int_ffn_sublayer"] + 6 * ran["int_view_attention"] \
+    assert ran["int_shift"] + 2 * ran["int_ffn_sublayer"] + 8 * ran["int_view_sublayer"] \
         + 4 * ran["int_ray_attention"] == layers
 
 
