@@ -18,6 +18,13 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
   int_ffn_sublayer             the same with the block's LayerNorm in the kernel (what a model runs)
   int_view_attention           the view attention with 8-bit integer shift layers (g, j) in one VNNI kernel
                                (kernels/int_view_attention.py) vs the same IntShiftLinear modules in PyTorch
+  int_view_sublayer            the same with the block's LN, integer q_fc and out_fc and the residual in the kernel
+                               (what g and j run) vs LN, q_fc, out_fc on their own kernels around int_view_attention
+  int_ray_attention            a ray block's attention half with integer q/k/v/out layers and the hashed core in one
+                               VNNI kernel per ray (kernels/int_ray_attention.py) vs LN, the layers on the int_shift
+                               kernel and the hashed core on its kernels (what the model ran before); its products
+                               are int8 (the layers) and fp32 (code projections, weighted sum), so its peak is the
+                               rate at which both kinds would run at their own peaks ("int8+fp32")
   position_fusion              the points' NeRF encoding + the fusion MLP per ray (kernels/position_fusion.py) vs the
                                model's PositionFusion eager (the encoding included)
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
@@ -32,6 +39,7 @@ the 4 bilinear multiply-adds per channel: that kernel is bound by its gathers an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import sys
@@ -55,18 +63,22 @@ from gnt_shiftadd.models.encodings import PositionalEncoding  # noqa: E402
 from gnt_shiftadd.models.gnt import PositionFusion  # noqa: E402
 from gnt_shiftadd.models.projector import sample_source_views  # noqa: E402
 from gnt_shiftadd.models.heads import ViewColorBlend  # noqa: E402
-from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, ViewAttention  # noqa: E402
+from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, RayTransformerBlock, \
+    ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
-from kernels.apply import KernelRayAttentionSublayer, KernelViewColorBlend  # noqa: E402
+from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
 from kernels.dispatch import recording  # noqa: E402
 from kernels.ffn import ffn_sublayer, ffn_weights, reference_ffn_sublayer  # noqa: E402
-from kernels.int_shift import int_ffn, int_ffn_sublayer, prepare_int_shift, reference_int_ffn, \
+from kernels.int_shift import int_ffn, int_ffn_sublayer, int_shift, prepare_int_shift, reference_int_ffn, \
     reference_int_ffn_sublayer, vnni_available  # noqa: E402
-from kernels.int_view_attention import IntViewWeights, int_view_attention  # noqa: E402
+from kernels.int_ray_attention import IntRayWeights, int_ray_attention, quantization_margins, \
+    reference_int_ray_attention  # noqa: E402
+from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, int_view_attention, int_view_sublayer, \
+    reference_int_view_sublayer  # noqa: E402
 from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.source_views import prepare_source_views, reference_source_front_end, source_front_end, \
@@ -93,6 +105,13 @@ def _checked(name: str, run, expected: torch.Tensor, tol: float, ok_rows: torch.
     if ok_rows is not None:
         got, expected = got[ok_rows], expected[ok_rows]
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def mixed_peak(macs_by_arithmetic: dict[str, float], peaks: dict) -> float:
+    """The MAC rate of a kernel that did each kind of product at that kind's peak (int8 and fp32 MACs of one
+    kernel): total MACs / the sum of each kind's MACs over its peak rate."""
+    total = sum(macs_by_arithmetic.values())
+    return total / sum(macs / peaks[kind]["gmac_per_s"] for kind, macs in macs_by_arithmetic.items())
 
 
 def _row(name: str, shape: str, macs: float, kernel, eager, eager_name: str, repeats: int, peak: float,
@@ -209,23 +228,30 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                          tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
                          dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
     if vnni_available():
-        rows.append(int_view_attention_row(cfg, repeats, int8))
+        rows += int_view_attention_rows(cfg, repeats, int8)
+        rows.append(int_ray_attention_row(cfg, repeats, peaks))
     rows.append(position_fusion_row(cfg, repeats, fp32))
     rows += source_views_rows(cfg, repeats, fp32)
     return rows
 
 
+def _integer_layers(module: nn.Module) -> nn.Module:
+    """module with every nn.Linear child an 8-bit per-token IntShiftLinear (as g and j convert them)."""
+    for name, layer in list(module.named_children()):
+        if isinstance(layer, nn.Linear):
+            setattr(module, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
+                                                             act_scale="per_token").eval())
+    return module
+
+
 @torch.no_grad()
-def int_view_attention_row(cfg, repeats: int, peak: float) -> dict:
+def int_view_attention_rows(cfg, repeats: int, peak: float) -> list[dict]:
     """The view attention with 8-bit integer shift layers (g, j) in one VNNI kernel against the same layers as
-    modules (each IntShiftLinear on its own reference, the softmax over views in PyTorch)."""
+    modules (each IntShiftLinear on its own reference, the softmax over views in PyTorch); then the whole pre-norm
+    sublayer (LN, q_fc, out_fc, residual in the kernel too) against those around the attention kernel."""
     dim, views, tokens = cfg.model.netwidth, cfg.data.num_source_views, cfg.render.chunk_rays * cfg.render.n_samples
     torch.manual_seed(2)
-    attention = ViewAttention(dim).eval()
-    for name, layer in list(attention.named_children()):
-        if isinstance(layer, nn.Linear):
-            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                                act_scale="per_token").eval())
+    attention = _integer_layers(ViewAttention(dim).eval())
     weights = IntViewWeights.from_module(attention)
     qp, features = torch.randn(tokens, dim), torch.randn(tokens, views, dim)
     ray_diff, mask = torch.randn(tokens, views, 4) * 0.3, (torch.rand(tokens, views) > 0.2).float()
@@ -236,9 +262,56 @@ def int_view_attention_row(cfg, repeats: int, peak: float) -> dict:
     _checked("int_view_attention", lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules(), 1e-5)
     small = weights.hidden
     macs = tokens * views * (2 * dim * dim + 4 * small + small * dim + dim * small + small * dim)
-    return _row("int_view_attention", f"[{tokens},{views},{dim}], 8-bit layers", macs,
-                lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules,
-                "the IntShiftLinear modules + softmax in PyTorch", repeats, peak, arithmetic="int8")
+    rows = [_row("int_view_attention", f"[{tokens},{views},{dim}], 8-bit layers", macs,
+                 lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules,
+                 "the IntShiftLinear modules + softmax in PyTorch", repeats, peak, arithmetic="int8")]
+    norm = nn.LayerNorm(dim, eps=1e-6).eval()
+    sub = IntViewSublayerWeights.from_modules(norm, attention)
+    q_layer, out_layer = (prepare_int_shift(export_int_shift(layer)) for layer in (attention.q_fc, attention.out_fc))
+    x = torch.randn(tokens, dim)
+
+    def around():  # what the block ran before: LN, q_fc and out_fc on their own kernels around the attention kernel
+        query = int_shift(norm(x), q_layer)
+        return x + int_shift(int_view_attention(query, features, ray_diff, mask, weights), out_layer)
+
+    # the LN and the softmax round in the kernel's own order: an activation may quantize one step apart
+    _checked("int_view_sublayer", lambda: int_view_sublayer(x, features, ray_diff, mask, weights, sub),
+             reference_int_view_sublayer(x, features, ray_diff, mask, weights, sub), 0.1)
+    rows.append(_row("int_view_sublayer", f"[{tokens},{views},{dim}] + LN, q_fc, out_fc, 8-bit",
+                     macs + tokens * 2 * dim * dim, lambda: int_view_sublayer(x, features, ray_diff, mask, weights, sub),
+                     around, "LN, q_fc, out_fc on their kernels around int_view_attention", repeats, peak,
+                     arithmetic="int8"))
+    return rows
+
+
+@torch.no_grad()
+def int_ray_attention_row(cfg, repeats: int, peaks: dict) -> dict:
+    """A ray block's attention half with integer layers and the hashed core (j, g) in one kernel per ray, against
+    what the block ran before it: PyTorch's LN, the four layers on the int_shift kernel and the hashed core on the
+    hash_pack + popcount-softmax kernels (their leaves), glue in PyTorch."""
+    dim, heads, bits = cfg.model.netwidth, cfg.model.num_heads, cfg.shiftadd.hash_bits
+    rays, samples, head_dim = cfg.render.chunk_rays, cfg.render.n_samples, cfg.model.netwidth // cfg.model.num_heads
+    torch.manual_seed(3)
+    block = RayTransformerBlock(dim, heads, cfg.model.ff_mult * dim).eval()
+    block.attn.core = HashedQuadraticAttention(heads, head_dim, bits).eval()
+    block.attn.core.calibrate(*(torch.randn(rays, heads, samples, head_dim) for _ in range(3)))
+    _integer_layers(block.attn)
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    parts = copy.deepcopy(block)
+    use_kernels_(parts, KernelConfig("tvm"), lambda module, _fqn: not isinstance(module, PreNormAttention))
+    x = torch.randn(rays, samples, dim)
+    margin = quantization_margins(x, weights)
+    _checked("int_ray_attention", lambda: int_ray_attention(x, weights),
+             reference_int_ray_attention(x, weights), 1e-5, margin > 1e-4)  # LN and softmax round alike
+    int8_macs = rays * samples * 4 * dim * dim
+    fp32_macs = rays * (2 * samples * heads * head_dim * bits + heads * samples * samples * head_dim)
+    row = _row("int_ray_attention", f"[{rays},{samples},{dim}] {heads} heads, {bits}-bit codes, 8-bit layers",
+               int8_macs + fp32_macs, lambda: int_ray_attention(x, weights),
+                lambda: parts.attn_sublayer(x, parts.attn_norm, parts.attn),
+               "LN + the layers on int_shift + the hashed core on its kernels", repeats,
+               mixed_peak({"int8": int8_macs, "fp32": fp32_macs}, peaks), arithmetic="int8+fp32")
+    row["macs_by_arithmetic"] = {"int8": int8_macs, "fp32": fp32_macs}
+    return row
 
 
 @torch.no_grad()
@@ -325,7 +398,8 @@ def merge_rounds(rounds: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict
         same = [rows[index] for _, rows in rounds]
         row = dict(first, **{key: statistics.median(r[key] for r in same)
                              for key in ("kernel_ms", "eager_ms", "speedup_vs_eager", "kernel_gmac_per_s")})
-        row["peak_gmac_per_s"] = peaks[row["arithmetic"]]["gmac_per_s"]
+        row["peak_gmac_per_s"] = peaks[row["arithmetic"]]["gmac_per_s"] if row["arithmetic"] in peaks else \
+            mixed_peak(row["macs_by_arithmetic"], peaks)
         row["peak_fraction"] = row["kernel_gmac_per_s"] / row["peak_gmac_per_s"]
         row["rounds_kernel_ms"] = [r["kernel_ms"] for r in same]
         row["rounds_peak_fraction"] = [r["peak_fraction"] for r in same]

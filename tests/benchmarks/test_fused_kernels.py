@@ -20,9 +20,15 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
     assert names[-3:] == ["position_fusion", "source_views", "source_front_end"]  # the last two on fern's real data
     from kernels.int_shift import vnni_available
 
-    assert ("int_view_attention" in names) == vnni_available()  # the integer rows need AVX-512 VNNI
+    integer = ["int_ffn", "int_ffn_sublayer", "int_view_attention", "int_view_sublayer", "int_ray_attention"]
+    assert all((name in names) == vnni_available() for name in integer)  # the integer rows need AVX-512 VNNI
     for row in record["rows"]:
         assert row["kernel_ms"] > 0 and row["macs"] > 0
         assert row["peak_fraction"] == pytest.approx(row["kernel_gmac_per_s"] / row["peak_gmac_per_s"])
         assert len(row["rounds_kernel_ms"]) == 2 and min(row["rounds_kernel_ms"]) <= row["kernel_ms"]
     assert "openmp" in record and record["peaks"]["fp32"]["gmac_per_s"] > 0
+    if vnni_available():  # int8 layers and fp32 code projections: between the two peaks
+        ray = next(row for row in record["rows"] if row["kernel"] == "int_ray_attention")
+        assert ray["arithmetic"] == "int8+fp32" and set(ray["macs_by_arithmetic"]) == {"int8", "fp32"}
+        peaks = record["peaks"]
+        assert peaks["fp32"]["gmac_per_s"] < ray["peak_gmac_per_s"] < peaks["int8"]["gmac_per_s"]
