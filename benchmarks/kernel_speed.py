@@ -13,8 +13,9 @@ End to end (held-out view 8 at eval.stride): the dense peers, the same dense GNT
   - PyTorch eager fp32, torch.compile, our fused fp32 TVM kernels,
   - dynamic int8 quantization of its Linear layers (`torch.ao.quantization.quantize_dynamic`, what a CPU user
     tries first; CPU only), bf16 autocast (and fp16 on CUDA),
-then every ShiftAdd variant on the TVM kernels (and on its PyTorch reference unless --no-reference). Each row
-records ms/frame, `speedup_vs_fastest_dense`, `speedup_vs_dense_eager`, the frame's PSNR (and LPIPS when the
+then every ShiftAdd variant on the TVM kernels (and on its PyTorch reference unless --no-reference). Every row is
+loaded and warmed up first; then --repeats rounds each render every row once, in turn, so a drift in the machine's
+speed reaches all rows alike. Each row records ms/frame (the median of its rounds, each round kept), `speedup_vs_fastest_dense`, `speedup_vs_dense_eager`, the frame's PSNR (and LPIPS when the
 LPIPS weights are cached) against the held-out ground truth, which modules ran on which kernel, and its MACs per
 frame (mults + shifts from gnt_shiftadd/evaluation/opcount.py: a shift layer's shift-and-add stands in for a
 multiply-accumulate) over time as a fraction of the peak measured here by large fp32 / bf16 / int8 (VNNI)
@@ -36,11 +37,13 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
 
@@ -352,45 +355,79 @@ def frame_macs(ckpt: str, overrides: list[str], view: int, rendered_pixels: int)
             "energy_mj_full_frame": ops["per_frame"]["energy_pj"] * 1e-9}
 
 
+@dataclass
+class LiveRow:
+    """A row loaded, prepared and warmed up, ready for its timed renders (see time_rows)."""
+
+    spec: RowSpec
+    cfg: object
+    model: object
+    tensors: object
+    ran: str
+    render: Callable[[], None]
+    frames: list
+    seconds: list = field(default_factory=list)
+
+
 @torch.no_grad()
-def time_row(spec: RowSpec, overrides: list[str], view: int, repeats: int, breakdown: bool, lpips_model,
-             light_warmup: bool = False) -> dict:
-    """Render held-out `view` with the checkpoint's own model config (+ overrides): one warm-up (builds/loads
-    kernels, compiles), then the median of `repeats` timed renders; frame PSNR/LPIPS against the ground truth.
-    light_warmup: warm up on a 4x coarser frame (same chunk size, so the same kernels and allocations), except
-    under torch.compile, whose static shapes need the real frame's last chunk."""
+def start_row(spec: RowSpec, overrides: list[str], view: int, light_warmup: bool = False) -> LiveRow:
+    """Load the checkpoint with its own model config (+ overrides), prepare the row's mode, render once untimed
+    (builds/loads kernels, compiles). light_warmup: warm up on a 4x coarser frame (same chunk size, so the same
+    kernels and allocations), except under torch.compile, whose static shapes need the real frame's last chunk."""
     cfg = load_config(None, [*overrides, f"render.kernels={spec.backend}"], base=config_of_checkpoint(spec.checkpoint))
     model, tensors, _ = load_trained(cfg, spec.checkpoint)
-    device, scene = tensors.device, tensors.scene
-    model, ran = prepare_model(spec, model, device)
-
+    model, ran = prepare_model(spec, model, tensors.device)
     warm_cfg = copy.deepcopy(cfg)
     if light_warmup and spec.mode != "compile":
         warm_cfg.eval.stride = cfg.eval.stride * 4
-
-    frames = []
+    frames: list = []
 
     def render(render_cfg=cfg):
-        with precision_context(spec.mode, device):
+        with precision_context(spec.mode, tensors.device):
             frames[:] = [render_heldout(model, tensors, render_cfg, view)]
 
-    # a row timed as "tvm" fails if any module fell back to the reference, and records which module ran what
-    with all_kernels_required(model) if spec.backend == "tvm" else contextlib.nullcontext({}) as kernels_ran:
-        render(warm_cfg)  # warm-up: builds/loads kernels, compiles
-        seconds = median_seconds(render, device, repeats, warmup=0)
-    image = frames[0].float()  # the last timed frame
+    render(warm_cfg)
+    return LiveRow(spec, cfg, model, tensors, ran, render, frames)
+
+
+@torch.no_grad()
+def time_rows(rows: list[LiveRow], repeats: int) -> list[dict]:
+    """`repeats` rounds, each rendering every row once in turn, so a drift in this shared machine's speed reaches
+    every row alike (rows timed one after the other moved 10-30% against each other). Each row timed as "tvm"
+    fails if any module fell back to the reference in its timed renders; returns what each row's modules ran."""
+    with contextlib.ExitStack() as stack:
+        ran = [stack.enter_context(all_kernels_required(row.model)) if row.spec.backend == "tvm" else {}
+               for row in rows]
+        for _ in range(repeats):
+            for row in rows:
+                sync(row.tensors.device)
+                tic = time.perf_counter()
+                row.render()
+                sync(row.tensors.device)
+                row.seconds.append(time.perf_counter() - tic)
+    return ran
+
+
+@torch.no_grad()
+def finish_row(row: LiveRow, kernels_ran: dict, view: int, breakdown: bool, lpips_model) -> dict:
+    """The row's record: median of its timed renders, frame PSNR/LPIPS of its last frame against the ground truth,
+    and (breakdown) per-component times from one extra hooked render."""
+    spec, cfg, scene = row.spec, row.cfg, row.tensors.scene
+    seconds = statistics.median(row.seconds)
+    image = row.frames[0].float()  # the last timed frame
     target = torch.from_numpy(scene.images[view][::cfg.eval.stride, ::cfg.eval.stride]).to(image.device).float()
     frame_psnr = float(psnr(image.clamp(0, 1), target))
     frame_lpips = lpips_distance(image.clamp(0, 1), target, model=lpips_model) if lpips_model is not None else None
     # hooks do not fire inside a torch.compile graph: that row has no breakdown
-    parts = component_breakdown(model, tensors, cfg, view, spec.mode) if breakdown and spec.mode != "compile" else {}
+    parts = component_breakdown(row.model, row.tensors, cfg, view, spec.mode) \
+        if breakdown and spec.mode != "compile" else {}
     height, width = image.shape[:2]
     print(f"{spec.label:58s} {seconds * 1e3:9.0f} ms/frame  PSNR {frame_psnr:.3f}  " +
           " ".join(f"{k} {v:.0f}" for k, v in parts.items()))
-    return asdict(spec) | {"arithmetic": spec.arithmetic, "ran": ran, "kernels_ran": kernels_ran,
-                           "ms_per_frame": seconds * 1e3,
-                           "repeats": repeats, "frame_psnr": frame_psnr, "frame_lpips": frame_lpips,
-                           "resolution": [width, height], "breakdown_ms": parts}
+    return asdict(spec) | {"arithmetic": spec.arithmetic, "ran": row.ran, "kernels_ran": kernels_ran,
+                           "ms_per_frame": seconds * 1e3, "repeats": len(row.seconds),
+                           "rounds_ms": [t * 1e3 for t in row.seconds], "frame_psnr": frame_psnr,
+                           "frame_lpips": frame_lpips, "resolution": [width, height], "breakdown_ms": parts}
 
 
 def summarize(rows: list[dict], peaks: dict) -> dict | None:
@@ -640,11 +677,14 @@ def main(argv: list[str] | None = None) -> int:
             if reference:
                 specs.append(RowSpec(f"ShiftAdd {name}, PyTorch reference", "shiftadd", name, ckpt, "torch",
                                      integer_bits=bits))
-        print(f"end to end (held-out view {args.view}, stride {cfg.eval.stride}, {repeats} timed render(s) per row):")
+        print(f"end to end (held-out view {args.view}, stride {cfg.eval.stride}, {repeats} round(s), each row "
+              f"rendered once per round):")
+        live = [start_row(spec, overrides, args.view, light_warmup=args.quick) for spec in specs]
+        kernels_ran = time_rows(live, repeats)
         record["end_to_end"] = rows = []
         macs = {}
-        for spec in specs:
-            row = time_row(spec, overrides, args.view, repeats, breakdown, lpips_model, light_warmup=args.quick)
+        for spec, live_row, ran in zip(specs, live, kernels_ran):
+            row = finish_row(live_row, ran, args.view, breakdown, lpips_model)
             if spec.checkpoint not in macs:
                 width, height = row["resolution"]
                 macs[spec.checkpoint] = frame_macs(spec.checkpoint, overrides, args.view, width * height)

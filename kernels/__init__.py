@@ -11,7 +11,10 @@ source_views.py     projection of the samples into the source views, bilinear ga
 view_features.py    grid_sample outputs -> per-view feature MLP + masked max-pool (GNT's front end)
 view_attention.py   the view transformer's attention per (ray, sample) token, fused over views; on the CPU also the
                     whole pre-norm half-block (LN, q_fc, the attention, out_fc, residual)
-int_view_attention.py  the view attention with 8-bit integer shift layers (g, j) in one VNNI kernel (CPU)
+int_view_attention.py  the view attention with 8-bit integer shift layers (g, j) in one VNNI kernel, and with it
+                    the whole pre-norm half-block (LN, integer q_fc, the attention, integer out_fc, residual) (CPU)
+int_ray_attention.py   a ray block's attention half with integer q/k/v/out layers and the hashed core (LN, one
+                    quantization for q|k|v, codes, popcount softmax by table, out_fc, residual) per ray (CPU, VNNI)
 position_fusion.py  the points' NeRF encoding (sin/cos polynomials) and GNT's position-fusion MLP per ray (CPU)
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused
