@@ -1,0 +1,238 @@
+"""Why a fused CPU kernel runs at the speed it does, on a machine without hardware counters (on this VM `perf stat`
+reports cycles and instructions as not supported). For each kernel at the model's shapes (fern_blend: C = 32,
+6 views, 24 samples per ray, FFN hidden 128):
+
+  working set   ms per 49,152 tokens for one call on a whole render chunk (inputs of 6 MB for an FFN, 38 MB for
+                a view attention) and for 16 calls on 3,072 tokens (0.4-2.4 MB, in the cores' caches): equal
+                times mean the kernel is not bound by memory bandwidth;
+  threads       the same with TVM on 1 thread and on 2 (each in its own process: TVM sizes its pool once);
+  code          the compiled kernel's instructions (objdump of the exported library, the function holding its
+                loops), by class: int8 dot products (vpdpbusd), fp32 multiply-adds and multiplies, other vector
+                instructions, scalar and control. Static counts of the code, not instructions retired: loops over
+                output blocks run their body more than once. They say how much of the code is the products that
+                a fraction of the peak counts.
+
+  python benchmarks/kernel_anatomy.py --out results/kernel_anatomy_cpu.json [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gnt_shiftadd.runtime import quiet_openmp_workers  # noqa: E402 (before torch: libgomp reads it once)
+
+quiet_openmp_workers()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+CHUNK_TOKENS, SMALL_TOKENS, SAMPLES, VIEWS, CHANNELS, HIDDEN, HEADS = 49152, 3072, 24, 6, 32, 128, 4
+
+
+def _integer(module: nn.Module) -> nn.Module:
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+
+    for name, layer in list(module.named_children()):
+        if isinstance(layer, nn.Linear):
+            setattr(module, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
+                                                             act_scale="per_token").eval())
+    return module
+
+
+def kernel_cases() -> dict:
+    """name -> (call(tokens) -> a function that runs the kernel once on that many tokens, the IRModule maker
+    (target -> IRModule) whose code is counted)."""
+    from gnt_shiftadd.models.transformers import FeedForward, RayAttention, ViewAttention
+    from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
+    from gnt_shiftadd.shiftadd.int_shift import export_int_shift
+    from kernels import ffn, int_ray_attention, int_shift, int_view_attention, ray_attention, view_attention
+    from kernels.apply import KernelRayAttentionSublayer
+
+    torch.manual_seed(0)
+    dense_view = ViewAttention(CHANNELS).eval()
+    view_weights = view_attention.PreparedViewWeights.from_dict(view_attention.view_attention_weights(dense_view))
+    int_view = _integer(ViewAttention(CHANNELS).eval())
+    norm = nn.LayerNorm(CHANNELS, eps=1e-6).eval()
+    int_weights = int_view_attention.IntViewWeights.from_module(int_view)
+    int_sub = int_view_attention.IntViewSublayerWeights.from_modules(norm, int_view)
+    dense_ff = FeedForward(CHANNELS, HIDDEN).eval()
+    ffn_w = ffn.ffn_weights(norm, dense_ff)
+    int_ff = _integer(FeedForward(CHANNELS, HIDDEN).eval())
+    fc1, fc2 = (int_shift.prepare_int_shift(export_int_shift(layer)) for layer in (int_ff.fc1, int_ff.fc2))
+    ln_w, ln_b = norm.weight.detach(), norm.bias.detach()
+    ray = RayAttention(CHANNELS, HEADS).eval()
+    ray.core = HashedQuadraticAttention(HEADS, CHANNELS // HEADS, 16).eval()
+    ray_w = KernelRayAttentionSublayer(norm, ray).weights
+    int_ray = _integer(RayAttention(CHANNELS, HEADS).eval())
+    int_ray.core = ray.core
+    int_ray_w = int_ray_attention.IntRayWeights.from_modules(norm, int_ray)
+
+    def view_inputs(tokens):
+        return (torch.randn(tokens, CHANNELS), torch.randn(tokens, VIEWS, CHANNELS), torch.randn(tokens, VIEWS, 4),
+                (torch.rand(tokens, VIEWS) > 0.2).float())
+
+    def on(tokens, make):
+        inputs = view_inputs(tokens)
+        return lambda: make(*inputs)
+
+    rays = lambda tokens: torch.randn(tokens // SAMPLES, SAMPLES, CHANNELS)  # noqa: E731
+    return {
+        "view_attention": (lambda n: on(n, lambda q, f, d, m: view_attention.view_attention(q, f, d, m, view_weights)),
+                           lambda t: view_attention.make_view_attention(t, VIEWS, CHANNELS, CHANNELS // 8)),
+        "int_view_attention": (lambda n: on(n, lambda q, f, d, m: int_view_attention.int_view_attention(
+            q, f, d, m, int_weights)), lambda t: int_view_attention.make_int_view_attention(VIEWS, CHANNELS)),
+        "int_view_sublayer": (lambda n: on(n, lambda q, f, d, m: int_view_attention.int_view_sublayer(
+            q, f, d, m, int_weights, int_sub)), lambda t: int_view_attention.make_int_view_attention(
+            VIEWS, CHANNELS, sublayer=True, eps=1e-6)),
+        "ffn_sublayer": (lambda n: (lambda x: lambda: ffn.ffn_sublayer(x, ffn_w))(torch.randn(n, CHANNELS)),
+                         lambda t: ffn.make_ffn_sublayer(t, CHANNELS, HIDDEN, 1, 1e-6)),
+        "int_ffn_sublayer": (lambda n: (lambda x: lambda: int_shift.int_ffn_sublayer(x, ln_w, ln_b, 1e-6, fc1, fc2))(
+            torch.randn(n, CHANNELS)), lambda t: int_shift.make_int_ffn(
+            CHANNELS, HIDDEN, 8, True, int_shift.FFN_TILE, int_shift.FFN_BLOCKS, norm_eps=1e-6)),
+        "ray_attention_hashed": (lambda n: (lambda x: lambda: ray_attention.ray_attention(x, ray_w))(rays(n)),
+                                 lambda t: ray_attention.make_ray_attention(t, SAMPLES, CHANNELS, HEADS, "hashed",
+                                                                            16, 1e-6)),
+        "int_ray_attention": (lambda n: (lambda x: lambda: int_ray_attention.int_ray_attention(x, int_ray_w))(
+            rays(n)), lambda t: int_ray_attention.make_int_ray_attention(SAMPLES, CHANNELS, HEADS, 16, 1e-6)),
+    }
+
+
+def _median_ms(fn, calls: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def worker(repeats: int) -> dict:
+    """ms per CHUNK_TOKENS tokens for every kernel, whole chunk vs in-cache pieces (this process's TVM threads)."""
+    from kernels.build import match_tvm_threads_to_torch, tvm_thread_count
+    from kernels.dispatch import recording
+
+    match_tvm_threads_to_torch()
+    result = {"tvm_threads": tvm_thread_count(), "kernels": {}}
+    for name, (call, _) in kernel_cases().items():
+        whole, small = call(CHUNK_TOKENS), call(SMALL_TOKENS)
+        record: dict = {}
+        with recording(record):
+            whole()
+        if set(record.values()) != {"tvm"}:
+            raise SystemExit(f"kernel_anatomy: {name} did not run on TVM ({record})")
+        rounds = {"whole_chunk": [], "in_cache": []}
+        for _ in range(3):  # alternate, so a drift in the machine's speed reaches both alike
+            rounds["whole_chunk"].append(_median_ms(whole, 1, repeats))
+            rounds["in_cache"].append(_median_ms(small, CHUNK_TOKENS // SMALL_TOKENS, repeats))
+        result["kernels"][name] = {key: statistics.median(values) for key, values in rounds.items()} | {
+            "rounds_ms": rounds}
+    return result
+
+
+def _classify(mnemonic: str) -> str:
+    if mnemonic.startswith(("vpdpbusd", "vpdpwssd")):
+        return "int8_dot"
+    if re.match(r"vf(n)?m(add|sub)", mnemonic):
+        return "fp32_fma"
+    if mnemonic.startswith(("vmulps", "vmulss")):
+        return "fp32_mul"
+    if mnemonic.startswith("v") or mnemonic.startswith("k"):
+        return "vector_other"
+    return "scalar_control"
+
+
+def instruction_mix(make, workdir: Path, name: str) -> dict:
+    """Static instruction counts by class in the function of the compiled kernel that holds the most vector
+    instructions (its loops; the argument checks of the entry point are left out)."""
+    import tvm
+
+    from kernels.build import cpu_target
+
+    target = cpu_target()
+    library = workdir / f"{name}.so"
+    tvm.compile(make(target), target=target).export_library(str(library))
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    functions: dict[str, list[str]] = {}
+    current = None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            current = header.group(1)
+            functions[current] = []
+        elif current and re.match(r"^\s+[0-9a-f]+:\s+\S", line):
+            functions[current].append(line.split(":", 1)[1].split()[0])
+    body_name, body = max(functions.items(), key=lambda item: sum(m.startswith("v") for m in item[1]))
+    counts: dict[str, int] = {}
+    for mnemonic in body:
+        kind = _classify(mnemonic)
+        counts[kind] = counts.get(kind, 0) + 1
+    total = sum(counts.values())
+    return {"function": body_name, "instructions": total, "by_class": counts,
+            "fraction": {kind: count / total for kind, count in counts.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON to write")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.repeats)))
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    from gnt_shiftadd.evaluation.evaluate import environment
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        raise SystemExit("kernel_anatomy: the integer kernels need a CPU with AVX-512 VNNI")
+    timings = {}
+    for threads in (1, 2):
+        env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        proc = subprocess.run([sys.executable, __file__, "--worker", "--repeats", str(args.repeats)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"kernel_anatomy worker ({threads} threads) failed:\n{proc.stderr[-3000:]}")
+        timings[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = {"command": "python benchmarks/kernel_anatomy.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "environment": environment(), "tokens": {"whole_chunk": CHUNK_TOKENS, "in_cache": SMALL_TOKENS},
+              "shapes": {"channels": CHANNELS, "views": VIEWS, "samples": SAMPLES, "ffn_hidden": HIDDEN,
+                         "heads": HEADS}, "kernels": {}}
+    with tempfile.TemporaryDirectory(prefix="kernel_anatomy_") as workdir:
+        for name, (_, make) in kernel_cases().items():
+            entry = {f"{threads}_thread{'s' if threads > 1 else ''}": timings[threads]["kernels"][name]
+                     for threads in (1, 2)}
+            one, two = entry["1_thread"]["whole_chunk"], entry["2_threads"]["whole_chunk"]
+            entry["thread_scaling"] = one / two
+            entry["in_cache_over_whole"] = entry["2_threads"]["in_cache"] / entry["2_threads"]["whole_chunk"]
+            entry["code"] = instruction_mix(make, Path(workdir), name)
+            record["kernels"][name] = entry
+            mix = entry["code"]["fraction"]
+            print(f"{name:22s} {two:6.2f} ms (2 threads; 1 thread x{entry['thread_scaling']:.2f}; in cache "
+                  f"x{entry['in_cache_over_whole']:.2f})  code: {entry['code']['instructions']} instructions, "
+                  f"{100 * mix.get('int8_dot', 0):.0f}% vpdpbusd, {100 * mix.get('fp32_fma', 0):.0f}% FMA, "
+                  f"{100 * mix.get('fp32_mul', 0):.0f}% fp32 mul", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"recorded in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
