@@ -67,7 +67,7 @@ from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayA
     ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
@@ -235,15 +235,6 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
     return rows
 
 
-def _integer_layers(module: nn.Module) -> nn.Module:
-    """module with every nn.Linear child an 8-bit per-token IntShiftLinear (as g and j convert them)."""
-    for name, layer in list(module.named_children()):
-        if isinstance(layer, nn.Linear):
-            setattr(module, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                             act_scale="per_token").eval())
-    return module
-
-
 @torch.no_grad()
 def int_view_attention_rows(cfg, repeats: int, peak: float) -> list[dict]:
     """The view attention with 8-bit integer shift layers (g, j) in one VNNI kernel against the same layers as
@@ -251,7 +242,7 @@ def int_view_attention_rows(cfg, repeats: int, peak: float) -> list[dict]:
     sublayer (LN, q_fc, out_fc, residual in the kernel too) against those around the attention kernel."""
     dim, views, tokens = cfg.model.netwidth, cfg.data.num_source_views, cfg.render.chunk_rays * cfg.render.n_samples
     torch.manual_seed(2)
-    attention = _integer_layers(ViewAttention(dim).eval())
+    attention = integer_linears_(ViewAttention(dim).eval())
     weights = IntViewWeights.from_module(attention)
     qp, features = torch.randn(tokens, dim), torch.randn(tokens, views, dim)
     ray_diff, mask = torch.randn(tokens, views, 4) * 0.3, (torch.rand(tokens, views) > 0.2).float()
@@ -295,7 +286,7 @@ def int_ray_attention_row(cfg, repeats: int, peaks: dict) -> dict:
     block = RayTransformerBlock(dim, heads, cfg.model.ff_mult * dim).eval()
     block.attn.core = HashedQuadraticAttention(heads, head_dim, bits).eval()
     block.attn.core.calibrate(*(torch.randn(rays, heads, samples, head_dim) for _ in range(3)))
-    _integer_layers(block.attn)
+    integer_linears_(block.attn)
     weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
     parts = copy.deepcopy(block)
     use_kernels_(parts, KernelConfig("tvm"), lambda module, _fqn: not isinstance(module, PreNormAttention))

@@ -40,42 +40,31 @@ from torch import nn  # noqa: E402
 CHUNK_TOKENS, SMALL_TOKENS, SAMPLES, VIEWS, CHANNELS, HIDDEN, HEADS = 49152, 3072, 24, 6, 32, 128, 4
 
 
-def _integer(module: nn.Module) -> nn.Module:
-    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
-    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
-
-    for name, layer in list(module.named_children()):
-        if isinstance(layer, nn.Linear):
-            setattr(module, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                             act_scale="per_token").eval())
-    return module
-
-
 def kernel_cases() -> dict:
     """name -> (call(tokens) -> a function that runs the kernel once on that many tokens, the IRModule maker
     (target -> IRModule) whose code is counted)."""
     from gnt_shiftadd.models.transformers import FeedForward, RayAttention, ViewAttention
     from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
-    from gnt_shiftadd.shiftadd.int_shift import export_int_shift
+    from gnt_shiftadd.shiftadd.int_shift import export_int_shift, integer_linears_
     from kernels import ffn, int_ray_attention, int_shift, int_view_attention, ray_attention, view_attention
     from kernels.apply import KernelRayAttentionSublayer
 
     torch.manual_seed(0)
     dense_view = ViewAttention(CHANNELS).eval()
     view_weights = view_attention.PreparedViewWeights.from_dict(view_attention.view_attention_weights(dense_view))
-    int_view = _integer(ViewAttention(CHANNELS).eval())
+    int_view = integer_linears_(ViewAttention(CHANNELS).eval())
     norm = nn.LayerNorm(CHANNELS, eps=1e-6).eval()
     int_weights = int_view_attention.IntViewWeights.from_module(int_view)
     int_sub = int_view_attention.IntViewSublayerWeights.from_modules(norm, int_view)
     dense_ff = FeedForward(CHANNELS, HIDDEN).eval()
     ffn_w = ffn.ffn_weights(norm, dense_ff)
-    int_ff = _integer(FeedForward(CHANNELS, HIDDEN).eval())
+    int_ff = integer_linears_(FeedForward(CHANNELS, HIDDEN).eval())
     fc1, fc2 = (int_shift.prepare_int_shift(export_int_shift(layer)) for layer in (int_ff.fc1, int_ff.fc2))
     ln_w, ln_b = norm.weight.detach(), norm.bias.detach()
     ray = RayAttention(CHANNELS, HEADS).eval()
     ray.core = HashedQuadraticAttention(HEADS, CHANNELS // HEADS, 16).eval()
     ray_w = KernelRayAttentionSublayer(norm, ray).weights
-    int_ray = _integer(RayAttention(CHANNELS, HEADS).eval())
+    int_ray = integer_linears_(RayAttention(CHANNELS, HEADS).eval())
     int_ray.core = ray.core
     int_ray_w = int_ray_attention.IntRayWeights.from_modules(norm, int_ray)
 

@@ -204,11 +204,11 @@ def _token_tile(samples: int) -> int:
 
 
 def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int, eps: float | None):
-    """IRModule "main" for the VNNI CPU, one ray per step (ray count symbolic):
-    eps given (LN in the kernel): (x [R * S / T, T, C], ln_w, ln_b, the qkv and out layers' packed, compensation,
-    out_scale, bias, scale [H], hash_w [H, d, n], hash_b [H, n], out like x);
-    eps None: (normed, x, then the same from the qkv layer on), normed = the block's LN of x from the caller.
-    T = _token_tile(S) tokens per tile."""
+    """IRModule "main" for the VNNI CPU, one ray per step (ray count symbolic): (normed, x [R * S / T, T, C], ln_w,
+    ln_b, the qkv and out layers' packed, compensation, out_scale, bias, softmax_table [H, 33], flip [H],
+    hash_w [H, d, n], hash_b [H, n], out like x), T = _token_tile(S) tokens per tile. eps given: the LN is
+    computed in the kernel (normed is not read: pass x twice); eps None: normed = the block's LN of x from the
+    caller."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
 
@@ -354,41 +354,23 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
                               words, out_scales, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b,
                               table, flip, hash_w, hash_b, out)
 
-    if eps is None:
-        @T.prim_func
-        def main(normed_h: T.handle, x_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
-                 ln_b: T.Buffer((channels,), "float32"), qkv_w: T.Buffer(layer_shape(3 * channels), "int8"),
-                 qkv_c: T.Buffer((3 * channels,), "int32"), qkv_s: T.Buffer((3 * channels,), "float32"),
-                 qkv_b: T.Buffer((3 * channels,), "float32"), out_w: T.Buffer(layer_shape(channels), "int8"),
-                 out_c: T.Buffer((channels,), "int32"), out_s: T.Buffer((channels,), "float32"),
-                 out_b: T.Buffer((channels,), "float32"), table: T.Buffer((heads, 2 * _TABLE + 1), "float32"),
-                 flip: T.Buffer((heads,), "int32"),
-                 hash_w: T.Buffer((heads, head_dim, n_bits), "float32"), hash_b: T.Buffer((heads, n_bits), "float32"),
-                 out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            tiles = T.int32()
-            normed = T.match_buffer(normed_h, (tiles, tile, channels), "float32")
-            x = T.match_buffer(x_h, (tiles, tile, channels), "float32")
-            out = T.match_buffer(out_h, (tiles, tile, channels), "float32")
-            body(tiles, x, normed, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip,
-                 hash_w, hash_b, out)
-    else:
-        @T.prim_func
-        def main(x_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
-                 ln_b: T.Buffer((channels,), "float32"), qkv_w: T.Buffer(layer_shape(3 * channels), "int8"),
-                 qkv_c: T.Buffer((3 * channels,), "int32"), qkv_s: T.Buffer((3 * channels,), "float32"),
-                 qkv_b: T.Buffer((3 * channels,), "float32"), out_w: T.Buffer(layer_shape(channels), "int8"),
-                 out_c: T.Buffer((channels,), "int32"), out_s: T.Buffer((channels,), "float32"),
-                 out_b: T.Buffer((channels,), "float32"), table: T.Buffer((heads, 2 * _TABLE + 1), "float32"),
-                 flip: T.Buffer((heads,), "int32"),
-                 hash_w: T.Buffer((heads, head_dim, n_bits), "float32"), hash_b: T.Buffer((heads, n_bits), "float32"),
-                 out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            tiles = T.int32()
-            x = T.match_buffer(x_h, (tiles, tile, channels), "float32")
-            out = T.match_buffer(out_h, (tiles, tile, channels), "float32")
-            body(tiles, x, None, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip,
-                 hash_w, hash_b, out)
+    @T.prim_func
+    def main(normed_h: T.handle, x_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
+             ln_b: T.Buffer((channels,), "float32"), qkv_w: T.Buffer(layer_shape(3 * channels), "int8"),
+             qkv_c: T.Buffer((3 * channels,), "int32"), qkv_s: T.Buffer((3 * channels,), "float32"),
+             qkv_b: T.Buffer((3 * channels,), "float32"), out_w: T.Buffer(layer_shape(channels), "int8"),
+             out_c: T.Buffer((channels,), "int32"), out_s: T.Buffer((channels,), "float32"),
+             out_b: T.Buffer((channels,), "float32"), table: T.Buffer((heads, 2 * _TABLE + 1), "float32"),
+             flip: T.Buffer((heads,), "int32"),
+             hash_w: T.Buffer((heads, head_dim, n_bits), "float32"), hash_b: T.Buffer((heads, n_bits), "float32"),
+             out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        tiles = T.int32()
+        normed = T.match_buffer(normed_h, (tiles, tile, channels), "float32")  # = x when the LN is in the kernel
+        x = T.match_buffer(x_h, (tiles, tile, channels), "float32")
+        out = T.match_buffer(out_h, (tiles, tile, channels), "float32")
+        body(tiles, x, normed, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip,
+             hash_w, hash_b, out)
 
     return tvm.IRModule({"main": main})
 
@@ -419,7 +401,7 @@ def int_ray_attention(x: torch.Tensor, w: IntRayWeights, norm_in_kernel: bool = 
     if rays:
         tile = _token_tile(samples)
         tiled = lambda t: kernel_ready(t, torch.float32).view(-1, tile, channels)  # noqa: E731
-        inputs = [tiled(x)] if norm_in_kernel else [tiled(F.layer_norm(x.float(), (channels,), w.ln_w, w.ln_b,
-                                                                       w.eps)), tiled(x)]
-        kernel(*inputs, *w.kernel_arguments(), out.view(-1, tile, channels))
+        rows = tiled(x)
+        normed = rows if norm_in_kernel else tiled(F.layer_norm(x.float(), (channels,), w.ln_w, w.ln_b, w.eps))
+        kernel(normed, rows, *w.kernel_arguments(), out.view(-1, tile, channels))
     return out

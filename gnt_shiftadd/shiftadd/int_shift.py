@@ -30,7 +30,8 @@ from torch import nn
 
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
-__all__ = ["IntegerLayerError", "ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_weights", "int_shift_reference",
+__all__ = ["IntegerLayerError", "ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_linears_",
+           "integer_weights", "int_shift_reference",
            "quantize_activations", "activation_scales", "export_int_shift", "exponent_span_histogram"]
 
 ACTIVATION_BITS = (8, 16)
@@ -193,6 +194,18 @@ class IntShiftLinear(ShiftLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation_bits={self.activation_bits}, act_scale={self.act_scale}"
+
+
+def integer_linears_(module: nn.Module, spec: ShiftSpec = ShiftSpec(exponent_min=-6), bits: int = 8,
+                     act_scale: str = "per_token") -> nn.Module:
+    """Every direct nn.Linear child of `module` replaced in place by an IntShiftLinear of its weights (no calibration,
+    no fine-tuning: a quick integer block for kernel tests and benchmarks; the variants convert through
+    shiftadd.reparameterize). Defaults: g's and j's format (int8 weights, 8-bit per-token activations). Returns
+    module."""
+    for name, layer in list(module.named_children()):
+        if type(layer) is nn.Linear:
+            setattr(module, name, IntShiftLinear.from_linear(layer, spec, bits, act_scale).train(layer.training))
+    return module
 
 
 @torch.no_grad()

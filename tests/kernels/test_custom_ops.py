@@ -8,7 +8,7 @@ pytest.importorskip("tvm")
 from gnt_shiftadd.config import ShiftAddConfig  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
 from gnt_shiftadd.models.transformers import FeedForward, ViewAttention  # noqa: E402
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
@@ -128,38 +128,28 @@ def _position_fusion_case():
             w.b2, w.num_freqs)
 
 
-def _int_view_case():
-    from torch import nn
-
-    from gnt_shiftadd.models.transformers import ViewAttention
+def _int_view_parts():
+    """(a ViewAttention with 8-bit integer layers, its IntViewWeights, view inputs)."""
     from kernels.int_view_attention import IntViewWeights
 
     torch.manual_seed(9)
-    attention = ViewAttention(DIM).eval()
-    for name, layer in list(attention.named_children()):
-        if isinstance(layer, nn.Linear):
-            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                                act_scale="per_token"))
-    w = IntViewWeights.from_module(attention)
-    qp, features, ray_diff, mask = _view_inputs()
-    return (qp, features, ray_diff, mask, *w.tensors(), w.channels, w.hidden)
+    attention = integer_linears_(ViewAttention(DIM).eval())
+    return attention, IntViewWeights.from_module(attention), _view_inputs()
+
+
+def _int_view_case():
+    _, w, inputs = _int_view_parts()
+    return (*inputs, *w.tensors(), w.channels, w.hidden)
 
 
 def _int_view_sublayer_case():
     from torch import nn
 
-    from gnt_shiftadd.models.transformers import ViewAttention
-    from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights
+    from kernels.int_view_attention import IntViewSublayerWeights
 
-    torch.manual_seed(9)
-    attention = ViewAttention(DIM).eval()
-    for name, layer in list(attention.named_children()):
-        if isinstance(layer, nn.Linear):
-            setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                                act_scale="per_token"))
-    w, sub = IntViewWeights.from_module(attention), IntViewSublayerWeights.from_modules(nn.LayerNorm(DIM), attention)
-    qp, features, ray_diff, mask = _view_inputs()
-    return (qp, features, ray_diff, mask, *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps, True)
+    attention, w, inputs = _int_view_parts()
+    sub = IntViewSublayerWeights.from_modules(nn.LayerNorm(DIM), attention)
+    return (*inputs, *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps, True)
 
 
 def _int_ray_weights():
@@ -172,9 +162,7 @@ def _int_ray_weights():
     torch.manual_seed(10)
     attention = RayAttention(DIM, 2).eval()
     attention.core = HashedQuadraticAttention(2, DIM // 2, 16)
-    for name in ("q_fc", "k_fc", "v_fc", "out_fc"):
-        setattr(attention, name, IntShiftLinear.from_linear(getattr(attention, name), ShiftSpec(exponent_min=-6), 8,
-                                                            act_scale="per_token"))
+    integer_linears_(attention)
     return IntRayWeights.from_modules(nn.LayerNorm(DIM, eps=1e-6), attention)
 
 

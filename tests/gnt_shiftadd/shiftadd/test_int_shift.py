@@ -208,3 +208,20 @@ def test_fused_int_ffn_leaves_render_the_reference_models_frame_bit_for_bit(dens
         got = _rgb(run())
     assert torch.equal(got, expected)
     assert require_all_kernels(model)["transformer.ray_blocks.0.ffn"] == {"int_ffn": "tvm"}
+
+
+def test_integer_linears_converts_the_direct_linear_children_only():
+    from torch import nn
+
+    from gnt_shiftadd.shiftadd.int_shift import integer_linears_
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4)), nn.LayerNorm(16)).eval()
+    reference = IntShiftLinear.from_linear(block[0], ShiftSpec(exponent_min=-6), 8, "per_token")
+    assert integer_linears_(block) is block
+    assert isinstance(block[0], IntShiftLinear) and not block[0].training
+    assert (block[0].activation_bits, block[0].act_scale) == (8, "per_token")
+    assert type(block[2][0]) is nn.Linear and isinstance(block[3], nn.LayerNorm)  # only direct nn.Linear children
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(block[0](x), reference(x))
