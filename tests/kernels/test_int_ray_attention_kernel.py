@@ -134,3 +134,22 @@ def test_the_leaf_swaps_in_and_runs_the_modules_when_gradients_are_needed():
     out = block.attn_sublayer(x, block.attn_norm, block.attn)
     assert block.attn_sublayer.kernels_ran == {"int_ray_attention": "reference"} and out.requires_grad
     torch.testing.assert_close(out.detach(), expected)
+
+
+@needs_vnni
+def test_a_head_with_a_negative_scale_gets_its_query_codes_flipped():
+    """The softmax by table assumes the largest logit comes with the fewest differing bits; a head whose learned
+    scale went negative has its query codes flipped (IntRayWeights.flip), so its weights still match the modules."""
+    block = _block(seed=7)
+    with torch.no_grad():
+        block.attn.core.scale[1] = -0.4
+        block.attn.core.scale[3] = -1.3
+    weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
+    assert weights.flip.tolist() == [0, 0xFFFF, 0, 0xFFFF]
+    torch.manual_seed(8)
+    x = torch.randn(23, 24, 32) * 2
+    got = int_ray_attention(x, weights, norm_in_kernel=False)
+    expected = _modules(block, x)
+    clear = quantization_margins(x, weights) > 1e-5
+    assert clear.float().mean() >= 0.5
+    assert (got - expected).abs().amax(dim=(1, 2))[clear].max() <= 1e-5
