@@ -92,3 +92,28 @@ def test_bad_arguments_stop_with_one_message(tiny_scene, tmp_path, capsys):
         benchmark.main(["--out", out, *overrides])
     with pytest.raises(Exception, match="unknown ShiftAdd variant"):
         benchmark.main([*overrides, "--quick", "--out", out, "--variants", "no_such_variant"])
+
+
+def test_rows_are_timed_round_by_round_and_a_tvm_row_must_run_its_kernels():
+    """time_rows renders every row once per round, in turn (a drift in the machine's speed reaches all rows alike);
+    a row timed as "tvm" whose model ran no kernel fails."""
+    import types
+
+    import torch
+
+    from kernels.dispatch import KernelFallbackError
+
+    benchmark = _load_benchmark()
+    order = []
+    device = types.SimpleNamespace(device=torch.device("cpu"))
+
+    def row(name, backend="torch"):
+        spec = benchmark.RowSpec(name, "dense", "dense", "ckpt", backend)
+        return benchmark.LiveRow(spec, None, torch.nn.Identity(), device, "PyTorch", lambda: order.append(name), [])
+
+    rows = [row("a"), row("b")]
+    ran = benchmark.time_rows(rows, repeats=3)
+    assert order == ["a", "b"] * 3 and ran == [{}, {}]
+    assert all(len(r.seconds) == 3 and min(r.seconds) >= 0 for r in rows)
+    with pytest.raises(KernelFallbackError, match="no kernel-backed module ran"):
+        benchmark.time_rows([row("c", backend="tvm")], repeats=1)
