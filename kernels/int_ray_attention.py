@@ -10,14 +10,16 @@ out_fc, the residual). Here one ray's 24 tokens never leave L1:
     q|k|v   = int(xn) @ [Wq; Wk; Wv]^T                         [S, 3C]  (one quantization per token serves all three:
                                                                          the layers quantize the same input alike)
     code    = bits of (q_h W_h + b_h >= 0), one int32 per head and token (n <= 32 bits)
-    logits  = scale_h (n - 2 popcount(code_q ^ code_k))        [H, S, S] (vector over the queries)
-    att     = softmax_keys(logits) v_h                         [C, S]   (channels-major: the next quantization's
-                                                                         absmax is a vector max over channels)
+    pc      = popcount(code_q ^ code_k)                        [H, S, S] (vector over the queries)
+    att     = softmax_keys(scale_h (n - 2 pc)) v_h             [C, S]   (the softmax weights R^(pc - min pc) from
+                                                                         a table, no exp; channels-major: the next
+                                                                         quantization's absmax is a vector max)
     out     = x + int(att) @ Wo^T + bo                          [S, C]
 
 The integer layers compute what their modules compute (`int_shift_reference`): q|k|v bit-exact given the same
-normed tokens; out_fc's input comes from the softmax, whose exp (a polynomial) and sums round in their own order,
-so an activation within rounding of a .5 step may quantize one step apart (as may q|k|v with the LN in the kernel).
+normed tokens; out_fc's input comes from the softmax, whose weights (table powers, or an exp polynomial for vectors
+of fewer than 8 queries) and sums round in their own order, so an activation within rounding of a .5 step may
+quantize one step apart (as may q|k|v with the LN in the kernel).
 """
 from __future__ import annotations
 
