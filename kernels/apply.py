@@ -590,26 +590,28 @@ def _position_fusion(module, parent, cfg):
     return KernelPositionFusion(parent.pos_fuse, parent.pos_enc, parent.rgbfeat_fc2.out_features)
 
 
+def _attention_sublayer(parent, cfg, fp32_leaf: type, integer_leaf: type, what: str):
+    """The fused pre-norm attention sublayer of `parent` (a view or ray block; CPU only): its integer VNNI leaf when
+    the attention's linears take integer activations, else its fp32 leaf."""
+    if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
+        raise KernelNotApplicable(f"the fused {what} sublayer is CPU-only; on CUDA its attention has its own kernels")
+    if isinstance(getattr(parent.attn, "q_fc", None), IntShiftLinear):
+        if not vnni_available():
+            raise KernelNotApplicable(f"the integer {what} sublayer runs on CPUs with AVX-512 VNNI")
+        return integer_leaf(parent.attn_norm, parent.attn, cfg.int_norm_in_kernel)
+    return fp32_leaf(parent.attn_norm, parent.attn)
+
+
 @register_kernel_handler(PreNormViewAttention)
 def _view_attention_sublayer(module, parent, cfg):
-    if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
-        raise KernelNotApplicable("the fused view-attention sublayer is CPU-only; on CUDA the attention has its kernel")
-    if isinstance(getattr(parent.attn, "q_fc", None), IntShiftLinear):  # integer layers: the VNNI kernel (CPU)
-        if not vnni_available():
-            raise KernelNotApplicable("the integer view-attention sublayer runs on CPUs with AVX-512 VNNI")
-        return KernelIntViewAttentionSublayer(parent.attn_norm, parent.attn, cfg.int_norm_in_kernel)
-    return KernelViewAttentionSublayer(parent.attn_norm, parent.attn)
+    return _attention_sublayer(parent, cfg, KernelViewAttentionSublayer, KernelIntViewAttentionSublayer,
+                               "view-attention")
 
 
 @register_kernel_handler(PreNormAttention)
 def _ray_attention_sublayer(module, parent, cfg):
-    if cfg.kernel_device(parent.attn_norm.weight.device) != "cpu":
-        raise KernelNotApplicable("the fused ray attention kernel is CPU-only; on CUDA its core has its own kernel")
-    if isinstance(getattr(parent.attn, "q_fc", None), IntShiftLinear):  # integer layers: the VNNI kernel (CPU)
-        if not vnni_available():
-            raise KernelNotApplicable("the integer ray attention runs on CPUs with AVX-512 VNNI")
-        return KernelIntRayAttentionSublayer(parent.attn_norm, parent.attn, cfg.int_norm_in_kernel)
-    return KernelRayAttentionSublayer(parent.attn_norm, parent.attn)
+    return _attention_sublayer(parent, cfg, KernelRayAttentionSublayer, KernelIntRayAttentionSublayer,
+                               "ray-attention")
 
 
 @register_kernel_handler(HashedQuadraticAttention)

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, IntShiftLinear, activation_scales, export_int_shift
+from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, activation_scales
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
-from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, prepare_int_shift, reference_from_weights, \
-    vnni_available
+from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
+    reference_from_weights, stack_outputs, vnni_available
 from kernels.te_math import script_exp, vector_lanes
 
 __all__ = ["IntRayWeights", "softmax_table", "reference_int_ray_attention", "make_int_ray_attention",
@@ -88,22 +88,13 @@ class IntRayWeights:
         if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
             raise ValueError("integer ray attention: the block's norm must be an affine nn.LayerNorm")
         names = ("q_fc", "k_fc", "v_fc", "out_fc")
-        layers = [getattr(attention, name) for name in names]
-        for name, layer in zip(names, layers):
-            if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
-                raise ValueError(f"integer ray attention: {name} is not an 8-bit per-token IntShiftLinear")
-        exported = [export_int_shift(layer) for layer in layers]
-        if any(e["weight_int"].dtype != torch.int8 for e in exported):
-            raise ValueError("integer ray attention: every layer needs int8 weights (exponent span <= 6)")
-        channels = layers[0].in_features
+        exported = [export_8bit_per_token(getattr(attention, name), "integer ray attention", name) for name in names]
+        channels = attention.q_fc.in_features
         hasher = attention.core.hasher
         if channels % LANES or hasher.n_bits not in (16, 32):
             raise ValueError(f"integer ray attention: needs C % 16 == 0 and 16 or 32 hash bits, got C={channels}, "
                              f"n={hasher.n_bits}")
-        zeros = torch.zeros(channels)
-        qkv = {**exported[0], "weight_int": torch.cat([e["weight_int"] for e in exported[:3]]),
-               "out_scale": torch.cat([e["out_scale"] for e in exported[:3]]),
-               "bias": torch.cat([zeros if e["bias"] is None else e["bias"] for e in exported[:3]])}
+        qkv = stack_outputs(exported[:3])
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
         scale = snapshot(attention.core.scale)
         table, flip = softmax_table(scale, hasher.n_bits)
@@ -127,13 +118,10 @@ class IntRayWeights:
                      softmax_table, flip, eps: float) -> "IntRayWeights":
         """Inverse of `tensors()` (what the custom op receives), no copies."""
         channels = ln_w.shape[0]
-
-        def layer(parts, outputs):
-            return IntShiftWeights(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8, per_token=True,
-                                   in_features=channels, out_features=outputs)
-
-        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), qkv=layer((qkv_w, qkv_c, qkv_s, qkv_b), 3 * channels),
-                   out=layer((out_w, out_c, out_s, out_b), channels), heads=scale.shape[0], scale=scale,
+        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps),
+                   qkv=IntShiftWeights.per_token_8bit((qkv_w, qkv_c, qkv_s, qkv_b), channels, 3 * channels),
+                   out=IntShiftWeights.per_token_8bit((out_w, out_c, out_s, out_b), channels, channels),
+                   heads=scale.shape[0], scale=scale,
                    hash_w=hash_w, hash_b=hash_b, softmax_table=softmax_table, flip=flip)
 
 

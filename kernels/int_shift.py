@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, int_shift_reference
+from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, IntShiftLinear, export_int_shift, int_shift_reference
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
-__all__ = ["IntShiftWeights", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
+__all__ = ["IntShiftWeights", "export_8bit_per_token", "stack_outputs", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
            "make_int_ffn", "int_ffn", "reference_int_ffn", "int_ffn_sublayer", "reference_int_ffn_sublayer", "FFN_TILE", "FFN_BLOCKS",
            "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
@@ -91,6 +91,33 @@ class IntShiftWeights:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.packed, self.compensation, self.out_scale, self.bias, self.absmax
+
+    @classmethod
+    def per_token_8bit(cls, parts, in_features: int, out_features: int) -> "IntShiftWeights":
+        """An 8-bit per-token layer from its (packed, compensation, out_scale, bias), as the fused kernels' custom
+        ops receive it (no absmax: per token); no copies."""
+        return cls(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8, per_token=True,
+                   in_features=in_features, out_features=out_features)
+
+
+def export_8bit_per_token(layer, where: str, name: str) -> dict:
+    """export_int_shift(layer) for the fused integer kernels, which compute 8-bit per-token layers with int8 weights
+    only; ValueError naming the kernel and the layer otherwise."""
+    if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
+        raise ValueError(f"{where}: {name} is not an 8-bit per-token IntShiftLinear")
+    exported = export_int_shift(layer)
+    if exported["weight_int"].dtype != torch.int8:
+        raise ValueError(f"{where}: {name} needs int8 weights (exponent span <= 6)")
+    return exported
+
+
+def stack_outputs(exported: list[dict]) -> dict:
+    """Layers that read the same input in the same per-token format, as one layer whose outputs are theirs side by
+    side (their quantizations of that input are identical, so one serves them all): export_int_shift dicts -> one
+    (a missing bias becomes zeros)."""
+    biases = [e["bias"] if e["bias"] is not None else torch.zeros(e["weight_int"].shape[0]) for e in exported]
+    return {**exported[0], "weight_int": torch.cat([e["weight_int"] for e in exported]),
+            "out_scale": torch.cat([e["out_scale"] for e in exported]), "bias": torch.cat(biases)}
 
 
 def _round_up(value: int, multiple: int) -> int:

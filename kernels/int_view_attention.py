@@ -10,7 +10,8 @@ L1 (kernels/int_shift.py's quantize and dot products, the views as the rows of a
     out    = sum_V softmax_V(logits) * mask * (v + pos)           [C]
 
 Every integer layer is bit-exact against its module (`int_shift_reference`): the fp32 values it quantizes are
-computed in the module's order. qp = q_fc(LN(q)) comes in (an integer layer on its own kernel); out_fc follows.
+computed in the module's order. qp = q_fc(LN(q)) comes in and out_fc follows (each an integer layer on its own
+kernel), or, in `int_view_sublayer` (what g and j run), the LN, q_fc, out_fc and the residual are in the same kernel.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
-from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, prepare_int_shift, reference_from_weights, \
-    vnni_available
+from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
+    reference_from_weights, stack_outputs, vnni_available
 from kernels.te_math import script_exp
 
 __all__ = ["IntViewWeights", "IntViewSublayerWeights", "reference_int_view_attention", "reference_int_view_sublayer",
@@ -55,24 +55,15 @@ class IntViewWeights:
         weights (the only format this kernel computes) and the widths fit it (C a multiple of 16, h <= 4)."""
         names = ("k_fc", "v_fc", "pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2")
         layers = [getattr(attention, name) for name in names]
-        for name, layer in zip(names, layers):
-            if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
-                raise ValueError(f"integer view attention: {name} is not an 8-bit per-token IntShiftLinear")
-        exported = {name: export_int_shift(layer) for name, layer in zip(names, layers)}
-        if any(e["weight_int"].dtype != torch.int8 for e in exported.values()):
-            raise ValueError("integer view attention: every layer needs int8 weights (exponent span <= 6)")
+        exported = {name: export_8bit_per_token(layer, "integer view attention", name)
+                    for name, layer in zip(names, layers)}
         channels, hidden = layers[0].in_features, max(layers[2].out_features, layers[4].out_features)
         if channels % LANES or hidden > 4 or layers[2].in_features != _RAY_DIFF_DIM:
             raise ValueError(f"integer view attention: needs C % 16 == 0 and a hidden width <= 4, got C={channels}, "
                              f"h={hidden}")
-        k, v = exported["k_fc"], exported["v_fc"]
-        zeros = torch.zeros(channels)
-        kv = {**k, "weight_int": torch.cat([k["weight_int"], v["weight_int"]]),
-              "out_scale": torch.cat([k["out_scale"], v["out_scale"]]),
-              "bias": torch.cat([zeros if k["bias"] is None else k["bias"], zeros if v["bias"] is None else v["bias"]])}
-        return cls(kv=prepare_int_shift(kv), pos1=prepare_int_shift(exported["pos_fc1"]),
-                   pos2=prepare_int_shift(exported["pos_fc2"]), attn1=prepare_int_shift(exported["attn_fc1"]),
-                   attn2=prepare_int_shift(exported["attn_fc2"]))
+        return cls(kv=prepare_int_shift(stack_outputs([exported["k_fc"], exported["v_fc"]])),
+                   **{name: prepare_int_shift(exported[layer]) for name, layer in
+                      zip(_LAYERS[1:], ("pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2"))})
 
     @property
     def hidden(self) -> int:
@@ -87,19 +78,9 @@ class IntViewWeights:
         bias), no copies."""
         sizes = {"kv": (channels, 2 * channels), "pos1": (_RAY_DIFF_DIM, hidden), "pos2": (hidden, channels),
                  "attn1": (channels, hidden), "attn2": (hidden, channels)}
-        layers = {name: IntShiftWeights(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8,
-                                        per_token=True, in_features=sizes[name][0], out_features=sizes[name][1])
+        layers = {name: IntShiftWeights.per_token_8bit(parts, *sizes[name])
                   for name, parts in zip(_LAYERS, (kv, pos1, pos2, attn1, attn2))}
         return cls(**layers)
-
-
-def _integer_layer(layer: nn.Module, name: str) -> IntShiftWeights:
-    if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
-        raise ValueError(f"integer view attention: {name} is not an 8-bit per-token IntShiftLinear")
-    exported = export_int_shift(layer)
-    if exported["weight_int"].dtype != torch.int8:
-        raise ValueError(f"integer view attention: {name} needs int8 weights (exponent span <= 6)")
-    return prepare_int_shift(exported)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,7 +101,9 @@ class IntViewSublayerWeights:
             raise ValueError("integer view attention sublayer: the block's norm must be an affine nn.LayerNorm")
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
         return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
-                   q=_integer_layer(attention.q_fc, "q_fc"), out=_integer_layer(attention.out_fc, "out_fc"))
+                   **{name: prepare_int_shift(export_8bit_per_token(getattr(attention, layer),
+                                                                    "integer view attention sublayer", layer))
+                      for name, layer in (("q", "q_fc"), ("out", "out_fc"))})
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.ln_w, self.ln_b, *self.q.tensors()[:4], *self.out.tensors()[:4])
@@ -129,9 +112,8 @@ class IntViewSublayerWeights:
     def from_tensors(cls, ln_w, ln_b, q, out, eps: float) -> "IntViewSublayerWeights":
         """Inverse of `tensors()`: q and out as each layer's (packed, compensation, out_scale, bias)."""
         channels = ln_w.shape[0]
-        layer = lambda parts: IntShiftWeights(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8,  # noqa
-                                              per_token=True, in_features=channels, out_features=channels)
-        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=layer(q), out=layer(out))
+        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=IntShiftWeights.per_token_8bit(q, channels, channels),
+                   out=IntShiftWeights.per_token_8bit(out, channels, channels))
 
 
 def reference_int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
@@ -163,9 +145,10 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
 
     sublayer False: (qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
     compensation, out_scale, bias, out [N, C]): everything between q_fc and out_fc.
-    sublayer True (the whole pre-norm sublayer, x + out_fc(attention(q_fc(LN(x))))): eps given: (x [N, 1, C], ln_w,
-    ln_b, features, ray_diff, mask, the five layers' four tensors, q_fc's and out_fc's four, out [N, 1, C]);
-    eps None: (normed [N, 1, C] (the block's LN of x, from the caller), x, then the same from features on)."""
+    sublayer True (the whole pre-norm sublayer, x + out_fc(attention(q_fc(LN(x))))): (normed [N, 1, C], x [N, 1, C],
+    ln_w, ln_b, features, ray_diff, mask, the five layers' four tensors, q_fc's and out_fc's four, out [N, 1, C]);
+    eps given: the LN is computed in the kernel (normed is not read: pass x twice); eps None: normed = the block's
+    LN of x from the caller."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
 
@@ -260,6 +243,39 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
                              lambda i, block, value: T.buffer_store(
                                  out, x[t, 0, lanes(block * LANES)] + value, [t, 0, lanes(block * LANES)]))
 
+    @T.macro
+    def token_loop(tokens, qp_in, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w,
+                   p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
+                   q_s, q_b, o_w, o_c, o_s, o_b, out):
+        """Every token, 64 per parallel task; with `sublayer`, q_fc(LN(x)) before its attention (in qp) and
+        x + out_fc(attended) after, else its projected query read from qp_in and its attention written to out."""
+        for task in T.parallel((tokens + 63) // 64):
+            xq = T.alloc_buffer((views, channels), "uint8", scope="local")
+            scale = T.alloc_buffer((views,), "float32", scope="local")
+            small = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # pos / attention hidden units
+            diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # ray_diff rows, zero-padded
+            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
+            pos = T.alloc_buffer((views, channels), "float32", scope="local")
+            mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
+            normed_row = T.alloc_buffer((1, 1, channels), "float32", scope="local")
+            xq_row = T.alloc_buffer((1, channels), "uint8", scope="local")
+            scale_row = T.alloc_buffer((1,), "float32", scope="local")
+            qp = T.alloc_buffer((1, channels), "float32", scope="local")
+            attended = T.alloc_buffer((1, 1, channels), "float32", scope="local")
+            for within in T.serial(64):
+                if task * 64 + within < tokens:
+                    if sublayer:
+                        query_layer(task * 64 + within, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w,
+                                    q_c, q_s, q_b, qp)
+                    attend(task * 64 + within, (lambda b: qp[0, lanes(b * LANES)]) if sublayer else (
+                        lambda b: qp_in[task * 64 + within, lanes(b * LANES)]), features, ray_diff, mask, xq, scale,
+                           small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c,
+                           p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
+                           (lambda b, value: T.buffer_store(attended, value, [0, 0, lanes(b * LANES)])) if sublayer
+                           else (lambda b, value: T.buffer_store(out, value, [task * 64 + within, lanes(b * LANES)])))
+                    if sublayer:
+                        out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out)
+
     if not sublayer:
         @T.prim_func
         def main(qp_h: T.handle, feat_h: T.handle, diff_h: T.handle, mask_h: T.handle,
@@ -280,49 +296,10 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
             ray_diff = T.match_buffer(diff_h, (tokens, views, _RAY_DIFF_DIM), "float32")
             mask = T.match_buffer(mask_h, (tokens, views), "float32")
             out = T.match_buffer(out_h, (tokens, channels), "float32")
-            for task in T.parallel((tokens + 63) // 64):
-                xq = T.alloc_buffer((views, channels), "uint8", scope="local")
-                scale = T.alloc_buffer((views,), "float32", scope="local")
-                small = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # pos / attention hidden units
-                diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")  # ray_diff rows, zero-padded
-                kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
-                pos = T.alloc_buffer((views, channels), "float32", scope="local")
-                mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
-                for within in T.serial(64):
-                    if task * 64 + within < tokens:
-                        attend(task * 64 + within, lambda b: qp[task * 64 + within, lanes(b * LANES)], features,
-                               ray_diff, mask, xq, scale, small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w,
-                               p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s,
-                               a2_b, lambda b, value: T.buffer_store(out, value,
-                                                                     [task * 64 + within, lanes(b * LANES)]))
+            token_loop(tokens, qp, None, None, None, None, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w,
+                       p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, None,
+                       None, None, None, None, None, None, None, out)
         return tvm.IRModule({"main": main})
-
-    @T.macro
-    def sublayer_tokens(tokens, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
-                        p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
-                        q_s, q_b, o_w, o_c, o_s, o_b, out):
-        for task in T.parallel((tokens + 63) // 64):
-            xq = T.alloc_buffer((views, channels), "uint8", scope="local")
-            scale = T.alloc_buffer((views,), "float32", scope="local")
-            small = T.alloc_buffer((1, views, LANES), "float32", scope="local")
-            diff = T.alloc_buffer((1, views, LANES), "float32", scope="local")
-            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
-            pos = T.alloc_buffer((views, channels), "float32", scope="local")
-            mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")
-            normed_row = T.alloc_buffer((1, 1, channels), "float32", scope="local")
-            xq_row = T.alloc_buffer((1, channels), "uint8", scope="local")
-            scale_row = T.alloc_buffer((1,), "float32", scope="local")
-            qp = T.alloc_buffer((1, channels), "float32", scope="local")
-            attended = T.alloc_buffer((1, 1, channels), "float32", scope="local")
-            for within in T.serial(64):
-                if task * 64 + within < tokens:
-                    query_layer(task * 64 + within, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c,
-                                q_s, q_b, qp)
-                    attend(task * 64 + within, lambda b: qp[0, lanes(b * LANES)], features, ray_diff, mask, xq,
-                           scale, small, diff, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w,
-                           p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
-                           lambda b, value: T.buffer_store(attended, value, [0, 0, lanes(b * LANES)]))
-                    out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out)
 
     @T.prim_func
     def main(first_h: T.handle, second_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
@@ -349,7 +326,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         ray_diff = T.match_buffer(diff_h, (tokens, views, _RAY_DIFF_DIM), "float32")
         mask = T.match_buffer(mask_h, (tokens, views), "float32")
         out = T.match_buffer(out_h, (tokens, 1, channels), "float32")
-        sublayer_tokens(tokens, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
+        token_loop(tokens, None, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
                         p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
                         q_s, q_b, o_w, o_c, o_s, o_b, out)
 
