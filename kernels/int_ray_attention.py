@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, activation_scales
+from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, rounding_tie_distance
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
 from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
@@ -177,10 +177,7 @@ def quantization_margins(x: torch.Tensor, w: IntRayWeights) -> torch.Tensor:
     normed = F.layer_norm(x, (w.channels,), w.ln_w, w.ln_b, w.eps)
     _, projections, attended = _core_parts(normed, w)
     margins = [p.abs().flatten(1).amin(dim=1) for p in projections]
-    for values in (normed, attended):
-        inv, _ = activation_scales(values, 8, None)
-        scaled = values * inv
-        margins.append(((scaled - scaled.floor()) - 0.5).abs().flatten(1).amin(dim=1))
+    margins += [rounding_tie_distance(values).flatten(1).amin(dim=1) for values in (normed, attended)]
     return torch.stack(margins).amin(dim=0)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
 __all__ = ["IntegerLayerError", "ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_linears_",
+           "rounding_tie_distance",
            "integer_weights", "int_shift_reference",
            "quantize_activations", "activation_scales", "export_int_shift", "exponent_span_histogram"]
 
@@ -80,6 +81,15 @@ def quantize_activations(x: torch.Tensor, inv: torch.Tensor, bits: int) -> torch
     """round_half_even(x * inv) clamped to +-(2^(bits-1) - 1), as integer-valued fp32 (no gradient)."""
     level = float(_max_level(bits))
     return torch.round(x.detach().float() * inv).clamp_(-level, level)
+
+
+def rounding_tie_distance(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """How far, in quantization steps, each per-token scaled value x * inv (the token's own absmax scale) lies from
+    a rounding tie (a .5 step): fp32 inputs computed in another order can round one step apart only near 0. Same
+    shape as x."""
+    inv, _ = activation_scales(x.float(), bits, None)
+    scaled = x.float() * inv
+    return ((scaled - scaled.floor()) - 0.5).abs()
 
 
 def integer_weights(module: ShiftLinear) -> tuple[torch.Tensor, torch.Tensor]:

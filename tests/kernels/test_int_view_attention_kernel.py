@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from gnt_shiftadd.models.transformers import ViewAttention
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, rounding_tie_distance
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels.dispatch import recording
 from kernels.int_shift import vnni_available
@@ -111,15 +111,6 @@ def test_the_leaf_runs_the_modules_when_gradients_are_needed():
     torch.testing.assert_close(got.detach(), _module_output(attention, qp.detach(), features, ray_diff, mask))
 
 
-def _tie_margin(values: torch.Tensor) -> torch.Tensor:
-    """Per row: how far (in quantization steps) the row's scaled values stay from a rounding tie."""
-    from gnt_shiftadd.shiftadd.int_shift import activation_scales
-
-    inv, _ = activation_scales(values, 8, None)
-    scaled = values * inv
-    return ((scaled - scaled.floor()) - 0.5).abs().amin(dim=-1)
-
-
 @needs_vnni
 @pytest.mark.parametrize("norm_in_kernel", [True, False])
 @pytest.mark.parametrize("tokens,views", [(1, 6), (300, 6), (77, 8)])
@@ -150,9 +141,9 @@ def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views):
     with recording(record):
         got = int_view_sublayer(x, features, ray_diff, mask, weights, sub, norm_in_kernel)
     assert record == {"int_view_sublayer": "tvm"}
-    clear = _tie_margin(attended) > 1e-5
+    clear = rounding_tie_distance(attended).amin(dim=-1) > 1e-5
     if norm_in_kernel:
-        clear &= _tie_margin(normed) > 1e-5
+        clear &= rounding_tie_distance(normed).amin(dim=-1) > 1e-5
     error = (got - expected).abs().amax(dim=-1)
     assert clear.float().mean() >= 0.9
     assert error[clear].max() <= 1e-5 and error.max() <= 0.1

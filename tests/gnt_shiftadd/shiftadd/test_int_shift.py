@@ -225,3 +225,10 @@ def test_integer_linears_converts_the_direct_linear_children_only():
     x = torch.randn(5, 8)
     with torch.no_grad():
         assert torch.equal(block[0](x), reference(x))
+
+
+def test_rounding_tie_distance_is_measured_in_quantization_steps():
+    from gnt_shiftadd.shiftadd.int_shift import rounding_tie_distance
+
+    x = torch.tensor([[1.0, 2.5 / 127, 2.25 / 127, -3.5 / 127]])  # absmax 1: one step is 1/127
+    torch.testing.assert_close(rounding_tie_distance(x), torch.tensor([[0.5, 0.0, 0.25, 0.0]]), atol=1e-5, rtol=0)
