@@ -81,7 +81,7 @@ from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, i
     reference_int_view_sublayer  # noqa: E402
 from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
-from kernels.source_views import prepare_source_views, reference_source_front_end, source_front_end, \
+from kernels.source_views import fold_feature_block, prepare_source_views, reference_source_front_end, source_front_end, \
     source_views  # noqa: E402
 from kernels.view_features import ViewFeatureWeights, view_features  # noqa: E402
 from renderer.rays import camera_rays  # noqa: E402
@@ -371,6 +371,17 @@ def source_views_rows(cfg, repeats: int, peak: float, view: int = 8) -> list[dic
     rows.append(_row("source_front_end", f"[{rays},{samples}] x {len(ids)} views, {channels} -> {dim} -> {dim}", macs,
                      lambda: source_front_end(points, origins[0], prepared, weights), separate,
                      "source_views + view_features kernels", repeats, peak))
+    # what the renderer runs: the first layer's feature block applied to the maps once per frame (not timed here)
+    folded_views, folded_weights = fold_feature_block(prepared, weights)
+    for index, name in enumerate(("features", "q0", "colors", "ray_diff", "mask")):
+        _checked(f"source_front_end[folded].{name}",
+                 lambda: source_front_end(points, origins[0], folded_views, folded_weights)[index], expected[index],
+                 5e-3)
+    folded_macs = rays * samples * len(ids) * (dim * 4 + 3 * 4 + 3 * dim + dim * dim)
+    rows.append(_row("source_front_end[folded]", f"[{rays},{samples}] x {len(ids)} views, (3 + {dim} folded) -> {dim}"
+                     f" -> {dim}", folded_macs, lambda: source_front_end(points, origins[0], folded_views, folded_weights),
+                     lambda: source_front_end(points, origins[0], prepared, weights),
+                     "source_front_end unfolded (W1f on every gathered row)", repeats, peak))
     return rows
 
 

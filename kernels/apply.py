@@ -78,7 +78,7 @@ from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
-from kernels.source_views import prepare_source_views
+from kernels.source_views import fold_feature_block, prepare_source_views
 from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_attention_weights
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
@@ -209,17 +209,19 @@ def integer_feedforward(ff: nn.Module) -> bool:
 
 
 class _PreparedViews:
-    """The views' kernel layout (channels-last feature maps), made on the first chunk of a frame and reused while the
-    same SourceViews object, with unchanged tensors, comes back (the renderer passes one per frame). Holding the
-    views keeps their id unique."""
+    """The views' kernel layout (channels-last feature maps; then `transform` of it, if given), made on the first
+    chunk of a frame and reused while the same SourceViews object, with unchanged tensors, comes back (the renderer
+    passes one per frame). Holding the views keeps their id unique."""
 
-    def __init__(self):
+    def __init__(self, transform: Callable | None = None):
         self._views: tuple | None = None  # (views, tensor versions, prepared)
+        self._transform = transform
 
     def __call__(self, views: SourceViews):
         versions = tuple(t._version for t in (views.rgb, views.features, views.K, views.c2w))
         if self._views is None or self._views[0] is not views or self._views[1] != versions:
-            self._views = (views, versions, prepare_source_views(views))
+            prepared = prepare_source_views(views)
+            self._views = (views, versions, self._transform(prepared) if self._transform else prepared)
         return self._views[2]
 
 
@@ -239,18 +241,25 @@ class KernelFrontEnd(KernelLeaf):
     """SampledViewEmbedding on the fused source-views + front-end kernel (CPU): the gathered rows go from the taps
     through the per-view MLP and the max-pool over views without reaching memory. Same call: (points, target_origin,
     views, sampler, embedding, fc1, fc2) -> (features, q, colors, ray_diff, mask); fc1/fc2 must be the layers it
-    was built from."""
+    was built from. Where the first layer is no wider than the feature maps, its feature block is applied to the
+    maps once per set of views (kernels.source_views.fold_feature_block: half the front end's arithmetic)."""
 
     def __init__(self, fc1: nn.Module, fc2: nn.Module, covered: tuple[nn.Module, ...]):
         super().__init__()
         self.weights = ViewFeatureWeights.from_linears(fc1, fc2)
         self._layer_ids = (id(fc1), id(fc2))
         self.covered_ids = {id(m) for m in covered}  # the sampler and the embedding run inside this kernel
-        self.prepared_for = _PreparedViews()
+        feat_channels, hidden, _ = self.weights.shapes
+        fold = hidden <= feat_channels
+        self.prepared_for = _PreparedViews(
+            (lambda prepared: fold_feature_block(prepared, self.weights)) if fold else None)
 
     def run(self, points, target_origin, views, sampler, embedding, fc1, fc2):
         _check_same_layers(self, (fc1, fc2))
-        return source_front_end(points, target_origin, self.prepared_for(views), self.weights)
+        prepared = self.prepared_for(views)
+        if isinstance(prepared, tuple):  # folded views and weights
+            return source_front_end(points, target_origin, *prepared)
+        return source_front_end(points, target_origin, prepared, self.weights)
 
 
 class KernelViewEmbedding(KernelLeaf):

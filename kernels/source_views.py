@@ -25,6 +25,7 @@ CPU (llvm) only: on CUDA the reference's grid_sample is already a native kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
 from kernels.view_features import ViewFeatureWeights, reference_view_features
 
-__all__ = ["TILE", "SourceViewTensors", "prepare_source_views", "make_source_views", "source_views",
+__all__ = ["TILE", "SourceViewTensors", "prepare_source_views", "fold_feature_block", "make_source_views", "source_views",
            "reference_source_views", "make_source_front_end", "source_front_end", "reference_source_front_end"]
 
 TILE = 16  # samples per tile: the vector lanes of the projection and tap arithmetic
@@ -267,7 +268,7 @@ def make_source_views(num_views: int, feat_channels: int):
     return tvm.IRModule({"main": main})
 
 
-def make_source_front_end(num_views: int, feat_channels: int, hidden: int, channels: int):
+def make_source_front_end(num_views: int, feat_channels: int, hidden: int, channels: int, folded: bool = False):
     """The source views and GNT's front end in one kernel: sample_view for every view of a tile, then, still in L1,
     the per-view MLP (colour and features -> hidden -> channels) and the masked max-pool over the visible views.
     IRModule "main"(points, target, rot, trans, K, origins, image, features, sizes (as make_source_views),
@@ -276,14 +277,20 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
 
     The first layer runs with the 16 samples as vector lanes (the gathered rows are already transposed that way),
     8 hidden units at a time in registers; the second with the channels as lanes, 4 samples x C/16 registers at a
-    time; both are unrolled while the kernel is parsed, so their accumulators are registers."""
+    time; both are unrolled while the kernel is parsed, so their accumulators are registers.
+
+    folded (fold_feature_block): the feature maps carry the first layer's feature block already, so the kernel
+    gathers H channels and its first layer is b1 + the colour block + the gathered row; w1 is [3, H] (F = 0)."""
     import tvm  # lazy: TVM is optional (the reference runs without it)
     from tvm.script import tirx as T  # lazy: TVM is optional
 
     L, V, F, H, C = TILE, num_views, feat_channels, hidden, channels
     if C % 16:
         raise ValueError(f"source front end kernel: channels must be a multiple of 16, got {C}")
-    load_tile, sample_view = _tile_parts(V, F)
+    if folded and F:
+        raise ValueError("source front end kernel: folded weights have no feature rows (F = 0)")
+    load_tile, sample_view = _tile_parts(V, H if folded else F)
+    gathered_channels = H if folded else F
     lanes = T.Ramp(0, 1, L)
     neg = T.float32(_NEG)
 
@@ -292,6 +299,8 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
         for start in range(0, H, 8):
             units = range(start, min(start + 8, H))
             acc = {h: T.bind(T.Broadcast(b1[h], L)) for h in units}
+            if folded:  # the gathered row is the feature block's output already
+                acc = {h: T.bind(acc[h] + gathered[T.Ramp(h * L, 1, L)]) for h in units}
             for c in range(3 + F):
                 x = T.bind(colour[c, lanes] if c < 3 else gathered[T.Ramp((c - 3) * L, 1, L)])
                 for h in units:
@@ -345,7 +354,7 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
             index = T.alloc_buffer((2, 4, L), "int32", scope="local")
             weight = T.alloc_buffer((2, 4, L), "float32", scope="local")
             colour = T.alloc_buffer((3, L), "float32", scope="local")
-            gathered = T.alloc_buffer((F * L,), "float32", scope="local")
+            gathered = T.alloc_buffer((gathered_channels * L,), "float32", scope="local")
             act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
             peak = T.alloc_buffer((L * C,), "float32", scope="local")  # [TILE, C]: max over the visible views
             for within in T.serial(TILES_PER_TASK):
@@ -418,6 +427,26 @@ def source_views(points: torch.Tensor, target_origin: torch.Tensor, prepared: So
             ray_diff.reshape(rays, samples, V, 4), mask.reshape(rays, samples, V, 1))
 
 
+def fold_feature_block(prepared: SourceViewTensors, weights: ViewFeatureWeights
+                       ) -> tuple[SourceViewTensors, ViewFeatureWeights]:
+    """The front end's first layer applied to the source feature maps instead of to every gathered row.
+
+    Its feature block is linear and so is bilinear sampling (grid_sample's zero padding included: a missing tap is
+    0 either way), so W1f sample(feat) = sample(W1f feat). Once per set of source views that is V h w F H
+    multiply-accumulates (18 M at fern's 47 x 63 maps); per gathered row it was F H each (a 2048-ray chunk has
+    295 k rows: 302 M), about half of the front end's arithmetic. The kernel then gathers H channels instead of F
+    (the same at GNT's widths, F = H = 32). fp32 rounding aside, the same values.
+    -> (views whose feature maps are W1f feat [V, h*w*H] channels last, weights without feature rows)."""
+    feat_channels, hidden, _ = weights.shapes
+    if weights.folded or prepared.feat_channels != feat_channels:
+        raise ValueError(f"fold_feature_block: weights for {feat_channels} feature channels "
+                         f"{'(folded already) ' if weights.folded else ''}do not fit maps of {prepared.feat_channels}")
+    maps = prepared.features.view(prepared.num_views, -1, feat_channels) @ weights.w1_feat  # [V, h*w, H]
+    folded_views = dataclasses.replace(prepared, features=kernel_ready(maps.reshape(prepared.num_views, -1),
+                                                                        torch.float32))
+    return folded_views, ViewFeatureWeights(weights.w1_rgb, weights.w1_feat[:0], weights.b1, weights.w2, weights.b2)
+
+
 def reference_source_front_end(points: torch.Tensor, target_origin: torch.Tensor, prepared: SourceViewTensors,
                                weights: ViewFeatureWeights):
     """Ground truth of `source_front_end`: the model's sample_source_views, then its front end (the view-features
@@ -439,15 +468,17 @@ def source_front_end(points: torch.Tensor, target_origin: torch.Tensor, prepared
     _check_points(points, target_origin, "source_front_end")
     feat_channels, hidden, channels = weights.shapes
     V, F = prepared.num_views, prepared.feat_channels
-    if feat_channels != F:
-        raise ValueError(f"source_front_end: the front end takes {feat_channels} feature channels, the source views "
-                         f"have {F}")
+    if (hidden if weights.folded else feat_channels) != F:
+        raise ValueError(f"source_front_end: the front end takes {hidden if weights.folded else feat_channels} "
+                         f"{'folded (fold_feature_block) ' if weights.folded else ''}feature channels, the source "
+                         f"views have {F}")
     if needs_grad(points, target_origin):
         note_kernel("source_front_end", "reference")
         return reference_source_front_end(points, target_origin, prepared, weights)
-    key = {"views": V, "feat": F, "hidden": hidden, "channels": channels, "tile": TILE}
+    folded = weights.folded
+    key = {"views": V, "feat": feat_channels, "hidden": hidden, "channels": channels, "tile": TILE, "folded": folded}
     kernel = get_kernel("source_front_end", key, points.device,
-                        lambda target: make_source_front_end(V, F, hidden, channels))
+                        lambda target: make_source_front_end(V, feat_channels, hidden, channels, folded))
     if kernel is None:
         return reference_source_front_end(points, target_origin, prepared, weights)
     rays, samples, _ = points.shape

@@ -52,6 +52,12 @@ class ViewFeatureWeights:
                    fc2.bias)
 
     @property
+    def folded(self) -> bool:
+        """True for weights whose first layer's feature block has been applied to the source feature maps already
+        (kernels.source_views.fold_feature_block): no w1_feat rows, the gathered rows are that block's outputs."""
+        return self.w1_feat.shape[0] == 0
+
+    @property
     def shapes(self) -> tuple[int, int, int]:
         """(feature channels F, hidden H, out channels C)."""
         return self.w1_feat.shape[0], self.w1_feat.shape[1], self.w2.shape[1]
@@ -63,9 +69,12 @@ class ViewFeatureWeights:
 def reference_view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
                             w: ViewFeatureWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """rgb [V, 3, N], feat [V, F, N], mask [N, V] -> (features [N, V, C], q0 [N, C]); GNTTransformer's math."""
-    rgb_feat = torch.cat([rgb, feat], dim=1).permute(2, 0, 1)  # [N, V, 3 + F]
-    w1 = torch.cat([w.w1_rgb, w.w1_feat], dim=0)  # [3 + F, H]
-    features = F.relu(rgb_feat @ w1 + w.b1) @ w.w2 + w.b2
+    if w.folded:  # feat [V, H, N] holds W1f feat already
+        pre = rgb.permute(2, 0, 1) @ w.w1_rgb + feat.permute(2, 0, 1)
+    else:
+        rgb_feat = torch.cat([rgb, feat], dim=1).permute(2, 0, 1)  # [N, V, 3 + F]
+        pre = rgb_feat @ torch.cat([w.w1_rgb, w.w1_feat], dim=0)  # [3 + F, H]
+    features = F.relu(pre + w.b1) @ w.w2 + w.b2
     visible = mask[..., None] > 0
     pooled = features.masked_fill(~visible, torch.finfo(features.dtype).min).max(dim=1).values
     q0 = torch.where(visible.any(dim=1), pooled, torch.zeros_like(pooled))

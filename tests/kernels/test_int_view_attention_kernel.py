@@ -57,6 +57,20 @@ def test_kernel_matches_the_integer_modules(tokens, views):
     assert torch.count_nonzero(got[: min(3, tokens)]) == 0
 
 
+@needs_vnni
+@pytest.mark.parametrize("views", [1, 5])
+def test_narrow_hidden_layers_and_partial_groups_of_views(views):
+    """C = 16 gives 2 hidden units (the 4-wide rows are padded within their group of four) and 1 or 5 views leave
+    a group of four views part empty: still every integer layer bit-exact."""
+    attention = _integer_attention(channels=16)
+    weights = IntViewWeights.from_module(attention)
+    qp, features, ray_diff, mask = _inputs(70, views, channels=16)
+    with torch.no_grad():
+        expected = _module_output(attention, qp, features, ray_diff, mask)
+        got = int_view_attention(qp, features, ray_diff, mask, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layers_the_kernel_does_not_compute_are_refused():
     dense = ViewAttention(32)
     with pytest.raises(ValueError, match="k_fc is not an 8-bit per-token IntShiftLinear"):

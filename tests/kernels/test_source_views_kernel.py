@@ -13,7 +13,7 @@ from gnt_shiftadd.models.gnt import SampledViewEmbedding  # noqa: E402
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler, sample_source_views  # noqa: E402
 from kernels.apply import KernelFrontEnd, KernelSourceViews, use_kernels  # noqa: E402
 from kernels.dispatch import recording  # noqa: E402
-from kernels.source_views import TILE, prepare_source_views, reference_source_front_end, reference_source_views, \
+from kernels.source_views import TILE, fold_feature_block, prepare_source_views, reference_source_front_end, reference_source_views, \
     source_front_end, source_views  # noqa: E402
 from kernels.view_features import ViewFeatureWeights  # noqa: E402
 
@@ -143,6 +143,32 @@ def test_fused_front_end_matches_the_model(rays, samples, feat_channels, num_vie
         torch.testing.assert_close(a, b, rtol=0, atol=5e-3 if name != "ray_diff" else 1e-5, msg=name)
     hidden_nowhere = got[4].sum(dim=(2, 3)) == 0
     assert torch.all(got[1][hidden_nowhere] == 0)
+
+
+@pytest.mark.parametrize("rays,samples,feat_channels,num_views,hidden,channels", [
+    (64, 24, 32, 6, 32, 32), (7, 5, 8, 3, 12, 16), (1, 1, 21, 2, 16, 32),
+])
+def test_the_feature_block_folded_into_the_maps_keeps_the_front_end(rays, samples, feat_channels, num_views, hidden,
+                                                                    channels):
+    """W1f applied to the source feature maps once (fold_feature_block) gives the model's front end: the folded
+    kernel and the folded reference against the unfolded reference."""
+    torch.manual_seed(3)
+    weights = ViewFeatureWeights.from_linears(torch.nn.Linear(3 + feat_channels, hidden),
+                                              torch.nn.Linear(hidden, channels))
+    prepared = prepare_source_views(_views(num_views=num_views, feat_channels=feat_channels))
+    points, origin = _points(rays, samples), torch.tensor([0.1, -0.2, -4.5])
+    folded_views, folded_weights = fold_feature_block(prepared, weights)
+    assert folded_weights.folded and not weights.folded and folded_views.feat_channels == hidden
+    expected = reference_source_front_end(points, origin, prepared, weights)
+    with recording(record := {}):
+        got = source_front_end(points, origin, folded_views, folded_weights)
+    assert record == {"source_front_end": "tvm"}
+    folded_reference = reference_source_front_end(points, origin, folded_views, folded_weights)
+    for name, a, b, c in zip(("features", "q0", "colors", "ray_diff", "mask"), got, expected, folded_reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-3 if name != "ray_diff" else 1e-5, msg=name)
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="fold_feature_block: weights for 0 feature channels \\(folded already\\)"):
+        fold_feature_block(folded_views, folded_weights)
 
 
 @pytest.mark.parametrize("front_end_last", [False, True])
