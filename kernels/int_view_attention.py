@@ -11,8 +11,8 @@ L1 (kernels/int_shift.py's quantize and dot products, the views as the rows of a
 
 The 4-wide rows (ray_diff and the hidden units of pos and attention, h = C / 8 <= 4) of four views share one
 register: their quantization, the 4 -> h layer (one vpdpbusd) and C -> h (one permute + one vpdpbusd per input
-group) run for four views at once (17% fewer instructions than one view per register: 1,677 against 2,030 in the
-compiled loop, 3-4% faster in a one-thread A/B with identical outputs).
+group) run for four views at once (fewer instructions than one view per register: the compiled loop's mix is in
+results/kernel_anatomy_cpu.json).
 Every integer layer is bit-exact against its module (`int_shift_reference`): the fp32 values it quantizes are
 computed in the module's order. qp = q_fc(LN(q)) comes in and out_fc follows (each an integer layer on its own
 kernel), or, in `int_view_sublayer` (what g and j run), the LN, q_fc, out_fc and the residual are in the same kernel.

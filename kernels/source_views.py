@@ -102,18 +102,25 @@ def reference_source_views(points: torch.Tensor, target_origin: torch.Tensor, pr
     return sample_source_views(points, target_origin, prepared.source_views())
 
 
-def _tile_parts(num_views: int, feat_channels: int):
+def _tile_parts(num_views: int, feat_channels: int, sample_rows: bool = False):
     """The TVMScript pieces both kernels are made of (parsed into the enclosing kernel):
 
     load_tile(points, target, t, p, to_target): the tile's 16 samples as lanes, and their unit vectors to the target
         camera;
     sample_view(t, v, inputs..., scratch..., colour, gathered, mask, ray_diff): one source view for the tile:
         projection, mask, bilinear taps, colour [3, TILE] and features [F * TILE] (transposed: samples as lanes),
-        and the view code, writing mask[t, :, v] and ray_diff[t, :, v, :]."""
+        and the view code, writing mask[t, :, v] and ray_diff[t, :, v, :]. sample_rows: the features as [TILE, F]
+        rows instead (no transposition: what the folded front end adds to its colour block per sample)."""
     from tvm.script import tirx as T  # lazy: TVM is optional (the reference runs without it)
 
     L, F = TILE, feat_channels
     chunks, remainder = F // 16, F % 16  # 16 channels per vector gather, the rest one at a time
+    if sample_rows:  # where sample i's channels go in `gathered` (chosen here: a macro would parse a conditional)
+        vector_slot = lambda i, chunk: T.Ramp(i * F + chunk * 16, 1, 16)  # noqa: E731
+        scalar_slot = lambda i, c: i * F + c  # noqa: E731
+    else:
+        vector_slot = lambda i, chunk: T.Ramp(chunk * 16 * L + i, L, 16)  # noqa: E731
+        scalar_slot = lambda i, c: c * L + i  # noqa: E731
     lanes = T.Ramp(0, 1, L)
 
     def vec(value):
@@ -199,13 +206,13 @@ def _tile_parts(num_views: int, feat_channels: int):
                     + weight[0, 2, i] * image[v, index[0, 2, i] * 3 + c] \
                     + weight[0, 3, i] * image[v, index[0, 3, i] * 3 + c]
             for chunk in T.serial(chunks):
-                gathered[T.Ramp(chunk * 16 * L + i, L, 16)] = T.Broadcast(weight[1, 0, i], 16) \
-                    * features[v, T.Ramp(index[1, 0, i] * F + chunk * 16, 1, 16)] \
+                gathered[vector_slot(i, chunk)] = \
+                    T.Broadcast(weight[1, 0, i], 16) * features[v, T.Ramp(index[1, 0, i] * F + chunk * 16, 1, 16)] \
                     + T.Broadcast(weight[1, 1, i], 16) * features[v, T.Ramp(index[1, 1, i] * F + chunk * 16, 1, 16)] \
                     + T.Broadcast(weight[1, 2, i], 16) * features[v, T.Ramp(index[1, 2, i] * F + chunk * 16, 1, 16)] \
                     + T.Broadcast(weight[1, 3, i], 16) * features[v, T.Ramp(index[1, 3, i] * F + chunk * 16, 1, 16)]
             for c in T.serial(remainder):
-                gathered[(chunks * 16 + c) * L + i] = \
+                gathered[scalar_slot(i, chunks * 16 + c)] = \
                     weight[1, 0, i] * features[v, index[1, 0, i] * F + chunks * 16 + c] \
                     + weight[1, 1, i] * features[v, index[1, 1, i] * F + chunks * 16 + c] \
                     + weight[1, 2, i] * features[v, index[1, 2, i] * F + chunks * 16 + c] \
@@ -280,7 +287,9 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
     time; both are unrolled while the kernel is parsed, so their accumulators are registers.
 
     folded (fold_feature_block): the feature maps carry the first layer's feature block already, so the kernel
-    gathers H channels and its first layer is b1 + the colour block + the gathered row; w1 is [3, H] (F = 0)."""
+    gathers H channels and its first layer is b1 + the colour block + the gathered row; w1 is [3, H] (F = 0). With
+    H a multiple of 16 the gathered rows are not transposed: the first layer runs per sample with the channels as
+    lanes, where they were summed."""
     import tvm  # lazy: TVM is optional (the reference runs without it)
     from tvm.script import tirx as T  # lazy: TVM is optional
 
@@ -289,7 +298,8 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
         raise ValueError(f"source front end kernel: channels must be a multiple of 16, got {C}")
     if folded and F:
         raise ValueError("source front end kernel: folded weights have no feature rows (F = 0)")
-    load_tile, sample_view = _tile_parts(V, H if folded else F)
+    per_sample = folded and H % 16 == 0  # the gathered rows stay per sample (channels as lanes): no transposition
+    load_tile, sample_view = _tile_parts(V, H if folded else F, sample_rows=per_sample)
     gathered_channels = H if folded else F
     lanes = T.Ramp(0, 1, L)
     neg = T.float32(_NEG)
@@ -308,6 +318,20 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
             for h in units:
                 T.buffer_store(act, T.max(acc[h], T.Broadcast(T.float32(0), L)), [T.Ramp(h * L, 1, L)])
 
+    def first_layer_rows(colour, gathered, w1, b1, act):
+        """act[i * H + h] = relu(b1[h] + sum_c<3 w1[c, h] colour[c, i] + gathered[i * H + h]) (folded, channels as
+        lanes: the gathered rows as they were summed, the colours broadcast)."""
+        for block in range(H // 16):
+            here = T.Ramp(block * 16, 1, 16)
+            bias, w_r, w_g, w_b = (T.bind(b1[here]), T.bind(w1[0, here]), T.bind(w1[1, here]), T.bind(w1[2, here]))
+            for i in range(L):
+                row = T.Ramp(i * H + block * 16, 1, 16)
+                T.buffer_store(act, T.max(bias + T.Broadcast(colour[0, i], 16) * w_r + T.Broadcast(colour[1, i], 16)
+                                          * w_g + T.Broadcast(colour[2, i], 16) * w_b + gathered[row],
+                                          T.Broadcast(T.float32(0), 16)), [row])
+
+    layer_one = first_layer_rows if per_sample else first_layer  # (chosen here: the kernel body would parse a conditional)
+
     def second_layer(act, w2, b2, t, v, out, peak, inside):
         """out[t, i, v, :] = b2 + sum_r act[r, i] w2[r, :], and the running max over visible views in `peak`."""
         blocks = C // 16
@@ -317,7 +341,7 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
             for r in range(H):
                 rows = [T.bind(w2[r, T.Ramp(b * 16, 1, 16)]) for b in range(blocks)]
                 for i in samples:
-                    a = T.bind(T.Broadcast(act[r * L + i], 16))
+                    a = T.bind(T.Broadcast(act[i * H + r] if per_sample else act[r * L + i], 16))
                     for b in range(blocks):
                         acc[i, b] = T.bind(acc[i, b] + a * rows[b])
             for (i, b), value in acc.items():
@@ -368,7 +392,7 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                                     mask, ray_diff)
                         for i, c in T.grid(L, 3):
                             colors[task * TILES_PER_TASK + within, i, v, c] = colour[c, i]
-                        first_layer(colour, gathered, w1, b1, act)
+                        layer_one(colour, gathered, w1, b1, act)
                         second_layer(act, w2, b2, task * TILES_PER_TASK + within, v, out, peak, inside)
                     for i, k in T.grid(L, C // 16):
                         q0[task * TILES_PER_TASK + within, i, T.Ramp(k * 16, 1, 16)] = T.Select(
