@@ -9,6 +9,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
   ray_attention[dense|hashed]  x + out_fc(core(LN(x))) per ray (kernels/ray_attention.py) vs PreNormAttention eager
   view_blend                   the blend head's per-view MLP + softmax over views + blend (kernels/view_blend.py)
                                vs ViewColorBlend eager (its first layer split by input block)
+  blend_head                   the whole blend head per ray (kernels/blend_head.py) vs the head on the view_blend
+                               kernel with its norm, per-sample product and softmax over samples in PyTorch
   view_attention               k/v, pos MLP, attention MLP, softmax over views, weighted sum (kernels/view_attention.py)
                                vs ViewAttention eager without q_fc/out_fc
   view_attention_sublayer      the same with the block's LN, q_fc, out_fc and residual in the kernel (what a model
@@ -62,7 +64,7 @@ from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noq
 from gnt_shiftadd.models.encodings import PositionalEncoding  # noqa: E402
 from gnt_shiftadd.models.gnt import PositionFusion  # noqa: E402
 from gnt_shiftadd.models.projector import sample_source_views  # noqa: E402
-from gnt_shiftadd.models.heads import ViewColorBlend  # noqa: E402
+from gnt_shiftadd.models.heads import BlendColorHead, RayColorBlend, ViewColorBlend  # noqa: E402
 from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, RayTransformerBlock, \
     ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
@@ -169,6 +171,20 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                      lambda: blend_leaf(h, features, colors, ray_diff, mask, fc1, fc2),
                      lambda: blend(h, features, colors, ray_diff, mask, fc1, fc2), "ViewColorBlend eager",
                      repeats, fp32))
+
+    # the whole head per ray against what it replaced: the view-blend kernel with the head's other ops in PyTorch
+    head = BlendColorHead(dim, hidden).eval()
+    on_view_blend, on_blend_head = copy.deepcopy(head), copy.deepcopy(head)
+    use_kernels_(on_view_blend, filter_fn=lambda module, name: not isinstance(module, RayColorBlend))
+    use_kernels_(on_blend_head)
+    with torch.no_grad():
+        _checked("blend_head", lambda: on_blend_head(h, features, colors, ray_diff, mask),
+                 head(h, features, colors, ray_diff, mask), 1e-4, leaf=on_blend_head.ray_blend)
+    macs += tokens * (dim + 1)  # the sample logits
+    rows.append(_row("blend_head", f"[{rays},{samples},{views},{dim}] hidden {hidden}", macs,
+                     lambda: on_blend_head(h, features, colors, ray_diff, mask),
+                     lambda: on_view_blend(h, features, colors, ray_diff, mask),
+                     "BlendColorHead on the view_blend kernel (norm, hq, sample softmax in PyTorch)", repeats, fp32))
 
     attention = ViewAttention(dim).eval()
     weights = PreparedViewWeights.from_dict(view_attention_weights(attention))

@@ -18,6 +18,7 @@ int_ray_attention.py   a ray block's attention half with integer q/k/v/out layer
 position_fusion.py  the points' NeRF encoding (sin/cos polynomials) and GNT's position-fusion MLP per ray (CPU)
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused
+blend_head.py       the whole blend colour head per ray (norm, the per-view blend, softmax over the samples) (CPU)
 hashed_attention.py hash + pack, XOR/popcount softmax attention, additive linear attention
 ops.py              every kernel as a torch custom op (torch.ops.shiftadd_gnt.*)
 apply.py            use_kernels_(model, KernelConfig, filter_fn): swap a trained model's leaves to the kernels

@@ -32,6 +32,9 @@ with the same call signature, chosen by a handler registered per module type (`r
                       KernelIntFFNSublayer: LN, fc1 + ReLU + fc2 + residual in one VNNI kernel
   PositionFusion      (transformer.position_fusion, CPU) -> KernelPositionFusion: the points' NeRF encoding (sin/cos
                       as polynomials) and every fusion MLP, per ray in one kernel (no [R, S, 3 + 6F] code)
+  RayColorBlend       (transformer.head.ray_blend, CPU) -> KernelBlendHead: the whole blend colour head (its norm,
+                      per-view MLP, softmax over views, blend, sample logits and softmax over the samples) per ray
+                      in one kernel; where it does not apply (CUDA):
   ViewColorBlend      (transformer.head.view_blend) -> KernelViewColorBlend: the blend colour head's per-view MLP,
                       masked softmax over views and colour blend in one kernel (no [R, S, V, 2C + 4] concatenation)
   ShiftLinear         (anywhere in the transformer) -> KernelShiftLinear: MatShift on the packed codes
@@ -61,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.models.gnt import PositionFusion, SampledViewEmbedding, ViewEmbedding
-from gnt_shiftadd.models.heads import ViewColorBlend
+from gnt_shiftadd.models.heads import RayColorBlend, ViewColorBlend
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
     PreNormViewAttention, RayAttention, ViewAttention
@@ -74,17 +77,18 @@ from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift, vnni_available
 from kernels.int_ray_attention import IntRayWeights
 from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights
-from kernels.ops import ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, int_view_sublayer, linear_attention, mat_shift, quadratic_attention, \
+from kernels.ops import blend_head, ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, int_view_sublayer, linear_attention, mat_shift, quadratic_attention, \
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import fold_feature_block, prepare_source_views
 from kernels.view_attention import PreparedViewWeights, SublayerWeights, view_attention_weights
+from kernels.blend_head import BlendHeadWeights
 from kernels.view_blend import PreparedBlendWeights
 from kernels.view_features import ViewFeatureWeights
 
 __all__ = ["GEMM_CHOICES", "KernelConfig", "use_kernels_", "use_kernels", "register_kernel_handler", "kernel_leaf_types",
-           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelIntViewAttentionSublayer", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelRayAttentionSublayer", "KernelIntRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
+           "KernelSourceViews", "KernelFrontEnd", "KernelViewEmbedding", "KernelViewAttention", "KernelIntViewAttention", "KernelIntViewAttentionSublayer", "KernelViewAttentionSublayer", "KernelPositionFusion", "KernelViewColorBlend", "KernelBlendHead", "KernelRayAttentionSublayer", "KernelIntRayAttentionSublayer", "KernelHashedAttention", "KernelFFNSublayer",
            "KernelShiftLinear", "KernelIntShiftLinear", "KernelIntFFNSublayer", "kernel_summary"]
 
 GEMM_CHOICES = ("auto", "tvm", "blas")
@@ -430,6 +434,23 @@ class KernelViewColorBlend(KernelLeaf):
         return blended.view(rays, samples, 3).to(features.dtype)
 
 
+class KernelBlendHead(KernelLeaf):
+    """RayColorBlend (the whole blend colour head) on the blend-head kernel (CPU): per ray, the norm, the per-view
+    blend and the softmax over the samples in one kernel. Same call: (q [R, S, C], features, colors, ray_diff,
+    mask [R, S, V, 1], norm, view_blend, fc1, fc2, sample_fc) -> rgb [R, 3]; the layers must be the ones it was
+    built from."""
+
+    def __init__(self, norm: nn.Module, view_blend: nn.Module, fc1: nn.Module, fc2: nn.Module, sample_fc: nn.Module):
+        super().__init__()
+        self.weights = BlendHeadWeights.from_modules(norm, fc1, fc2, sample_fc)
+        self._layer_ids = (id(norm), id(fc1), id(fc2), id(sample_fc))
+        self.covered_ids = {id(view_blend)}  # runs inside this kernel
+
+    def run(self, q, features, colors, ray_diff, mask, norm, view_blend, fc1, fc2, sample_fc):
+        _check_same_layers(self, (norm, fc1, fc2, sample_fc))
+        return blend_head(q, features, colors, ray_diff, mask.squeeze(-1), self.weights).to(q.dtype)
+
+
 class KernelRayAttentionSublayer(KernelLeaf):
     """PreNormAttention of a ray block on the fused ray-attention kernel (CPU). Same call: (x [R, S, C], norm, attn)
     -> x + attn(norm(x)); norm/attn must be the modules it was built from. KernelNotApplicable (the parts are
@@ -537,7 +558,7 @@ def _check_same_layers(leaf: nn.Module, layers: tuple) -> None:
 Handler = Callable[[nn.Module, nn.Module, KernelConfig], nn.Module]
 # composite leaves whose kernels cover their block's parts: handled before any of those parts, whatever the order
 # the parent defines its children in
-_SUBLAYERS = (SampledViewEmbedding, PreNormAttention, PreNormViewAttention, PreNormFeedForward)
+_SUBLAYERS = (SampledViewEmbedding, PreNormAttention, PreNormViewAttention, PreNormFeedForward, RayColorBlend)
 _HANDLERS: dict[type, Handler] = {}
 
 
@@ -585,6 +606,16 @@ def _view_attention(module, parent, cfg):
             raise KernelNotApplicable("the integer view attention runs on CPUs with AVX-512 VNNI")
         return KernelIntViewAttention(module)
     return KernelViewAttention(module)
+
+
+@register_kernel_handler(RayColorBlend)
+def _blend_head(module, parent, cfg):
+    if cfg.kernel_device(parent.norm.weight.device) != "cpu":
+        raise KernelNotApplicable("the blend-head kernel is CPU-only; on CUDA the view blend has its own kernel")
+    try:
+        return KernelBlendHead(parent.norm, parent.view_blend, parent.view_fc1, parent.view_fc2, parent.sample_fc)
+    except (TypeError, ValueError) as error:  # e.g. a width the kernel does not take: the view blend's own kernel
+        raise KernelNotApplicable(f"blend head: {error}") from error
 
 
 @register_kernel_handler(ViewColorBlend)

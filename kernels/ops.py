@@ -42,6 +42,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> the fused query [R, S, C] fp32
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
+  blend_head                          q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
+                                      mask [R, S, V], BlendHeadWeights.kernel_arguments(), eps -> rgb [R, 3] (CPU)
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
                                       -> rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]
   source_front_end                    the same inputs + the front end's ViewFeatureWeights tensors -> features
@@ -55,6 +57,7 @@ import torch
 from torch import Tensor
 
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+from kernels import blend_head as _blend_head
 from kernels import ffn as _ffn
 from kernels import hashed_attention as _hashed
 from kernels import int_shift as _int_shift
@@ -69,7 +72,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "ray_attention", "position_fusion", "int_view_attention", "int_view_sublayer", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "blend_head", "ray_attention", "position_fusion", "int_view_attention", "int_view_sublayer", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -328,6 +331,33 @@ def view_blend(hq: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, m
     return torch.ops.shiftadd_gnt.view_blend(hq, features, colors, ray_diff, mask, *weights.kernel_arguments())
 
 
+# -------------------------------------------------------------------------------------------------- blend head
+
+@torch.library.custom_op(f"{NAMESPACE}::blend_head", mutates_args=())
+def _blend_head_op(q: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, mask: Tensor, ln_w: Tensor,
+                   ln_b: Tensor, per_sample_t: Tensor, fc1_b: Tensor, features_t: Tensor, ray_t: Tensor,
+                   fc2_w: Tensor, fc2_b: Tensor, sample_w: Tensor, sample_b: Tensor, eps: float) -> Tensor:
+    blend = _blend.PreparedBlendWeights(features_t, ray_t, fc2_w, fc2_b, per_sample_w=per_sample_t.t(), fc1_b=fc1_b)
+    weights = _blend_head.BlendHeadWeights(ln_w, ln_b, eps, blend, per_sample_t, sample_w, sample_b)
+    return _blend_head.blend_head(q, features, colors, ray_diff, mask, weights)
+
+
+@_blend_head_op.register_fake
+def _(q, features, colors, ray_diff, mask, ln_w, ln_b, per_sample_t, fc1_b, features_t, ray_t, fc2_w, fc2_b,
+      sample_w, sample_b, eps):
+    return q.new_empty(q.shape[0], 3, dtype=torch.float32)
+
+
+def blend_head(q: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, mask: Tensor,
+               w: "_blend_head.BlendHeadWeights") -> Tensor:
+    """The whole blend colour head per ray in one kernel through the custom op (the reference when gradients are
+    needed); see kernels/blend_head.py."""
+    if _needs_grad("blend_head", q, features, colors, ray_diff, mask):
+        return _blend_head.reference_blend_head(q, features, colors, ray_diff, mask, w)
+    return torch.ops.shiftadd_gnt.blend_head(q.detach(), features.detach(), colors.detach(), ray_diff.detach(),
+                                             mask.detach(), *w.kernel_arguments(), w.eps)
+
+
 # ----------------------------------------------------------------------------------------------- view features
 
 @torch.library.custom_op(f"{NAMESPACE}::view_features", mutates_args=())
@@ -530,6 +560,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "int_view_sublayer": _int_view_sublayer_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "blend_head": _blend_head_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "int_view_sublayer": _int_view_sublayer_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

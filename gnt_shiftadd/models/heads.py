@@ -64,6 +64,22 @@ class ViewColorBlend(nn.Module):
         return (view_weights * colors).sum(dim=2)
 
 
+class RayColorBlend(nn.Module):
+    """The whole of BlendColorHead's computation as one swappable leaf (kernels/blend_head.py runs it per ray in one
+    CPU kernel): h = norm(q), the per-view blend (the view_blend leaf), and the softmax over the ray's samples of
+    sample_fc(h). No parameters of its own: the head owns its layers (state_dict keys unchanged) and passes them in.
+    q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V, 1] -> rgb [R, 3]."""
+
+    def forward(self, q, features, colors, ray_diff, mask, norm: nn.Module, view_blend: nn.Module, fc1: nn.Module,
+                fc2: nn.Module, sample_fc: nn.Module) -> torch.Tensor:
+        h = norm(q)  # [R, S, C]
+        sample_colors = view_blend(h, features, colors, ray_diff, mask, fc1, fc2)  # [R, S, 3]
+        seen = (mask > 0).any(dim=2)  # [R, S, 1]
+        sample_logits = sample_fc(h).masked_fill(~seen, -1e4)  # unseen samples only when nothing is seen
+        sample_weights = torch.softmax(sample_logits, dim=1)  # [R, S, 1]
+        return (sample_weights * sample_colors).sum(dim=1)
+
+
 class BlendColorHead(nn.Module):
     """rgb = sum_s a_s sum_v w_{s,v} colors_{s,v}; w = softmax over visible views of MLP(feature_v, q_s, ray_diff_v),
     a = softmax over samples of Linear(LN(q_s)). A sample no view sees has no colour (its blend is 0) and is left
@@ -78,14 +94,11 @@ class BlendColorHead(nn.Module):
         self.view_fc2 = nn.Linear(hidden, 1)
         self.sample_fc = nn.Linear(dim, 1)
         self.view_blend = ViewColorBlend()
+        self.ray_blend = RayColorBlend()  # the whole computation (kernels swap this leaf, or only view_blend)
 
     def forward(self, q, features, colors, ray_diff, mask) -> torch.Tensor:
-        h = self.norm(q)  # [R, S, C]
-        sample_colors = self.view_blend(h, features, colors, ray_diff, mask, self.view_fc1, self.view_fc2)  # [R, S, 3]
-        seen = (mask > 0).any(dim=2)  # [R, S, 1]
-        sample_logits = self.sample_fc(h).masked_fill(~seen, -1e4)  # unseen samples only when nothing is seen
-        sample_weights = torch.softmax(sample_logits, dim=1)  # [R, S, 1]
-        return (sample_weights * sample_colors).sum(dim=1)
+        return self.ray_blend(q, features, colors, ray_diff, mask, self.norm, self.view_blend, self.view_fc1,
+                              self.view_fc2, self.sample_fc)
 
 
 def make_color_head(kind: str, dim: int) -> nn.Module:

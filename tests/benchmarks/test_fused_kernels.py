@@ -15,7 +15,7 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
                        "--peak-size", "256", "render.chunk_rays=8", "data.num_source_views=3"]) == 0
     record = json.loads(out.read_text())
     names = [r["kernel"] for r in record["rows"]]
-    assert names[:6] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", "view_attention",
+    assert names[:7] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", "blend_head", "view_attention",
                          "view_attention_sublayer", "ffn_sublayer[dense]"]
     # the last three on fern's real data
     assert names[-4:] == ["position_fusion", "source_views", "source_front_end", "source_front_end[folded]"]

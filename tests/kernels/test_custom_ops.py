@@ -171,6 +171,20 @@ def _int_ray_case():
     return (torch.randn(3, 8, DIM), *w.tensors(), w.eps, True)
 
 
+def _blend_head_case():
+    from torch import nn
+
+    from kernels.blend_head import BlendHeadWeights
+
+    torch.manual_seed(11)
+    w = BlendHeadWeights.from_modules(nn.LayerNorm(DIM), nn.Linear(2 * DIM + 4, HIDDEN), nn.Linear(HIDDEN, 1),
+                                      nn.Linear(DIM, 1))
+    rays, samples = 3, 5
+    return (torch.randn(rays, samples, DIM), torch.randn(rays, samples, VIEWS, DIM),
+            torch.rand(rays, samples, VIEWS, 3), torch.randn(rays, samples, VIEWS, 4),
+            (torch.rand(rays, samples, VIEWS) > 0.3).float(), *w.kernel_arguments(), w.eps)
+
+
 def _op_cases():
     p = _packed()
     w = _ffn()
@@ -186,6 +200,7 @@ def _op_cases():
         "view_attention_sublayer": (*_view_inputs(), *vw.kernel_arguments(), *_sublayer().kernel_arguments(), 1e-6),
         "view_blend": (torch.randn(13, HIDDEN), *_view_inputs()[1:2], torch.rand(13, VIEWS, 3), *_view_inputs()[2:],
                        *_blend_weights().kernel_arguments()),
+        "blend_head": _blend_head_case(),
         "ray_attention": _ray_case("hashed"),
         "view_features": (torch.rand(VIEWS, 3, 37), torch.randn(VIEWS, 8, 37),
                           (torch.rand(37, VIEWS) > 0.3).float(), *_feature_weights().tensors()),

@@ -1,0 +1,302 @@
+"""The blend colour head in one CPU kernel per ray: models.heads.BlendColorHead from the final tokens to the pixel.
+
+Per 2048-ray chunk, BlendColorHead runs its LayerNorm, the per-sample block of the view MLP's first layer, the
+fused per-(sample, view) blend (kernels/view_blend.py), the sample logits, a masked softmax over the ray's samples
+and the weighted sum: a kernel and half a dozen PyTorch ops, each a pass over [R, S, *] in memory (about 40% of the
+head's time in a frame: results/kernels_blend_cpu.json at 4be627e, "head" 284 ms against 164 ms of view-blend
+kernel). Here, per ray, every intermediate stays in registers or L1:
+
+    h        = LN(q_s)                                                   [C]     per sample s
+    hq       = h @ Wq + b1                                               [H]
+    hidden_v = relu(features_v @ Wf + ray_diff_v @ Wr + hq)              [V, H]
+    w_v      = softmax_V(hidden_v . w2 + b2, finfo.min where v is not visible) * mask_v
+    colour_s = sum_v w_v colors_v                                        [3]
+    logit_s  = h . ws + bs, or -1e4 where no view sees the sample
+    rgb      = sum_s softmax_S(logit)_s colour_s                         [3]
+
+The [V, H] product keeps the views' accumulators in registers and takes each feature as an embedded broadcast;
+the softmaxes are vector exps (te_math.script_exp) over the views and over the samples, padded to whole
+registers with finfo.min logits. All fp32.
+
+Layout: q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V] (1 =
+visible), out [R, 3]; R symbolic, parallel over rays. C and H multiples of 16, V <= 16. CPU only: on CUDA the head
+keeps the view-blend kernel with the rest in PyTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.build import kernel_ready
+from kernels.dispatch import get_kernel, needs_grad, note_kernel
+from kernels.te_math import script_exp
+from kernels.view_blend import PreparedBlendWeights, reference_view_blend
+
+__all__ = ["BlendHeadWeights", "reference_blend_head", "make_blend_head", "blend_head"]
+
+_RAY_DIFF_DIM = 4
+_RGB = 3
+_UNSEEN_LOGIT = -1e4  # models.heads.BlendColorHead: a sample no view sees
+LANES = 16
+RAYS_PER_TASK = 16  # rays per parallel task: its scratch buffers are set up once per task
+
+
+@dataclass(frozen=True, eq=False)
+class BlendHeadWeights:
+    """BlendColorHead's layers in the kernels' layout: the norm (ln_w, ln_b [C], eps), the view MLP as
+    PreparedBlendWeights (features_t [C, H], ray_t [4, H], fc2_w [H], fc2_b [1], per_sample_w [H, C], fc1_b [H]),
+    its per-sample block transposed (per_sample_t [C, H]) and sample_fc (sample_w [C], sample_b [1]). fp32
+    snapshots (build again after changing the layers)."""
+
+    ln_w: torch.Tensor
+    ln_b: torch.Tensor
+    eps: float
+    blend: PreparedBlendWeights
+    per_sample_t: torch.Tensor
+    sample_w: torch.Tensor
+    sample_b: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.blend.channels
+
+    @property
+    def hidden(self) -> int:
+        return self.blend.hidden
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, fc1: nn.Module, fc2: nn.Module, sample_fc: nn.Module) -> "BlendHeadWeights":
+        """TypeError unless norm is an affine nn.LayerNorm and the layers plain nn.Linear; ValueError for shapes
+        the kernel does not compute (C or H not a multiple of 16, sample_fc not Linear(C -> 1))."""
+        if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
+            raise TypeError(f"blend head kernel: the norm must be an affine nn.LayerNorm, got {type(norm).__name__}")
+        if type(sample_fc) is not nn.Linear:
+            raise TypeError(f"blend head kernel: sample_fc must be a plain nn.Linear, got {type(sample_fc).__name__}")
+        blend = PreparedBlendWeights.from_linears(fc1, fc2)
+        channels, hidden = blend.channels, blend.hidden
+        if channels % LANES or hidden % LANES:
+            raise ValueError(f"blend head kernel: channels and hidden units must be multiples of {LANES}, got "
+                             f"{channels} and {hidden}")
+        if (sample_fc.in_features, sample_fc.out_features) != (channels, 1) or tuple(norm.weight.shape) != (channels,):
+            raise ValueError(f"blend head kernel: the norm and sample_fc must take the {channels} channels the view "
+                             f"MLP does")
+        snapshot = lambda t: kernel_ready(t.detach().float().reshape(-1).clone(), torch.float32)  # noqa: E731
+        sample_b = sample_fc.bias if sample_fc.bias is not None else sample_fc.weight.new_zeros(1)
+        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps), blend=blend,
+                   per_sample_t=kernel_ready(blend.per_sample_w.t().clone(), torch.float32),
+                   sample_w=snapshot(sample_fc.weight), sample_b=snapshot(sample_b))
+
+    def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
+        b = self.blend
+        return (self.ln_w, self.ln_b, self.per_sample_t, b.fc1_b, b.features_t, b.ray_t, b.fc2_w, b.fc2_b,
+                self.sample_w, self.sample_b)
+
+
+def reference_blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.Tensor, ray_diff: torch.Tensor,
+                         mask: torch.Tensor, w: BlendHeadWeights) -> torch.Tensor:
+    """BlendColorHead's forward from these weights (the ground truth and the fallback): q [R, S, C], features
+    [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V] -> rgb [R, 3] fp32."""
+    h = F.layer_norm(q.float(), (w.channels,), w.ln_w, w.ln_b, w.eps)
+    b = w.blend
+    sample_colors = reference_view_blend(b.per_sample(h), features, colors, ray_diff, mask, b.features_t, b.ray_t,
+                                         b.fc2_w, b.fc2_b)  # [R, S, 3]
+    seen = (mask > 0).any(dim=-1)
+    logits = (h @ w.sample_w + w.sample_b).masked_fill(~seen, _UNSEEN_LOGIT)  # [R, S]
+    return (torch.softmax(logits, dim=1)[..., None] * sample_colors).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TVM kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: float):
+    """IRModule "main"(q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
+    mask [R, S, V], BlendHeadWeights.kernel_arguments(), out [R, 3]) for the CPU; R symbolic."""
+    import tvm  # lazy: TVM is optional (the reference runs without it)
+    from tvm.script import tirx as T
+
+    from kernels.int_shift import _KernelParts
+
+    S, V, C, H = samples, views, channels, hidden
+    if C % LANES or H % LANES or not 1 <= V <= LANES:
+        raise ValueError(f"blend head kernel: needs C and H multiples of {LANES} and 1..{LANES} views, got C={C}, "
+                         f"H={H}, V={V}")
+    c_blocks, h_blocks, s_vectors = C // LANES, H // LANES, -(-S // LANES)
+    horizontal = _KernelParts(8, 1).horizontal  # a 16-lane reduction on register shuffles
+    lanes = lambda start: T.Ramp(start, 1, LANES)  # noqa: E731
+    spread = lambda value: T.Broadcast(value, LANES)  # noqa: E731
+    lowest = T.float32(float(torch.finfo(torch.float32).min))
+    add = lambda a, b: a + b  # noqa: E731
+
+    def pick(value, indices, width=LANES):
+        """Lanes `indices` of a vector of `width` lanes (or of such vectors side by side; a narrow one repeats)."""
+        values = value if isinstance(value, list) else [value]
+        picked = T.Shuffle(values * -(-len(indices) // (width * len(values))), [T.int32(k) for k in indices])
+        return picked
+
+    def gather_lanes(scalars, fill):
+        """One register holding scalars[k] in lane k and `fill` past them: one broadcast and blend per scalar."""
+        vector = T.bind(spread(fill))
+        for k, value in enumerate(scalars):
+            vector = T.bind(T.Shuffle([spread(value), vector],
+                                      [T.int32(k if lane == k else LANES + lane) for lane in range(LANES)]))
+        return vector
+
+    def softmax_weights(logits_vector):
+        """exp(logits - max) over a register of logits (finfo.min in the padding) and their sum."""
+        peak = horizontal(logits_vector, T.max)
+        exps = T.bind(script_exp(T, logits_vector - spread(peak), LANES))
+        return exps, horizontal(exps, add)
+
+    def sample(r, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, wr, w2, b2, ws, bs, normed,
+               view_logits, sample_colour, sample_logit):
+        """Sample s of ray r: its blended colour into sample_colour[s, :3] and its logit into sample_logit[s]
+        (emitted while the kernel is parsed; every value a register except the small L1 rows)."""
+        rows = [T.bind(q[r, s, lanes(b * LANES)]) for b in range(c_blocks)]
+        total = rows[0]
+        for row in rows[1:]:
+            total = total + row
+        mean = T.bind(horizontal(T.bind(total), add) / T.float32(C))
+        centred = [T.bind(row - spread(mean)) for row in rows]
+        squares = centred[0] * centred[0]
+        for row in centred[1:]:
+            squares = squares + row * row
+        rstd = T.bind(T.float32(1) / T.sqrt(horizontal(T.bind(squares), add) / T.float32(C) + T.float32(eps)))
+        h = [T.bind(row * spread(rstd) * ln_w[lanes(b * LANES)] + ln_b[lanes(b * LANES)])
+             for b, row in enumerate(centred)]
+        dot = h[0] * ws[lanes(0)]
+        for b in range(1, c_blocks):
+            dot = dot + h[b] * ws[lanes(b * LANES)]
+        own_logit = T.bind(horizontal(T.bind(dot), add) + bs[0])
+        # hq = W_q h + b1, then every view's hidden units on top of it (the reductions unrolled, every accumulator a
+        # register). h goes through L1 (one vector store, scalar reloads): shuffles of its lanes let TVM's
+        # simplifier push them into h's expression, which took the build minutes
+        for b, value in enumerate(h):
+            T.buffer_store(normed, value, [lanes(b * LANES)])
+        # (hq in two interleaved partial sums per block and added to the views' sums at the end: its chain of C
+        # dependent FMAs no longer delays theirs)
+        hq = [[T.bind(b1[lanes(j * LANES)]), None] for j in range(h_blocks)]
+        for c in range(C):
+            x = T.bind(spread(normed[c]))
+            for j in range(h_blocks):
+                term = x * wq[c, lanes(j * LANES)]
+                half = hq[j][c % 2]
+                hq[j][c % 2] = T.bind(term if half is None else half + term)
+        hq = [T.bind(first + second) for first, second in hq]
+        acc = {(v, j): None for v in range(V) for j in range(h_blocks)}
+        for c in range(C + _RAY_DIFF_DIM):
+            weights = [T.bind(wf[c, lanes(j * LANES)] if c < C else wr[c - C, lanes(j * LANES)])
+                       for j in range(h_blocks)]
+            for v in range(V):
+                x = T.bind(spread(features[r, s, v, c] if c < C else ray_diff[r, s, v, c - C]))
+                for j in range(h_blocks):
+                    acc[v, j] = T.bind(x * weights[j] if acc[v, j] is None else acc[v, j] + x * weights[j])
+        acc = {(v, j): T.bind(value + hq[j]) for (v, j), value in acc.items()}
+        visible = gather_lanes([mask[r, s, v] for v in range(V)], T.float32(0))
+        scores = []
+        for v in range(V):
+            score = T.max(acc[v, 0], spread(T.float32(0))) * w2[lanes(0)]
+            for j in range(1, h_blocks):
+                score = score + T.max(acc[v, j], spread(T.float32(0))) * w2[lanes(j * LANES)]
+            scores.append(T.bind(horizontal(T.bind(score), add) + b2[0]))
+        T.buffer_store(view_logits, T.Select(visible > spread(T.float32(0)), gather_lanes(scores, lowest),
+                                             spread(lowest)), [lanes(0)])  # (through L1, as h)
+        exps, total_exp = softmax_weights(T.bind(view_logits[lanes(0)]))
+        view_weights = T.bind(exps / spread(total_exp) * visible)
+        for channel in range(_RGB):
+            colour = pick(view_weights, [0], LANES) * colors[r, s, 0, channel]
+            for v in range(1, V):
+                colour = colour + pick(view_weights, [v], LANES) * colors[r, s, v, channel]
+            T.buffer_store(sample_colour, colour, [s, channel])
+        T.buffer_store(sample_logit, T.Select(horizontal(visible, T.max) > T.float32(0), own_logit,
+                                              T.float32(_UNSEEN_LOGIT)), [s])
+
+    def ray_colour(r, sample_colour, sample_logit, sample_weights, out):
+        """out[r] = the samples' colours blended by the softmax of their logits (finfo.min past S: weight 0)."""
+        vectors = [T.bind(sample_logit[lanes(k * LANES)]) for k in range(s_vectors)]
+        peak = vectors[0]
+        for vector in vectors[1:]:
+            peak = T.max(peak, vector)
+        peak = T.bind(horizontal(T.bind(peak), T.max))
+        exps = [T.bind(script_exp(T, vector - spread(peak), LANES)) for vector in vectors]
+        total = exps[0]
+        for value in exps[1:]:
+            total = total + value
+        total = T.bind(horizontal(T.bind(total), add))
+        for k, value in enumerate(exps):
+            T.buffer_store(sample_weights, value, [lanes(k * LANES)])
+        for channel in range(_RGB):
+            colour = sample_weights[0] * sample_colour[0, channel]
+            for s in range(1, S):
+                colour = colour + sample_weights[s] * sample_colour[s, channel]
+            T.buffer_store(out, colour / total, [r, channel])
+
+    @T.prim_func
+    def main(q_h: T.handle, features_h: T.handle, colors_h: T.handle, diff_h: T.handle, mask_h: T.handle,
+             ln_w: T.Buffer((C,), "float32"), ln_b: T.Buffer((C,), "float32"), wq: T.Buffer((C, H), "float32"),
+             b1: T.Buffer((H,), "float32"), wf: T.Buffer((C, H), "float32"),
+             wr: T.Buffer((_RAY_DIFF_DIM, H), "float32"), w2: T.Buffer((H,), "float32"),
+             b2: T.Buffer((1,), "float32"), ws: T.Buffer((C,), "float32"), bs: T.Buffer((1,), "float32"),
+             out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        rays = T.int32()
+        q = T.match_buffer(q_h, (rays, S, C), "float32")
+        features = T.match_buffer(features_h, (rays, S, V, C), "float32")
+        colors = T.match_buffer(colors_h, (rays, S, V, _RGB), "float32")
+        ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
+        mask = T.match_buffer(mask_h, (rays, S, V), "float32")
+        out = T.match_buffer(out_h, (rays, _RGB), "float32")
+        for task in T.parallel((rays + RAYS_PER_TASK - 1) // RAYS_PER_TASK):
+            normed = T.alloc_buffer((C,), "float32", scope="local")
+            view_logits = T.alloc_buffer((LANES,), "float32", scope="local")
+            sample_colour = T.alloc_buffer((S, _RGB), "float32", scope="local")
+            sample_logit = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")  # past S: finfo.min
+            sample_weights = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")
+            for k in T.serial(s_vectors * LANES):
+                sample_logit[k] = lowest
+            for within in T.serial(RAYS_PER_TASK):
+                # the bound check inside the sample loop: it keeps LLVM from hoisting the unrolled products' ~140
+                # weight vectors out of that loop (more than the 32 registers: they were spilled and reloaded)
+                for s in T.serial(S):
+                    if task * RAYS_PER_TASK + within < rays:
+                        sample(task * RAYS_PER_TASK + within, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq,
+                               b1, wf, wr, w2, b2, ws, bs, normed, view_logits, sample_colour, sample_logit)
+                if task * RAYS_PER_TASK + within < rays:
+                    ray_colour(task * RAYS_PER_TASK + within, sample_colour, sample_logit, sample_weights, out)
+
+    return tvm.IRModule({"main": main})
+
+
+def blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.Tensor, ray_diff: torch.Tensor,
+               mask: torch.Tensor, w: BlendHeadWeights) -> torch.Tensor:
+    """q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V] (CPU) ->
+    rgb [R, 3] fp32 on the kernel; the reference when gradients are needed or no kernel can be had (one warning)."""
+    if q.dim() != 3 or q.shape[-1] != w.channels:
+        raise ValueError(f"blend_head: q must be [rays, samples, C={w.channels}], got {tuple(q.shape)}")
+    rays, samples, channels = q.shape
+    views = features.shape[2] if features.dim() == 4 else -1
+    expected = {"features": (rays, samples, views, channels), "colors": (rays, samples, views, _RGB),
+                "ray_diff": (rays, samples, views, _RAY_DIFF_DIM), "mask": (rays, samples, views)}
+    for name, tensor in (("features", features), ("colors", colors), ("ray_diff", ray_diff), ("mask", mask)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"blend_head: {name} must be {list(expected[name])} to match q {list(q.shape)}, got "
+                             f"{list(tensor.shape)}")
+        if tensor.device.type != "cpu":
+            raise ValueError(f"blend_head: the kernel runs on CPU, got {name} on {tensor.device}")
+    if needs_grad(q, features, colors, ray_diff, mask):
+        note_kernel("blend_head", "reference")
+        return reference_blend_head(q, features, colors, ray_diff, mask, w)
+    kernel = None
+    if rays:
+        key = {"samples": samples, "views": views, "channels": channels, "hidden": w.hidden, "eps": w.eps}
+        kernel = get_kernel("blend_head", key, q.device,
+                            lambda _: make_blend_head(samples, views, channels, w.hidden, w.eps))
+    if kernel is None:
+        return reference_blend_head(q, features, colors, ray_diff, mask, w)
+    ready = lambda t: kernel_ready(t, torch.float32)  # noqa: E731
+    out = torch.empty(rays, _RGB, dtype=torch.float32)
+    kernel(ready(q), ready(features), ready(colors), ready(ray_diff), ready(mask), *w.kernel_arguments(), out)
+    return out

@@ -1,0 +1,98 @@
+"""kernels/blend_head.py: the whole blend colour head per ray in one CPU kernel."""
+import pytest
+import torch
+from torch import nn
+
+from gnt_shiftadd.models.heads import BlendColorHead
+from kernels.apply import KernelBlendHead, use_kernels_
+from kernels.blend_head import BlendHeadWeights, blend_head, reference_blend_head
+from kernels.dispatch import kernel_map, recording
+
+pytest.importorskip("tvm")
+
+
+def _head(dim: int, hidden: int = 32, seed: int = 0) -> BlendColorHead:
+    """A blend head with non-trivial norm and biases (a fresh LayerNorm is the identity)."""
+    torch.manual_seed(seed)
+    head = BlendColorHead(dim, hidden).eval()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    return head
+
+
+def _inputs(rays, samples, views, dim, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(rays, samples, views, 1, generator=g) < 0.7).float()
+    mask[0] = 0  # a ray none of whose samples is seen: black
+    if rays > 1:
+        mask[1, : samples // 2] = 0  # some samples no view sees
+    return (torch.randn(rays, samples, dim, generator=g) * 2, torch.randn(rays, samples, views, dim, generator=g),
+            torch.rand(rays, samples, views, 3, generator=g), torch.randn(rays, samples, views, 4, generator=g) * 0.3,
+            mask)
+
+
+@pytest.mark.parametrize("rays,samples,views,dim,hidden", [
+    (37, 24, 6, 32, 32), (3, 5, 1, 16, 16), (17, 40, 10, 16, 48), (1, 1, 16, 32, 16),
+])
+def test_kernel_matches_the_model_head(rays, samples, views, dim, hidden):
+    head = _head(dim, hidden)
+    q, features, colors, ray_diff, mask = _inputs(rays, samples, views, dim)
+    weights = BlendHeadWeights.from_modules(head.norm, head.view_fc1, head.view_fc2, head.sample_fc)
+    with torch.no_grad():
+        expected = head(q, features, colors, ray_diff, mask)
+        torch.testing.assert_close(reference_blend_head(q, features, colors, ray_diff, mask[..., 0], weights),
+                                   expected, rtol=1e-5, atol=1e-6)
+        with recording(record := {}):
+            got = blend_head(q, features, colors, ray_diff, mask[..., 0], weights)
+    assert record == {"blend_head": "tvm"}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], torch.zeros(3))
+
+
+def test_the_leaf_covers_the_whole_head_on_cpu():
+    head = _head(32)
+    inputs = _inputs(9, 24, 6, 32)
+    with torch.no_grad():
+        expected = head(*inputs)
+        summary = use_kernels_(head)
+        assert summary.get("KernelBlendHead") == 1 and "KernelViewColorBlend" not in summary  # covered
+        assert isinstance(head.ray_blend, KernelBlendHead)
+        got = head(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert kernel_map(head) == {"ray_blend": {"blend_head": "tvm"}}
+    assert set(head.state_dict()) == set(_head(32).state_dict())  # the leaf has no parameters of its own
+
+
+def test_gradients_take_the_reference():
+    head = _head(16, 16)
+    q, features, colors, ray_diff, mask = _inputs(4, 6, 3, 16)
+    weights = BlendHeadWeights.from_modules(head.norm, head.view_fc1, head.view_fc2, head.sample_fc)
+    q.requires_grad_(True)
+    with recording(record := {}):
+        out = blend_head(q, features, colors, ray_diff, mask[..., 0], weights)
+    assert record == {"blend_head": "reference"}
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_layers_and_shapes_the_kernel_does_not_take_are_named(monkeypatch):
+    monkeypatch.setattr("kernels.dispatch._WARNED", set())  # its one warning, without silencing other tests' own
+    head = _head(24, 32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        BlendHeadWeights.from_modules(head.norm, head.view_fc1, head.view_fc2, head.sample_fc)
+    head = _head(16, 16)
+    with pytest.raises(TypeError, match="affine nn.LayerNorm"):
+        BlendHeadWeights.from_modules(nn.LayerNorm(16, elementwise_affine=False), head.view_fc1, head.view_fc2,
+                                      head.sample_fc)
+    with pytest.warns(RuntimeWarning, match="fc1 must be a plain nn.Linear"):  # neither kernel takes it
+        head.view_fc1 = nn.Sequential(head.view_fc1)
+        summary = use_kernels_(head)
+    assert "KernelBlendHead" not in summary and "view_blend" in summary["skipped"]
+    weights = BlendHeadWeights.from_modules(_head(16, 16).norm, *[getattr(_head(16, 16), n) for n in
+                                                                  ("view_fc1", "view_fc2", "sample_fc")])
+    q, features, colors, ray_diff, mask = _inputs(2, 3, 4, 16)
+    with pytest.raises(ValueError, match=r"blend_head: colors must be \[2, 3, 4, 3\]"):
+        blend_head(q, features, colors[..., :2], ray_diff, mask[..., 0], weights)
+    with pytest.raises(ValueError, match=r"blend_head: q must be \[rays, samples, C=16\]"):
+        blend_head(q[..., :8], features, colors, ray_diff, mask[..., 0], weights)
