@@ -19,8 +19,9 @@ the softmaxes are vector exps (te_math.script_exp) over the views and over the s
 registers with finfo.min logits. All fp32.
 
 Layout: q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V] (1 =
-visible), out [R, 3]; R symbolic, parallel over rays. C and H multiples of 16, V <= 16. CPU only: on CUDA the head
-keeps the view-blend kernel with the rest in PyTorch.
+visible), out [R, 3]; R symbolic, parallel over rays. C and H multiples of 16 (else the handler leaves the head to the
+view-blend kernel), V <= 16 (more views: the kernel is not built and the reference runs, after one warning). CPU
+only: on CUDA the head keeps the view-blend kernel with the rest in PyTorch.
 """
 from __future__ import annotations
 

@@ -96,3 +96,16 @@ def test_layers_and_shapes_the_kernel_does_not_take_are_named(monkeypatch):
         blend_head(q, features, colors[..., :2], ray_diff, mask[..., 0], weights)
     with pytest.raises(ValueError, match=r"blend_head: q must be \[rays, samples, C=16\]"):
         blend_head(q[..., :8], features, colors, ray_diff, mask[..., 0], weights)
+
+
+def test_more_views_than_one_register_falls_back_with_one_warning(monkeypatch):
+    """The kernel keeps a token's view logits in one 16-lane register: with 17 views it is not built, and the
+    reference runs after one warning that names why."""
+    monkeypatch.setattr("kernels.dispatch._WARNED", set())
+    head = _head(16, 16)
+    q, features, colors, ray_diff, mask = _inputs(3, 4, 17, 16)
+    weights = BlendHeadWeights.from_modules(head.norm, head.view_fc1, head.view_fc2, head.sample_fc)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"1\.\.16 views"):
+        got = blend_head(q, features, colors, ray_diff, mask[..., 0], weights)
+        expected = head(q, features, colors, ray_diff, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
