@@ -255,15 +255,13 @@ class KernelFrontEnd(KernelLeaf):
         self.covered_ids = {id(m) for m in covered}  # the sampler and the embedding run inside this kernel
         feat_channels, hidden, _ = self.weights.shapes
         fold = hidden <= feat_channels
-        self.prepared_for = _PreparedViews(
-            (lambda prepared: fold_feature_block(prepared, self.weights)) if fold else None)
+        # per set of views: (views, weights) for the kernel, folded or as they are
+        self.prepared_for = _PreparedViews((lambda prepared: fold_feature_block(prepared, self.weights)) if fold
+                                           else (lambda prepared: (prepared, self.weights)))
 
     def run(self, points, target_origin, views, sampler, embedding, fc1, fc2):
         _check_same_layers(self, (fc1, fc2))
-        prepared = self.prepared_for(views)
-        if isinstance(prepared, tuple):  # folded views and weights
-            return source_front_end(points, target_origin, *prepared)
-        return source_front_end(points, target_origin, prepared, self.weights)
+        return source_front_end(points, target_origin, *self.prepared_for(views))
 
 
 class KernelViewEmbedding(KernelLeaf):

@@ -33,7 +33,7 @@ from torch import nn
 
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
-from kernels.te_math import script_exp
+from kernels.te_math import script_exp, script_pick
 from kernels.view_blend import PreparedBlendWeights, reference_view_blend
 
 __all__ = ["BlendHeadWeights", "reference_blend_head", "make_blend_head", "blend_head"]
@@ -132,12 +132,6 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
     lowest = T.float32(float(torch.finfo(torch.float32).min))
     add = lambda a, b: a + b  # noqa: E731
 
-    def pick(value, indices, width=LANES):
-        """Lanes `indices` of a vector of `width` lanes (or of such vectors side by side; a narrow one repeats)."""
-        values = value if isinstance(value, list) else [value]
-        picked = T.Shuffle(values * -(-len(indices) // (width * len(values))), [T.int32(k) for k in indices])
-        return picked
-
     def gather_lanes(scalars, fill):
         """One register holding scalars[k] in lane k and `fill` past them: one broadcast and blend per scalar."""
         vector = T.bind(spread(fill))
@@ -177,25 +171,19 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
         # simplifier push them into h's expression, which took the build minutes
         for b, value in enumerate(h):
             T.buffer_store(normed, value, [lanes(b * LANES)])
-        # (hq in two interleaved partial sums per block and added to the views' sums at the end: its chain of C
-        # dependent FMAs no longer delays theirs)
-        hq = [[T.bind(b1[lanes(j * LANES)]), None] for j in range(h_blocks)]
+        hq = [T.bind(b1[lanes(j * LANES)]) for j in range(h_blocks)]
         for c in range(C):
             x = T.bind(spread(normed[c]))
             for j in range(h_blocks):
-                term = x * wq[c, lanes(j * LANES)]
-                half = hq[j][c % 2]
-                hq[j][c % 2] = T.bind(term if half is None else half + term)
-        hq = [T.bind(first + second) for first, second in hq]
-        acc = {(v, j): None for v in range(V) for j in range(h_blocks)}
+                hq[j] = T.bind(hq[j] + x * wq[c, lanes(j * LANES)])
+        acc = {(v, j): hq[j] for v in range(V) for j in range(h_blocks)}
         for c in range(C + _RAY_DIFF_DIM):
             weights = [T.bind(wf[c, lanes(j * LANES)] if c < C else wr[c - C, lanes(j * LANES)])
                        for j in range(h_blocks)]
             for v in range(V):
                 x = T.bind(spread(features[r, s, v, c] if c < C else ray_diff[r, s, v, c - C]))
                 for j in range(h_blocks):
-                    acc[v, j] = T.bind(x * weights[j] if acc[v, j] is None else acc[v, j] + x * weights[j])
-        acc = {(v, j): T.bind(value + hq[j]) for (v, j), value in acc.items()}
+                    acc[v, j] = T.bind(acc[v, j] + x * weights[j])
         visible = gather_lanes([mask[r, s, v] for v in range(V)], T.float32(0))
         scores = []
         for v in range(V):
@@ -208,9 +196,9 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
         exps, total_exp = softmax_weights(T.bind(view_logits[lanes(0)]))
         view_weights = T.bind(exps / spread(total_exp) * visible)
         for channel in range(_RGB):
-            colour = pick(view_weights, [0], LANES) * colors[r, s, 0, channel]
+            colour = script_pick(T, view_weights, [0]) * colors[r, s, 0, channel]
             for v in range(1, V):
-                colour = colour + pick(view_weights, [v], LANES) * colors[r, s, v, channel]
+                colour = colour + script_pick(T, view_weights, [v]) * colors[r, s, v, channel]
             T.buffer_store(sample_colour, colour, [s, channel])
         T.buffer_store(sample_logit, T.Select(horizontal(visible, T.max) > T.float32(0), own_logit,
                                               T.float32(_UNSEEN_LOGIT)), [s])
@@ -259,13 +247,10 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
             for k in T.serial(s_vectors * LANES):
                 sample_logit[k] = lowest
             for within in T.serial(RAYS_PER_TASK):
-                # the bound check inside the sample loop: it keeps LLVM from hoisting the unrolled products' ~140
-                # weight vectors out of that loop (more than the 32 registers: they were spilled and reloaded)
-                for s in T.serial(S):
-                    if task * RAYS_PER_TASK + within < rays:
+                if task * RAYS_PER_TASK + within < rays:
+                    for s in T.serial(S):
                         sample(task * RAYS_PER_TASK + within, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq,
                                b1, wf, wr, w2, b2, ws, bs, normed, view_logits, sample_colour, sample_logit)
-                if task * RAYS_PER_TASK + within < rays:
                     ray_colour(task * RAYS_PER_TASK + within, sample_colour, sample_logit, sample_weights, out)
 
     return tvm.IRModule({"main": main})

@@ -30,7 +30,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
 from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
     reference_from_weights, stack_outputs, vnni_available
-from kernels.te_math import script_exp
+from kernels.te_math import script_exp, script_pick
 
 __all__ = ["IntViewWeights", "IntViewSublayerWeights", "reference_int_view_attention", "reference_int_view_sublayer",
            "make_int_view_attention", "int_view_attention", "int_view_sublayer"]
@@ -194,11 +194,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     level, floor = T.float32(127.0), T.float32(float(ABSMAX_FLOOR))
     vnni = lambda acc, act, weight: T.call_llvm_pure_intrin(  # noqa: E731
         f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.512", acc, T.reinterpret("int8x64", act), weight)
-    def pick(value, indices, width=LANES):
-        """Lanes `indices` of a vector of `width` lanes (or of such vectors side by side); a narrow vector repeats
-        to cover them (a shuffle cannot have more lanes than its inputs)."""
-        values = value if isinstance(value, list) else [value]
-        return T.Shuffle(values * -(-len(indices) // (width * len(values))), [T.int32(k) for k in indices])
+    pick = lambda value, indices, width=LANES: script_pick(T, value, indices, width)  # noqa: E731
 
     relu = parts.relu
     per_row = lambda value: pick(value, [k % 4 for k in range(LANES)])  # lane k <- lane k % 4 (row r, entry o)

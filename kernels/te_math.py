@@ -1,11 +1,11 @@
 """What the CPU TE kernels share: scalar math LLVM can vectorize (TVM lowers tirx.exp to one libm call per lane on
 CPU), the vector width for a loop, and the register-blocked schedule of a small [rows, in] x [in, out] product;
-`script_exp` is the same exp for kernels written in TVMScript."""
+`script_exp` is the same exp for kernels written in TVMScript, `script_pick` their lane shuffle."""
 from __future__ import annotations
 
 import math
 
-__all__ = ["vector_exp", "script_exp", "vector_lanes", "register_blocked"]
+__all__ = ["vector_exp", "script_exp", "script_pick", "vector_lanes", "register_blocked"]
 
 
 def vector_lanes(extent: int) -> int:
@@ -60,3 +60,12 @@ def script_exp(T, x, lanes: int):
     scale = T.reinterpret(f"float32{suffix}", T.shift_left(T.Cast(f"int32{suffix}", n) + spread(T.int32(127)),
                                                            spread(T.int32(23))))
     return T.Select(x < f(-87.3), f(0.0), poly * scale)
+
+
+def script_pick(T, value, indices, width: int = 16):
+    """Lanes `indices` of a vector value of `width` lanes (or of a list of such values side by side), emitted while
+    a TVMScript kernel is parsed; a narrow input repeats to cover the indices (a TIR shuffle cannot have more lanes
+    than its inputs). Pick lanes of loaded or simply bound values: on a long computed expression TVM's simplifier
+    pushes the shuffle into it (kernels/blend_head.py)."""
+    values = value if isinstance(value, list) else [value]
+    return T.Shuffle(values * -(-len(indices) // (width * len(values))), [T.int32(k) for k in indices])
