@@ -382,8 +382,8 @@ class KernelViewAttentionSublayer(KernelLeaf):
 
 
 class KernelIntViewAttentionSublayer(KernelLeaf):
-    """PreNormViewAttention whose view attention's eight linears are all 8-bit per-token integer shift layers (g, j;
-    CPU with VNNI): the LN, q_fc, the per-(token, view) attention, out_fc and the residual in one VNNI kernel
+    """PreNormViewAttention whose view attention's eight linears are all 8-bit integer shift layers, all per token
+    or all per tensor (g, j, k; CPU with VNNI): the LN, q_fc, the per-(token, view) attention, out_fc and the residual in one VNNI kernel
     (kernels/int_view_attention.py). norm_in_kernel=False takes the LN from PyTorch. Calls that need gradients run
     the modules. Same call: (q [R, S, C], features, ray_diff, mask, norm, attn) -> q + attn(norm(q), ...).
     KernelNotApplicable for other layers (then the attention alone is swapped)."""
@@ -397,6 +397,9 @@ class KernelIntViewAttentionSublayer(KernelLeaf):
             self.sublayer = IntViewSublayerWeights.from_modules(norm, attn)
         except ValueError as error:
             raise KernelNotApplicable(str(error)) from error
+        if self.sublayer.per_token != self.weights.per_token:
+            raise KernelNotApplicable("integer view-attention sublayer: q_fc/out_fc and the attention's layers use "
+                                      "different activation scales")
         self.norm_in_kernel = norm_in_kernel
         self._layer_ids = (id(norm), id(attn))
         self.covered_ids = {id(m) for m in attn.modules()}

@@ -1,6 +1,6 @@
 """The attention half of a ray-transformer block with integer shift layers and the hashed core, in one VNNI kernel
-per ray (CPU): for ShiftAdd variants whose ray-attention linears are all 8-bit per-token IntShiftLinear and whose
-core is ShiftAddViT's hashed quadratic attention (j).
+per ray (CPU): for ShiftAdd variants whose ray-attention linears are all 8-bit IntShiftLinear (per-token scales, or
+calibrated per-tensor ones) and whose core is ShiftAddViT's hashed quadratic attention (j, k).
 
 Without it the block runs as ~12 ops over the whole chunk (LN, three integer layers that each quantize the same
 normed tokens, head transposes, hash + pack of q and of k, the popcount softmax, a transpose back, the integer
@@ -32,7 +32,7 @@ from torch import nn
 from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, rounding_tie_distance
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
-from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
+from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, absmax_vector, export_8bit, prepare_int_shift, \
     reference_from_weights, stack_outputs, vnni_available
 from kernels.te_math import script_exp, vector_lanes
 
@@ -48,7 +48,8 @@ _PERMUTES = {8: "llvm.x86.avx2.permps", 16: "llvm.x86.avx512.permvar.sf.512"}  #
 @dataclass(frozen=True, eq=False)
 class IntRayWeights:
     """A ray block's attention half in the kernel layout: ln_w, ln_b [C] and eps (the block's LayerNorm); qkv
-    (q_fc, k_fc, v_fc stacked, C -> 3C) and out (C -> C) as IntShiftWeights, 8-bit per-token; the hashed core's
+    (q_fc, k_fc, v_fc stacked, C -> 3C) and out (C -> C) as IntShiftWeights, 8-bit, both per token or both per
+    tensor (act_absmax fp32 [2]: their calibrated absmax, zeros per token); the hashed core's
     scale [H], hash_w [H, d, n], hash_b [H, n] (fp32 snapshots); and the softmax in popcount form:
 
     logit_j = s (n - 2 pc_j), so exp(logit_j - max logit) = R^(pc_j - min pc) with R = exp(-2 |s|), where a head
@@ -66,6 +67,8 @@ class IntRayWeights:
     hash_b: torch.Tensor
     softmax_table: torch.Tensor
     flip: torch.Tensor
+    act_absmax: torch.Tensor
+    per_token: bool
 
     @property
     def channels(self) -> int:
@@ -78,7 +81,8 @@ class IntRayWeights:
     @classmethod
     def from_modules(cls, norm: nn.Module, attention: nn.Module) -> "IntRayWeights":
         """ValueError unless norm is an affine nn.LayerNorm and attention a RayAttention whose q/k/v/out linears are
-        all 8-bit per-token IntShiftLinear with int8 weights and whose core is a HashedQuadraticAttention with 16 or
+        all 8-bit IntShiftLinear with int8 weights in one activation-scale mode (per tensor: q, k, v calibrated
+        alike, as they share one quantization) and whose core is a HashedQuadraticAttention with 16 or
         32 bits (one int32 code per head), on C a multiple of 16."""
         from gnt_shiftadd.models.transformers import RayAttention  # the model side; kernels only read its layers
         from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
@@ -88,41 +92,46 @@ class IntRayWeights:
         if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
             raise ValueError("integer ray attention: the block's norm must be an affine nn.LayerNorm")
         names = ("q_fc", "k_fc", "v_fc", "out_fc")
-        exported = [export_8bit_per_token(getattr(attention, name), "integer ray attention", name) for name in names]
+        by_name, per_token = export_8bit({name: getattr(attention, name) for name in names}, "integer ray attention")
+        exported = [by_name[name] for name in names]
         channels = attention.q_fc.in_features
         hasher = attention.core.hasher
         if channels % LANES or hasher.n_bits not in (16, 32):
             raise ValueError(f"integer ray attention: needs C % 16 == 0 and 16 or 32 hash bits, got C={channels}, "
                              f"n={hasher.n_bits}")
-        qkv = stack_outputs(exported[:3])
+        try:
+            qkv = stack_outputs(exported[:3])
+        except ValueError as error:
+            raise ValueError(f"integer ray attention: q_fc, k_fc, v_fc: {error}") from error
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
         scale = snapshot(attention.core.scale)
         table, flip = softmax_table(scale, hasher.n_bits)
         return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
                    qkv=prepare_int_shift(qkv), out=prepare_int_shift(exported[3]), heads=attention.num_heads,
                    scale=scale, hash_w=snapshot(hasher.weight), hash_b=snapshot(hasher.bias), softmax_table=table,
-                   flip=flip)
+                   flip=flip, act_absmax=absmax_vector([qkv, exported[3]], per_token), per_token=per_token)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every weight tensor (what the custom op takes; the layers' absmax is unused: per token)."""
+        """Every weight tensor (what the custom op takes)."""
         return (self.ln_w, self.ln_b, *self.qkv.tensors()[:4], *self.out.tensors()[:4], self.scale, self.hash_w,
-                self.hash_b, self.softmax_table, self.flip)
+                self.hash_b, self.softmax_table, self.flip, self.act_absmax)
 
     def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
         """The kernel's weight arguments in call order."""
         return (self.ln_w, self.ln_b, *self.qkv.tensors()[:4], *self.out.tensors()[:4], self.softmax_table,
-                self.flip, self.hash_w, self.hash_b)
+                self.flip, self.hash_w, self.hash_b, self.act_absmax)
 
     @classmethod
     def from_tensors(cls, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, scale, hash_w, hash_b,
-                     softmax_table, flip, eps: float) -> "IntRayWeights":
+                     softmax_table, flip, act_absmax, eps: float, per_token: bool) -> "IntRayWeights":
         """Inverse of `tensors()` (what the custom op receives), no copies."""
         channels = ln_w.shape[0]
+        calibrated = lambda i: None if per_token else act_absmax[i:i + 1]  # noqa: E731
         return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps),
-                   qkv=IntShiftWeights.per_token_8bit((qkv_w, qkv_c, qkv_s, qkv_b), channels, 3 * channels),
-                   out=IntShiftWeights.per_token_8bit((out_w, out_c, out_s, out_b), channels, channels),
-                   heads=scale.shape[0], scale=scale,
-                   hash_w=hash_w, hash_b=hash_b, softmax_table=softmax_table, flip=flip)
+                   qkv=IntShiftWeights.eight_bit((qkv_w, qkv_c, qkv_s, qkv_b), channels, 3 * channels, calibrated(0)),
+                   out=IntShiftWeights.eight_bit((out_w, out_c, out_s, out_b), channels, channels, calibrated(1)),
+                   heads=scale.shape[0], scale=scale, hash_w=hash_w, hash_b=hash_b, softmax_table=softmax_table,
+                   flip=flip, act_absmax=act_absmax, per_token=bool(per_token))
 
 
 def softmax_table(scale: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +186,9 @@ def quantization_margins(x: torch.Tensor, w: IntRayWeights) -> torch.Tensor:
     normed = F.layer_norm(x, (w.channels,), w.ln_w, w.ln_b, w.eps)
     _, projections, attended = _core_parts(normed, w)
     margins = [p.abs().flatten(1).amin(dim=1) for p in projections]
-    margins += [rounding_tie_distance(values).flatten(1).amin(dim=1) for values in (normed, attended)]
+    calibrated = (None, None) if w.per_token else (w.act_absmax[0], w.act_absmax[1])
+    margins += [rounding_tie_distance(values, absmax=absmax).flatten(1).amin(dim=1)
+                for values, absmax in zip((normed, attended), calibrated)]
     return torch.stack(margins).amin(dim=0)
 
 
@@ -190,12 +201,13 @@ def _token_tile(samples: int) -> int:
     return next(tile for tile in (8, 6, 4, 3, 2, 1) if samples % tile == 0)
 
 
-def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int, eps: float | None):
+def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int, eps: float | None,
+                           per_token: bool = True):
     """IRModule "main" for the VNNI CPU, one ray per step (ray count symbolic): (normed, x [R * S / T, T, C], ln_w,
     ln_b, the qkv and out layers' packed, compensation, out_scale, bias, softmax_table [H, 33], flip [H],
-    hash_w [H, d, n], hash_b [H, n], out like x), T = _token_tile(S) tokens per tile. eps given: the LN is
-    computed in the kernel (normed is not read: pass x twice); eps None: normed = the block's LN of x from the
-    caller."""
+    hash_w [H, d, n], hash_b [H, n], act_absmax [2], out like x), T = _token_tile(S) tokens per tile. eps given:
+    the LN is computed in the kernel (normed is not read: pass x twice); eps None: normed = the block's LN of x
+    from the caller. per_token False: q|k|v and out_fc quantize with their calibrated absmax (act_absmax)."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
 
@@ -265,14 +277,17 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
         for d in range(head_dim):
             T.buffer_store(attended, acc[d] / total, [h * head_dim + d, lanes(qb * ql, ql)])
 
-    def quantize_queries(attended, out_scales, words, qb):
+    def quantize_queries(attended, out_scales, words, qb, act_absmax):
         """out_fc's quantization of queries qb*ql.., vector over the queries: the absmax is a max over the channel
-        rows, and each group of 4 channels becomes one int32 word per query (its 4 bytes, +128, as vpdpbusd reads
-        them)."""
+        rows (or out_fc's calibrated one), and each group of 4 channels becomes one int32 word per query (its 4
+        bytes, +128, as vpdpbusd reads them)."""
         rows = [T.bind(attended[c, lanes(qb * ql, ql)]) for c in range(channels)]
-        running = T.abs(rows[0])
-        for row in rows[1:]:
-            running = T.max(running, T.abs(row))
+        if per_token:
+            running = T.abs(rows[0])
+            for row in rows[1:]:
+                running = T.max(running, T.abs(row))
+        else:
+            running = vec(act_absmax[1])
         peak = T.bind(T.max(running, vec(T.float32(float(ABSMAX_FLOOR)))))
         inv = T.bind(vec(T.float32(_LEVEL)) / peak)
         T.buffer_store(out_scales, peak / vec(T.float32(_LEVEL)), [lanes(qb * ql, ql)])
@@ -285,20 +300,20 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
                 word = byte if word is None else T.bitwise_or(word, byte)
             T.buffer_store(words, word, [kg, lanes(qb * ql, ql)])
 
-    def qkv_tile(x, normed, normed_tile, xq, scale, ln_w, ln_b, row):
+    def qkv_tile(x, normed, normed_tile, xq, scale, ln_w, ln_b, act_absmax, row):
         """Quantize tile `row`'s tokens (normed by the caller, or LN here) into xq / scale."""
         if eps is None:
-            parts.quantize(normed, row, channels, xq, scale, True, None, False)
+            parts.quantize(normed, row, channels, xq, scale, per_token, act_absmax, False, 0)
         else:
             parts.layer_norm(x, row, normed_tile, ln_w, ln_b, eps)
-            parts.quantize(normed_tile, 0, channels, xq, scale, True, None, False)
+            parts.quantize(normed_tile, 0, channels, xq, scale, per_token, act_absmax, False, 0)
 
     @T.macro
     def attention(r, x, normed, normed_tile, xq, scale, qkv, codes, attended, words, out_scales, ln_w, ln_b, qkv_w,
-                  qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip, hash_w, hash_b, out):
+                  qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip, hash_w, hash_b, act_absmax, out):
         # q | k | v: one quantization per token, the three layers' outputs side by side
         for tt in T.serial(per_ray):
-            qkv_tile(x, normed, normed_tile, xq, scale, ln_w, ln_b, r * per_ray + tt)
+            qkv_tile(x, normed, normed_tile, xq, scale, ln_w, ln_b, act_absmax, r * per_ray + tt)
             for p in T.serial(qkv_blocks // jb_qkv):
                 parts.dot_products(xq, qkv_w, qkv_c, qkv_s, qkv_b, scale, p, channels, jb_qkv,
                                    lambda i, block, value: T.buffer_store(qkv, value,
@@ -311,7 +326,7 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
             for qb in T.serial(samples // ql):
                 head_block(qkv, codes, table, attended, h, qb)
         for qb in T.serial(samples // ql):
-            quantize_queries(attended, out_scales, words, qb)
+            quantize_queries(attended, out_scales, words, qb, act_absmax)
         # out = x + out_fc(att)
         for tt in T.serial(per_ray):
             for i in T.serial(tile):
@@ -325,7 +340,7 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
 
     @T.macro
     def body(tiles, x, normed, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip,
-             hash_w, hash_b, out):
+             hash_w, hash_b, act_absmax, out):
         for task in T.parallel((tiles // per_ray + RAYS_PER_TASK - 1) // RAYS_PER_TASK):
             normed_tile = T.alloc_buffer((1, tile, channels), "float32", scope="local")
             xq = T.alloc_buffer((tile, channels), "uint8", scope="local")
@@ -339,7 +354,7 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
                 if task * RAYS_PER_TASK + within < tiles // per_ray:
                     attention(task * RAYS_PER_TASK + within, x, normed, normed_tile, xq, scale, qkv, codes, attended,
                               words, out_scales, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b,
-                              table, flip, hash_w, hash_b, out)
+                              table, flip, hash_w, hash_b, act_absmax, out)
 
     @T.prim_func
     def main(normed_h: T.handle, x_h: T.handle, ln_w: T.Buffer((channels,), "float32"),
@@ -350,14 +365,14 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
              out_b: T.Buffer((channels,), "float32"), table: T.Buffer((heads, 2 * _TABLE + 1), "float32"),
              flip: T.Buffer((heads,), "int32"),
              hash_w: T.Buffer((heads, head_dim, n_bits), "float32"), hash_b: T.Buffer((heads, n_bits), "float32"),
-             out_h: T.handle):
+             act_absmax: T.Buffer((2,), "float32"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         tiles = T.int32()
         normed = T.match_buffer(normed_h, (tiles, tile, channels), "float32")  # = x when the LN is in the kernel
         x = T.match_buffer(x_h, (tiles, tile, channels), "float32")
         out = T.match_buffer(out_h, (tiles, tile, channels), "float32")
         body(tiles, x, normed, ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b, table, flip,
-             hash_w, hash_b, out)
+             hash_w, hash_b, act_absmax, out)
 
     return tvm.IRModule({"main": main})
 
@@ -377,9 +392,10 @@ def int_ray_attention(x: torch.Tensor, w: IntRayWeights, norm_in_kernel: bool = 
     kernel = None
     eps = w.eps if norm_in_kernel else None
     if vnni_available():
-        key = {"samples": samples, "channels": channels, "heads": w.heads, "n_bits": w.n_bits, "eps": eps}
+        key = {"samples": samples, "channels": channels, "heads": w.heads, "n_bits": w.n_bits, "eps": eps,
+               "per_token": w.per_token}
         kernel = get_kernel("int_ray_attention", key, x.device, lambda _: make_int_ray_attention(
-            samples, channels, w.heads, w.n_bits, eps))
+            samples, channels, w.heads, w.n_bits, eps, w.per_token))
     else:
         note_kernel("int_ray_attention", "reference")
     if kernel is None:

@@ -31,7 +31,7 @@ from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR, IntShiftLinear, export
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel, run_tiled, warn_once
 
-__all__ = ["IntShiftWeights", "export_8bit_per_token", "stack_outputs", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
+__all__ = ["IntShiftWeights", "export_8bit", "absmax_vector", "stack_outputs", "prepare_int_shift", "make_int_shift", "int_shift", "reference_from_weights", "vnni_available",
            "make_int_ffn", "int_ffn", "reference_int_ffn", "int_ffn_sublayer", "reference_int_ffn_sublayer", "FFN_TILE", "FFN_BLOCKS",
            "micro_tile", "DEFAULT_TILE", "ACTIVATIONS"]
 
@@ -93,28 +93,48 @@ class IntShiftWeights:
         return self.packed, self.compensation, self.out_scale, self.bias, self.absmax
 
     @classmethod
-    def per_token_8bit(cls, parts, in_features: int, out_features: int) -> "IntShiftWeights":
-        """An 8-bit per-token layer from its (packed, compensation, out_scale, bias), as the fused kernels' custom
-        ops receive it (no absmax: per token); no copies."""
-        return cls(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32), bits=8, per_token=True,
-                   in_features=in_features, out_features=out_features)
+    def eight_bit(cls, parts, in_features: int, out_features: int, absmax: torch.Tensor | None = None
+                  ) -> "IntShiftWeights":
+        """An 8-bit layer from its (packed, compensation, out_scale, bias), as the fused kernels' custom ops receive
+        it: per token when absmax is None, else per tensor with that calibrated absmax (a 1-element view); no
+        copies."""
+        per_token = absmax is None
+        return cls(*parts, absmax=parts[0].new_zeros(1, dtype=torch.float32) if per_token else absmax, bits=8,
+                   per_token=per_token, in_features=in_features, out_features=out_features)
 
 
-def export_8bit_per_token(layer, where: str, name: str) -> dict:
-    """export_int_shift(layer) for the fused integer kernels, which compute 8-bit per-token layers with int8 weights
-    only; ValueError naming the kernel and the layer otherwise."""
-    if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8 or layer.act_scale != "per_token":
-        raise ValueError(f"{where}: {name} is not an 8-bit per-token IntShiftLinear")
-    exported = export_int_shift(layer)
-    if exported["weight_int"].dtype != torch.int8:
-        raise ValueError(f"{where}: {name} needs int8 weights (exponent span <= 6)")
-    return exported
+def export_8bit(layers: dict, where: str) -> tuple[dict, bool]:
+    """export_int_shift of every layer for a fused integer kernel, which computes 8-bit layers with int8 weights that
+    all share one activation-scale mode (per token, or per tensor with calibrated absmax): ({name: exported},
+    per_token); ValueError naming the kernel and the layer otherwise."""
+    exported, modes = {}, set()
+    for name, layer in layers.items():
+        if not isinstance(layer, IntShiftLinear) or layer.activation_bits != 8:
+            raise ValueError(f"{where}: {name} is not an 8-bit IntShiftLinear")
+        exported[name] = export_int_shift(layer)
+        if exported[name]["weight_int"].dtype != torch.int8:
+            raise ValueError(f"{where}: {name} needs int8 weights (exponent span <= 6)")
+        modes.add(layer.act_scale)
+    if len(modes) > 1:
+        raise ValueError(f"{where}: the layers mix activation scales {sorted(modes)}; the kernel needs one mode")
+    return exported, modes == {"per_token"}
+
+
+def absmax_vector(exported: list[dict], per_token: bool) -> torch.Tensor:
+    """The layers' calibrated activation absmax side by side, fp32 [len] (zeros per token): the one tensor a fused
+    kernel reads its per-tensor scales from."""
+    values = [0.0 if per_token else float(e["absmax"].reshape(())) for e in exported]
+    return kernel_ready(torch.tensor(values, dtype=torch.float32))
 
 
 def stack_outputs(exported: list[dict]) -> dict:
-    """Layers that read the same input in the same per-token format, as one layer whose outputs are theirs side by
-    side (their quantizations of that input are identical, so one serves them all): export_int_shift dicts -> one
-    (a missing bias becomes zeros)."""
+    """Layers that read the same input in the same format (per token, or per tensor with one calibrated absmax), as
+    one layer whose outputs are theirs side by side (their quantizations of that input are identical, so one serves
+    them all): export_int_shift dicts -> one (a missing bias becomes zeros). ValueError for different absmax."""
+    calibrated = {None if e["absmax"] is None else float(e["absmax"].reshape(())) for e in exported}
+    if len(calibrated) > 1:
+        raise ValueError(f"stacked integer layers read one input but were calibrated to different activation absmax "
+                         f"{sorted(map(str, calibrated))}: they cannot share its quantization")
     biases = [e["bias"] if e["bias"] is not None else torch.zeros(e["weight_int"].shape[0]) for e in exported]
     return {**exported[0], "weight_int": torch.cat([e["weight_int"] for e in exported]),
             "out_scale": torch.cat([e["out_scale"] for e in exported]), "bias": torch.cat(biases)}
@@ -206,12 +226,13 @@ class _KernelParts:
             width //= 2
         return value
 
-    def quantize(self, src, t, width, xq, scale, per_token, absmax, nonnegative=False):
+    def quantize(self, src, t, width, xq, scale, per_token, absmax, nonnegative=False, absmax_index=0):
         """Tokens src[t, 0..tile) [width fp32] -> xq [tile, width] (fixed point, +128 for vpdpbusd) and scale[i]
         (dequantization), by each token's own absmax or the calibrated one; unrolled at parse time, every value a
         register. The absmax is an integer max over the |x| bit patterns (ordered like the floats, exact in any
         order); rounding is one vcvtps2dq (round to nearest even, as nearbyint). nonnegative (ReLU outputs) drops
-        |x| and the lower clamp, which change nothing there."""
+        |x| and the lower clamp, which change nothing there. Per tensor: absmax[absmax_index] is the calibrated
+        absmax (LLVM hoists its division out of the token loop)."""
         T, level = self.T, self.level
         offset = 128 if self.bits == 8 else 0
         floor = T.float32(float(ABSMAX_FLOOR))
@@ -227,7 +248,7 @@ class _KernelParts:
                     "int32", "llvm.vector.reduce.smax", T.reinterpret(f"int32x{LANES}", running)))
                 clamped_peak = T.bind(T.max(peak, floor))
             else:
-                clamped_peak = T.bind(T.max(absmax[0], floor))
+                clamped_peak = T.bind(T.max(absmax[absmax_index], floor))
             inv = T.bind(T.float32(level) / clamped_peak)
             T.buffer_store(scale, clamped_peak / T.float32(level), [i])
             for kv, row in enumerate(rows):

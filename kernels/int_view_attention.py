@@ -1,5 +1,6 @@
 """GNT's view attention with integer shift layers in one VNNI kernel (CPU): for ShiftAdd variants whose view
-attention linears are all IntShiftLinear (8-bit per-token activations, exact power-of-two int8 weights; g, j).
+attention linears are all IntShiftLinear (8-bit activations, exact power-of-two int8 weights), with per-token
+scales (g, j) or calibrated per-tensor ones (k: each quantization a multiply, no per-row absmax or division).
 
 Per token, its V source-view rows go through every integer layer of the attention without leaving registers and
 L1 (kernels/int_shift.py's quantize and dot products, the views as the rows of a micro-tile):
@@ -28,7 +29,7 @@ from torch import nn
 from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
-from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, export_8bit_per_token, prepare_int_shift, \
+from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, absmax_vector, export_8bit, prepare_int_shift, \
     reference_from_weights, stack_outputs, vnni_available
 from kernels.te_math import script_exp, script_pick
 
@@ -42,13 +43,16 @@ _LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
 @dataclass(frozen=True, eq=False)
 class IntViewWeights:
     """The attention's integer layers in the kernel layout (IntShiftWeights): kv (k_fc and v_fc stacked, C -> 2C),
-    pos1 (4 -> h), pos2 (h -> C), attn1 (C -> h), attn2 (h -> C); every one 8-bit per-token."""
+    pos1 (4 -> h), pos2 (h -> C), attn1 (C -> h), attn2 (h -> C); every one 8-bit, all per token or all per tensor
+    (act_absmax fp32 [5]: their calibrated absmax in that order, zeros per token)."""
 
     kv: IntShiftWeights
     pos1: IntShiftWeights
     pos2: IntShiftWeights
     attn1: IntShiftWeights
     attn2: IntShiftWeights
+    act_absmax: torch.Tensor
+    per_token: bool
 
     @property
     def channels(self) -> int:
@@ -56,69 +60,84 @@ class IntViewWeights:
 
     @classmethod
     def from_module(cls, attention: nn.Module) -> "IntViewWeights":
-        """ValueError unless k, v, pos and attention layers are all 8-bit per-token IntShiftLinear with int8
-        weights (the only format this kernel computes) and the widths fit it (C a multiple of 16, h <= 4)."""
+        """ValueError unless k, v, pos and attention layers are all 8-bit IntShiftLinear with int8 weights, all per
+        token or all per tensor (k_fc and v_fc calibrated alike: they share the features' quantization), and the
+        widths fit the kernel (C a multiple of 16, h <= 4)."""
         names = ("k_fc", "v_fc", "pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2")
         layers = [getattr(attention, name) for name in names]
-        exported = {name: export_8bit_per_token(layer, "integer view attention", name)
-                    for name, layer in zip(names, layers)}
+        exported, per_token = export_8bit(dict(zip(names, layers)), "integer view attention")
         channels, hidden = layers[0].in_features, max(layers[2].out_features, layers[4].out_features)
         if channels % LANES or hidden > 4 or layers[2].in_features != _RAY_DIFF_DIM:
             raise ValueError(f"integer view attention: needs C % 16 == 0 and a hidden width <= 4, got C={channels}, "
                              f"h={hidden}")
-        return cls(kv=prepare_int_shift(stack_outputs([exported["k_fc"], exported["v_fc"]])),
-                   **{name: prepare_int_shift(exported[layer]) for name, layer in
-                      zip(_LAYERS[1:], ("pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2"))})
+        try:
+            kv = stack_outputs([exported["k_fc"], exported["v_fc"]])
+        except ValueError as error:
+            raise ValueError(f"integer view attention: k_fc and v_fc: {error}") from error
+        ordered = [kv] + [exported[layer] for layer in ("pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2")]
+        return cls(**{name: prepare_int_shift(e) for name, e in zip(_LAYERS, ordered)},
+                   act_absmax=absmax_vector(ordered, per_token), per_token=per_token)
 
     @property
     def hidden(self) -> int:
         return self.pos1.out_features
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for name in _LAYERS for t in getattr(self, name).tensors()[:4])  # no absmax: per token
+        """Each layer's (packed, compensation, out_scale, bias), then act_absmax: what the custom op and the kernel
+        take."""
+        return (*(t for name in _LAYERS for t in getattr(self, name).tensors()[:4]), self.act_absmax)
 
     @classmethod
-    def from_tensors(cls, kv, pos1, pos2, attn1, attn2, channels: int, hidden: int) -> "IntViewWeights":
+    def from_tensors(cls, kv, pos1, pos2, attn1, attn2, act_absmax, channels: int, hidden: int,
+                     per_token: bool) -> "IntViewWeights":
         """Inverse of `tensors()` (what the custom op receives): each layer's (packed, compensation, out_scale,
-        bias), no copies."""
+        bias), act_absmax [5], no copies."""
         sizes = {"kv": (channels, 2 * channels), "pos1": (_RAY_DIFF_DIM, hidden), "pos2": (hidden, channels),
                  "attn1": (channels, hidden), "attn2": (hidden, channels)}
-        layers = {name: IntShiftWeights.per_token_8bit(parts, *sizes[name])
-                  for name, parts in zip(_LAYERS, (kv, pos1, pos2, attn1, attn2))}
-        return cls(**layers)
+        layers = {name: IntShiftWeights.eight_bit(parts, *sizes[name], None if per_token else act_absmax[i:i + 1])
+                  for i, (name, parts) in enumerate(zip(_LAYERS, (kv, pos1, pos2, attn1, attn2)))}
+        return cls(**layers, act_absmax=act_absmax, per_token=bool(per_token))
 
 
 @dataclass(frozen=True, eq=False)
 class IntViewSublayerWeights:
     """What the pre-norm sublayer adds around the attention (q + out_fc(attention(q_fc(LN(q)))): the block's
-    LayerNorm (ln_w, ln_b [C], eps) and q_fc, out_fc as IntShiftWeights (8-bit per-token)."""
+    LayerNorm (ln_w, ln_b [C], eps) and q_fc, out_fc as IntShiftWeights (8-bit, per token or per tensor with
+    act_absmax fp32 [2] their calibrated absmax, zeros per token)."""
 
     ln_w: torch.Tensor
     ln_b: torch.Tensor
     eps: float
     q: IntShiftWeights
     out: IntShiftWeights
+    act_absmax: torch.Tensor
+    per_token: bool
 
     @classmethod
     def from_modules(cls, norm: nn.Module, attention: nn.Module) -> "IntViewSublayerWeights":
-        """ValueError unless norm is an affine nn.LayerNorm and q_fc, out_fc are 8-bit per-token IntShiftLinear."""
+        """ValueError unless norm is an affine nn.LayerNorm and q_fc, out_fc are 8-bit IntShiftLinear with int8
+        weights and one activation-scale mode."""
         if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
             raise ValueError("integer view attention sublayer: the block's norm must be an affine nn.LayerNorm")
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
+        exported, per_token = export_8bit({"q_fc": attention.q_fc, "out_fc": attention.out_fc},
+                                          "integer view attention sublayer")
         return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
-                   **{name: prepare_int_shift(export_8bit_per_token(getattr(attention, layer),
-                                                                    "integer view attention sublayer", layer))
-                      for name, layer in (("q", "q_fc"), ("out", "out_fc"))})
+                   q=prepare_int_shift(exported["q_fc"]), out=prepare_int_shift(exported["out_fc"]),
+                   act_absmax=absmax_vector([exported["q_fc"], exported["out_fc"]], per_token), per_token=per_token)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.ln_w, self.ln_b, *self.q.tensors()[:4], *self.out.tensors()[:4])
+        return (self.ln_w, self.ln_b, *self.q.tensors()[:4], *self.out.tensors()[:4], self.act_absmax)
 
     @classmethod
-    def from_tensors(cls, ln_w, ln_b, q, out, eps: float) -> "IntViewSublayerWeights":
-        """Inverse of `tensors()`: q and out as each layer's (packed, compensation, out_scale, bias)."""
+    def from_tensors(cls, ln_w, ln_b, q, out, act_absmax, eps: float, per_token: bool) -> "IntViewSublayerWeights":
+        """Inverse of `tensors()`: q and out as each layer's (packed, compensation, out_scale, bias), act_absmax [2]."""
         channels = ln_w.shape[0]
-        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=IntShiftWeights.per_token_8bit(q, channels, channels),
-                   out=IntShiftWeights.per_token_8bit(out, channels, channels))
+        calibrated = lambda i: None if per_token else act_absmax[i:i + 1]  # noqa: E731
+        return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=IntShiftWeights.eight_bit(q, channels, channels,
+                                                                                      calibrated(0)),
+                   out=IntShiftWeights.eight_bit(out, channels, channels, calibrated(1)), act_absmax=act_absmax,
+                   per_token=bool(per_token))
 
 
 def reference_int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
@@ -145,21 +164,25 @@ def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_d
     return ((v + pos) * (torch.softmax(logits, dim=-2) * mask)).sum(dim=-2)
 
 
-def make_int_view_attention(views: int, channels: int, sublayer: bool = False, eps: float | None = None):
+def make_int_view_attention(views: int, channels: int, sublayer: bool = False, eps: float | None = None,
+                            per_token: bool = True):
     """IRModule "main" for the VNNI CPU; N symbolic, one token per step.
 
     sublayer False: (qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
-    compensation, out_scale, bias, out [N, C]): everything between q_fc and out_fc.
+    compensation, out_scale, bias, act_absmax [5], out [N, C]): everything between q_fc and out_fc.
     sublayer True (the whole pre-norm sublayer, x + out_fc(attention(q_fc(LN(x))))): (normed [N, 1, C], x [N, 1, C],
-    ln_w, ln_b, features, ray_diff, mask, the five layers' four tensors, q_fc's and out_fc's four, out [N, 1, C]);
-    eps given: the LN is computed in the kernel (normed is not read: pass x twice); eps None: normed = the block's
-    LN of x from the caller."""
+    ln_w, ln_b, features, ray_diff, mask, the five layers' four tensors, act_absmax [5], q_fc's and out_fc's four,
+    their act_absmax [2], out [N, 1, C]); eps given: the LN is computed in the kernel (normed is not read: pass x
+    twice); eps None: normed = the block's LN of x from the caller.
+    per_token False: every layer quantizes with its calibrated absmax (act_absmax), a multiply per value instead of
+    a per-row absmax and division (ShiftAdd variants with shiftadd.act_scale: per_tensor)."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
 
     parts = _KernelParts(8, views)
     row = _KernelParts(8, 1)  # q_fc and out_fc: one token
     blocks = channels // LANES
+    layer_count = len(_LAYERS)
     lowest = float(torch.finfo(torch.float32).min)
     lanes = lambda start, width=LANES: T.Ramp(start, 1, width)  # noqa: E731
 
@@ -208,16 +231,19 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         return T.bind(pick([load, T.Broadcast(T.float32(0), width)],
                            list(range(width)) + [width] * (LANES - width), width))
 
-    def quantize_rows_of_4(values, nonnegative):
+    def quantize_rows_of_4(values, nonnegative, calibrated):
         """Four 4-wide rows (lanes 4r..4r+3) quantized exactly as _KernelParts.quantize does each row (the row's
-        absmax as an integer max of |x| bit patterns, the floor, one IEEE division each for 127 / absmax and
-        absmax / 127, clamps, round to nearest even, +128), all four in the same instructions:
-        -> (words int32x4: row r's four bytes as word r, scale float32x16: row r's dequantization scale in its
-        lanes)."""
-        bits = T.bind(T.reinterpret(f"int32x{LANES}", values if nonnegative else T.abs(values)))
-        bits = T.bind(T.max(bits, pick(bits, [k ^ 1 for k in range(LANES)])))
-        bits = T.max(bits, pick(bits, [k ^ 2 for k in range(LANES)]))
-        peak = T.bind(T.max(T.reinterpret(f"float32x{LANES}", bits), T.Broadcast(floor, LANES)))
+        absmax as an integer max of |x| bit patterns, or the layer's calibrated absmax when per tensor, the floor,
+        one IEEE division each for 127 / absmax and absmax / 127, clamps, round to nearest even, +128), all four in
+        the same instructions: -> (words int32x4: row r's four bytes as word r, scale float32x16: row r's
+        dequantization scale in its lanes)."""
+        if per_token:
+            bits = T.bind(T.reinterpret(f"int32x{LANES}", values if nonnegative else T.abs(values)))
+            bits = T.bind(T.max(bits, pick(bits, [k ^ 1 for k in range(LANES)])))
+            bits = T.max(bits, pick(bits, [k ^ 2 for k in range(LANES)]))
+            peak = T.bind(T.max(T.reinterpret(f"float32x{LANES}", bits), T.Broadcast(floor, LANES)))
+        else:
+            peak = T.bind(T.Broadcast(T.max(calibrated, floor), LANES))
         scaled = values * (T.Broadcast(level, LANES) / peak)
         if not nonnegative:
             scaled = T.max(scaled, T.Broadcast(T.float32(-127.0), LANES))
@@ -265,22 +291,22 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
             acc = vnni(c[T.Ramp(block * LANES, 1, LANES)], act, w[block, 0, T.Ramp(0, 1, 64)])
             store(block, rescale(acc, scale_r, s, b, block))
 
-    def positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b):
+    def positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, act_absmax):
         """pos [V, C] = pos_fc2(relu(pos_fc1(ray_diff[t]))), four views per register up to the hidden units."""
         for k in range(groups):
-            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False)
+            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False, act_absmax[1])
             hidden = T.bind(relu(rows_of_4_layer(words, row_scale, p1_w, p1_c, p1_s, p1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True)
+            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[2])
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, p2_w, p2_c, p2_s, p2_b,
                                 lambda block, value, i=i: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
 
-    def attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b):
+    def attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax):
         """mixed[0, i] = attn_fc2(relu(attn_fc1(.))) of the quantized rows xq / scale, finfo.min where view i is
         invisible; four views per register up to the hidden units."""
         for k in range(groups):
             hidden = T.bind(relu(channels_to_rows_of_4(xq, scale, k, a1_w, a1_c, a1_s, a1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True)
+            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[4])
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, a2_w, a2_c, a2_s, a2_b,
                                 lambda block, value, i=i: T.buffer_store(
@@ -290,40 +316,41 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
 
     @T.macro
     def attend(t, query, features, ray_diff, mask, xq, scale, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b,
-               p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, store):
+               p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
+               act_absmax, store):
         """Token t's attention between q_fc and out_fc; query(b): channels b*16.. of its projected query; the result
         goes to store(b, value)."""
         # k | v
-        parts.quantize(features, t, channels, xq, scale, True, None, False)
+        parts.quantize(features, t, channels, xq, scale, per_token, act_absmax, False, 0)
         for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
             parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
                                lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
         # pos = pos_fc2(relu(pos_fc1(ray_diff))), four views' 4-wide rows per register
-        positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b)
+        positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, act_absmax)
         # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
         for i in T.serial(views):
             for b in T.serial(blocks):
                 mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - query(b) + pos[i, lanes(b * LANES)]
-        parts.quantize(mixed, 0, channels, xq, scale, True, None, False)
-        attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b)
+        parts.quantize(mixed, 0, channels, xq, scale, per_token, act_absmax, False, 3)
+        attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax)
         # softmax over the views per channel, weighted sum of v + pos
         for b in T.serial(blocks):
             softmax_and_sum(t, b, mixed, kv, pos, mask, store)
 
-    def query_layer(t, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c, q_s, q_b, qp):
+    def query_layer(t, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c, q_s, q_b, sub_absmax, qp):
         """qp [1, C] = q_fc(LN(x[t])) (the LN in the kernel, or the caller's normed rows)."""
         if eps is None:
-            row.quantize(normed, t, channels, xq_row, scale_row, True, None, False)
+            row.quantize(normed, t, channels, xq_row, scale_row, per_token, sub_absmax, False, 0)
         else:
             row.layer_norm(x, t, normed_row, ln_w, ln_b, eps)
-            row.quantize(normed_row, 0, channels, xq_row, scale_row, True, None, False)
+            row.quantize(normed_row, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, 0)
         for p in range(blocks):
             row.dot_products(xq_row, q_w, q_c, q_s, q_b, scale_row, p, channels, 1,
                              lambda i, block, value: T.buffer_store(qp, value, [0, lanes(block * LANES)]))
 
-    def out_layer(t, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out):
+    def out_layer(t, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, sub_absmax, out):
         """out[t] = x[t] + out_fc(attended)."""
-        row.quantize(attended, 0, channels, xq_row, scale_row, True, None, False)
+        row.quantize(attended, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, 1)
         for p in range(blocks):
             row.dot_products(xq_row, o_w, o_c, o_s, o_b, scale_row, p, channels, 1,
                              lambda i, block, value: T.buffer_store(
@@ -331,8 +358,8 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
 
     @T.macro
     def token_loop(tokens, qp_in, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w,
-                   p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
-                   q_s, q_b, o_w, o_c, o_s, o_b, out):
+                   p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax,
+                   q_w, q_c, q_s, q_b, o_w, o_c, o_s, o_b, sub_absmax, out):
         """Every token, 64 per parallel task; with `sublayer`, q_fc(LN(x)) before its attention (in qp) and
         x + out_fc(attended) after, else its projected query read from qp_in and its attention written to out."""
         for task in T.parallel((tokens + 63) // 64):
@@ -354,15 +381,16 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
                 if task * 64 + within < tokens:
                     if sublayer:
                         query_layer(task * 64 + within, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w,
-                                    q_c, q_s, q_b, qp)
+                                    q_c, q_s, q_b, sub_absmax, qp)
                     attend(task * 64 + within, (lambda b: qp[0, lanes(b * LANES)]) if sublayer else (
                         lambda b: qp_in[task * 64 + within, lanes(b * LANES)]), features, ray_diff, mask, xq, scale,
                            kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c,
-                           p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
+                           p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax,
                            (lambda b, value: T.buffer_store(attended, value, [0, 0, lanes(b * LANES)])) if sublayer
                            else (lambda b, value: T.buffer_store(out, value, [task * 64 + within, lanes(b * LANES)])))
                     if sublayer:
-                        out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, out)
+                        out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, sub_absmax,
+                                  out)
 
     if not sublayer:
         @T.prim_func
@@ -376,7 +404,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
                  a1_w: T.Buffer(a1_p, "int8"), a1_c: T.Buffer(a1_o, "int32"), a1_s: T.Buffer(a1_o, "float32"),
                  a1_b: T.Buffer(a1_o, "float32"),
                  a2_w: T.Buffer(a2_p, "int8"), a2_c: T.Buffer(a2_o, "int32"), a2_s: T.Buffer(a2_o, "float32"),
-                 a2_b: T.Buffer(a2_o, "float32"), out_h: T.handle):
+                 a2_b: T.Buffer(a2_o, "float32"), act_absmax: T.Buffer((layer_count,), "float32"), out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
             tokens = T.int32()
             qp = T.match_buffer(qp_h, (tokens, channels), "float32")
@@ -385,8 +413,8 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
             mask = T.match_buffer(mask_h, (tokens, views), "float32")
             out = T.match_buffer(out_h, (tokens, channels), "float32")
             token_loop(tokens, qp, None, None, None, None, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w,
-                       p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, None,
-                       None, None, None, None, None, None, None, out)
+                       p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
+                       act_absmax, None, None, None, None, None, None, None, None, None, out)
         return tvm.IRModule({"main": main})
 
     @T.prim_func
@@ -401,11 +429,11 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
              a1_w: T.Buffer(a1_p, "int8"), a1_c: T.Buffer(a1_o, "int32"), a1_s: T.Buffer(a1_o, "float32"),
              a1_b: T.Buffer(a1_o, "float32"),
              a2_w: T.Buffer(a2_p, "int8"), a2_c: T.Buffer(a2_o, "int32"), a2_s: T.Buffer(a2_o, "float32"),
-             a2_b: T.Buffer(a2_o, "float32"),
+             a2_b: T.Buffer(a2_o, "float32"), act_absmax: T.Buffer((layer_count,), "float32"),
              q_w: T.Buffer(c_p, "int8"), q_c: T.Buffer(c_o, "int32"), q_s: T.Buffer(c_o, "float32"),
              q_b: T.Buffer(c_o, "float32"),
              o_w: T.Buffer(c_p, "int8"), o_c: T.Buffer(c_o, "int32"), o_s: T.Buffer(c_o, "float32"),
-             o_b: T.Buffer(c_o, "float32"), out_h: T.handle):
+             o_b: T.Buffer(c_o, "float32"), sub_absmax: T.Buffer((2,), "float32"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
         tokens = T.int32()
         normed = T.match_buffer(first_h, (tokens, 1, channels), "float32")  # = x when the LN is in the kernel
@@ -415,8 +443,8 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         mask = T.match_buffer(mask_h, (tokens, views), "float32")
         out = T.match_buffer(out_h, (tokens, 1, channels), "float32")
         token_loop(tokens, None, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c,
-                        p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, q_w, q_c,
-                        q_s, q_b, o_w, o_c, o_s, o_b, out)
+                   p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax, q_w,
+                   q_c, q_s, q_b, o_w, o_c, o_s, o_b, sub_absmax, out)
 
     return tvm.IRModule({"main": main})
 
@@ -433,8 +461,9 @@ def int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_diff: torch
                          f"{tuple(ray_diff.shape)}, {tuple(mask.shape)}")
     kernel = None
     if vnni_available():
-        kernel = get_kernel("int_view_attention", {"views": views, "channels": channels}, features.device,
-                            lambda _: make_int_view_attention(views, channels))
+        kernel = get_kernel("int_view_attention", {"views": views, "channels": channels, "per_token": w.per_token},
+                            features.device, lambda _: make_int_view_attention(views, channels,
+                                                                               per_token=w.per_token))
     else:
         note_kernel("int_view_attention", "reference")
     if kernel is None:
@@ -453,6 +482,9 @@ def int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.T
     this CPU has no AVX-512 VNNI or no kernel builds. q_fc is bit-exact given the same normed input; out_fc's input
     comes from the kernel's softmax, so a value within rounding of a .5 step may quantize one step apart."""
     tokens, views, channels = features.shape
+    if sub.per_token != w.per_token:
+        raise ValueError("int_view_sublayer: q_fc/out_fc and the attention's layers use different activation scales "
+                         f"(per token: {sub.per_token} vs {w.per_token}); the kernel needs one mode")
     if tuple(x.shape) != (tokens, channels) or tuple(ray_diff.shape) != (tokens, views, 4) \
             or tuple(mask.shape) != (tokens, views) or channels != w.channels:
         raise ValueError(f"int_view_sublayer: expected x [{tokens}, {w.channels}], features [N, V, {w.channels}], "
@@ -461,8 +493,10 @@ def int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.T
     kernel = None
     eps = sub.eps if norm_in_kernel else None
     if vnni_available():
-        kernel = get_kernel("int_view_sublayer", {"views": views, "channels": channels, "eps": eps}, features.device,
-                            lambda _: make_int_view_attention(views, channels, sublayer=True, eps=eps))
+        kernel = get_kernel("int_view_sublayer", {"views": views, "channels": channels, "eps": eps,
+                                                  "per_token": w.per_token}, features.device,
+                            lambda _: make_int_view_attention(views, channels, sublayer=True, eps=eps,
+                                                              per_token=w.per_token))
     else:
         note_kernel("int_view_sublayer", "reference")
     if kernel is None:

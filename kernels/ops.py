@@ -213,10 +213,10 @@ def _int_view_attention_op(qp: Tensor, features: Tensor, ray_diff: Tensor, mask:
                            kv_s: Tensor, kv_b: Tensor, p1_w: Tensor, p1_c: Tensor, p1_s: Tensor, p1_b: Tensor,
                            p2_w: Tensor, p2_c: Tensor, p2_s: Tensor, p2_b: Tensor, a1_w: Tensor, a1_c: Tensor,
                            a1_s: Tensor, a1_b: Tensor, a2_w: Tensor, a2_c: Tensor, a2_s: Tensor, a2_b: Tensor,
-                           channels: int, hidden: int) -> Tensor:
+                           act_absmax: Tensor, channels: int, hidden: int, per_token: bool) -> Tensor:
     weights = _int_view.IntViewWeights.from_tensors(
         (kv_w, kv_c, kv_s, kv_b), (p1_w, p1_c, p1_s, p1_b), (p2_w, p2_c, p2_s, p2_b), (a1_w, a1_c, a1_s, a1_b),
-        (a2_w, a2_c, a2_s, a2_b), channels, hidden)
+        (a2_w, a2_c, a2_s, a2_b), act_absmax, channels, hidden, per_token)
     return _int_view.int_view_attention(qp, features, ray_diff, mask, weights)
 
 
@@ -230,7 +230,7 @@ def int_view_attention(qp: Tensor, features: Tensor, ray_diff: Tensor, mask: Ten
     """The view attention with integer shift layers in one VNNI kernel through the custom op; inference only (the
     integer modules train through their own differentiable forwards)."""
     return torch.ops.shiftadd_gnt.int_view_attention(qp.detach(), features.detach(), ray_diff.detach(),
-                                                     mask.detach(), *w.tensors(), w.channels, w.hidden)
+                                                     mask.detach(), *w.tensors(), w.channels, w.hidden, w.per_token)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::int_view_sublayer", mutates_args=())
@@ -238,13 +238,14 @@ def _int_view_sublayer_op(x: Tensor, features: Tensor, ray_diff: Tensor, mask: T
                           kv_s: Tensor, kv_b: Tensor, p1_w: Tensor, p1_c: Tensor, p1_s: Tensor, p1_b: Tensor,
                           p2_w: Tensor, p2_c: Tensor, p2_s: Tensor, p2_b: Tensor, a1_w: Tensor, a1_c: Tensor,
                           a1_s: Tensor, a1_b: Tensor, a2_w: Tensor, a2_c: Tensor, a2_s: Tensor, a2_b: Tensor,
-                          ln_w: Tensor, ln_b: Tensor, q_w: Tensor, q_c: Tensor, q_s: Tensor, q_b: Tensor, o_w: Tensor,
-                          o_c: Tensor, o_s: Tensor, o_b: Tensor, channels: int, hidden: int, eps: float,
-                          norm_in_kernel: bool) -> Tensor:
+                          act_absmax: Tensor, ln_w: Tensor, ln_b: Tensor, q_w: Tensor, q_c: Tensor, q_s: Tensor,
+                          q_b: Tensor, o_w: Tensor, o_c: Tensor, o_s: Tensor, o_b: Tensor, sub_absmax: Tensor,
+                          channels: int, hidden: int, eps: float, norm_in_kernel: bool, per_token: bool) -> Tensor:
     weights = _int_view.IntViewWeights.from_tensors(
         (kv_w, kv_c, kv_s, kv_b), (p1_w, p1_c, p1_s, p1_b), (p2_w, p2_c, p2_s, p2_b), (a1_w, a1_c, a1_s, a1_b),
-        (a2_w, a2_c, a2_s, a2_b), channels, hidden)
-    sub = _int_view.IntViewSublayerWeights.from_tensors(ln_w, ln_b, (q_w, q_c, q_s, q_b), (o_w, o_c, o_s, o_b), eps)
+        (a2_w, a2_c, a2_s, a2_b), act_absmax, channels, hidden, per_token)
+    sub = _int_view.IntViewSublayerWeights.from_tensors(ln_w, ln_b, (q_w, q_c, q_s, q_b), (o_w, o_c, o_s, o_b),
+                                                        sub_absmax, eps, per_token)
     return _int_view.int_view_sublayer(x, features, ray_diff, mask, weights, sub, norm_in_kernel)
 
 
@@ -257,9 +258,12 @@ def int_view_sublayer(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tenso
                       sub: "_int_view.IntViewSublayerWeights", norm_in_kernel: bool = True) -> Tensor:
     """The pre-norm view-attention sublayer with integer shift layers in one VNNI kernel through the custom op;
     inference only (the integer modules train through their own differentiable forwards)."""
+    if sub.per_token != w.per_token:
+        raise ValueError("int_view_sublayer: q_fc/out_fc and the attention's layers use different activation scales; "
+                         "the kernel needs one mode")
     return torch.ops.shiftadd_gnt.int_view_sublayer(x.detach(), features.detach(), ray_diff.detach(), mask.detach(),
                                                     *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps,
-                                                    norm_in_kernel)
+                                                    norm_in_kernel, w.per_token)
 
 
 # ----------------------------------------------------------------------------------------- integer ray attention
@@ -267,10 +271,11 @@ def int_view_sublayer(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tenso
 @torch.library.custom_op(f"{NAMESPACE}::int_ray_attention", mutates_args=())
 def _int_ray_attention_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_c: Tensor, qkv_s: Tensor,
                           qkv_b: Tensor, out_w: Tensor, out_c: Tensor, out_s: Tensor, out_b: Tensor, scale: Tensor,
-                          hash_w: Tensor, hash_b: Tensor, softmax_table: Tensor, flip: Tensor, eps: float,
-                          norm_in_kernel: bool) -> Tensor:
+                          hash_w: Tensor, hash_b: Tensor, softmax_table: Tensor, flip: Tensor, act_absmax: Tensor,
+                          eps: float, norm_in_kernel: bool, per_token: bool) -> Tensor:
     weights = _int_ray.IntRayWeights.from_tensors(ln_w, ln_b, qkv_w, qkv_c, qkv_s, qkv_b, out_w, out_c, out_s, out_b,
-                                                  scale, hash_w, hash_b, softmax_table, flip, eps)
+                                                  scale, hash_w, hash_b, softmax_table, flip, act_absmax, eps,
+                                                  per_token)
     return _int_ray.int_ray_attention(x, weights, norm_in_kernel)
 
 
@@ -282,7 +287,7 @@ def _(x, *weights_and_flags):
 def int_ray_attention(x: Tensor, w: "_int_ray.IntRayWeights", norm_in_kernel: bool = True) -> Tensor:
     """The attention half of a ray block with integer shift layers and the hashed core in one VNNI kernel through
     the custom op; inference only (the integer modules train through their own differentiable forwards)."""
-    return torch.ops.shiftadd_gnt.int_ray_attention(x.detach(), *w.tensors(), w.eps, norm_in_kernel)
+    return torch.ops.shiftadd_gnt.int_ray_attention(x.detach(), *w.tensors(), w.eps, norm_in_kernel, w.per_token)
 
 
 # --------------------------------------------------------------------------------------------- position fusion

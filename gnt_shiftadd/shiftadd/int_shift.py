@@ -83,11 +83,11 @@ def quantize_activations(x: torch.Tensor, inv: torch.Tensor, bits: int) -> torch
     return torch.round(x.detach().float() * inv).clamp_(-level, level)
 
 
-def rounding_tie_distance(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """How far, in quantization steps, each per-token scaled value x * inv (the token's own absmax scale) lies from
-    a rounding tie (a .5 step): fp32 inputs computed in another order can round one step apart only near 0. Same
-    shape as x."""
-    inv, _ = activation_scales(x.float(), bits, None)
+def rounding_tie_distance(x: torch.Tensor, bits: int = 8, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """How far, in quantization steps, each scaled value x * inv (the token's own absmax scale, or the calibrated
+    per-tensor `absmax`) lies from a rounding tie (a .5 step): fp32 inputs computed in another order can round one
+    step apart only near 0. Same shape as x."""
+    inv, _ = activation_scales(x.float(), bits, absmax)
     scaled = x.float() * inv
     return ((scaled - scaled.floor()) - 0.5).abs()
 

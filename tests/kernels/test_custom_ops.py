@@ -139,7 +139,7 @@ def _int_view_parts():
 
 def _int_view_case():
     _, w, inputs = _int_view_parts()
-    return (*inputs, *w.tensors(), w.channels, w.hidden)
+    return (*inputs, *w.tensors(), w.channels, w.hidden, w.per_token)
 
 
 def _int_view_sublayer_case():
@@ -149,7 +149,7 @@ def _int_view_sublayer_case():
 
     attention, w, inputs = _int_view_parts()
     sub = IntViewSublayerWeights.from_modules(nn.LayerNorm(DIM), attention)
-    return (*inputs, *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps, True)
+    return (*inputs, *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps, True, w.per_token)
 
 
 def _int_ray_weights():
@@ -168,7 +168,7 @@ def _int_ray_weights():
 
 def _int_ray_case():
     w = _int_ray_weights()
-    return (torch.randn(3, 8, DIM), *w.tensors(), w.eps, True)
+    return (torch.randn(3, 8, DIM), *w.tensors(), w.eps, True, w.per_token)
 
 
 def _blend_head_case():

@@ -7,6 +7,7 @@ from torch import nn
 from gnt_shiftadd.models.transformers import RayAttention, RayTransformerBlock
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels.dispatch import recording
 from kernels.int_ray_attention import IntRayWeights, int_ray_attention, quantization_margins, \
@@ -21,9 +22,12 @@ def _integer(layer: nn.Linear, act_scale: str = "per_token") -> IntShiftLinear:
     return IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8, act_scale=act_scale).eval()
 
 
-def _block(channels: int = 32, heads: int = 4, n_bits: int = 16, seed: int = 0) -> RayTransformerBlock:
+def _block(channels: int = 32, heads: int = 4, n_bits: int = 16, seed: int = 0,
+           act_scale: str = "per_token") -> RayTransformerBlock:
     """A ray block as j converts it: integer q/k/v/out layers, the hashed quadratic core (its hasher fitted on the
-    block's own queries and keys), a LayerNorm with non-trivial gain and bias."""
+    block's own queries and keys), a LayerNorm with non-trivial gain and bias. act_scale per_tensor (k): calibrated
+    on random rays by the conversion's own calibration, then the absmax lowered to 0.8x so that the largest
+    activations saturate too."""
     torch.manual_seed(seed)
     block = RayTransformerBlock(channels, heads, 4 * channels).eval()
     attention = block.attn
@@ -35,7 +39,11 @@ def _block(channels: int = 32, heads: int = 4, n_bits: int = 16, seed: int = 0) 
         split = lambda t: attention._split_heads(t)  # noqa: E731
         attention.core.calibrate(split(attention.q_fc(normed)), split(attention.k_fc(normed)), None)
     for name in ("q_fc", "k_fc", "v_fc", "out_fc"):
-        setattr(attention, name, _integer(getattr(attention, name)))
+        setattr(attention, name, _integer(getattr(attention, name), act_scale))
+    if act_scale == "per_tensor":
+        calibrate_int_shift_linears(block, lambda: block.attn(block.attn_norm(torch.randn(16, 24, channels) * 2)))
+        for name in ("q_fc", "k_fc", "v_fc", "out_fc"):
+            getattr(attention, name).activation_absmax.mul_(0.8)
     return block
 
 
@@ -56,11 +64,13 @@ def test_reference_is_the_modules_forward():
                                                                 (9, 16, 32, 4, 32), (5, 12, 64, 4, 16),
                                                                 (3, 7, 16, 2, 16)])
 @pytest.mark.parametrize("norm_in_kernel", [True, False])
-def test_kernel_matches_the_modules(rays, samples, channels, heads, n_bits, norm_in_kernel):
+@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
+def test_kernel_matches_the_modules(rays, samples, channels, heads, n_bits, norm_in_kernel, act_scale):
     """Every ray whose roundings are not within a hair of a tie (`quantization_margins`) matches the modules to fp32
     summation-order noise: a quantization step apart in any integer layer or a flipped code bit would show as
-    ~1e-2. The others may differ by such a step, and no more."""
-    block = _block(channels, heads, n_bits)
+    ~1e-2. The others may differ by such a step, and no more. Per token (j) and with calibrated per-tensor scales
+    (k)."""
+    block = _block(channels, heads, n_bits, act_scale=act_scale)
     weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
     torch.manual_seed(1)
     x = torch.randn(rays, samples, channels) * 2 + 0.3
@@ -96,10 +106,19 @@ def test_layers_the_kernel_does_not_compute_are_refused():
     dense_core.attn.core = RayAttention(32, 4).core
     with pytest.raises(ValueError, match="HashedQuadraticAttention core"):
         IntRayWeights.from_modules(dense_core.attn_norm, dense_core.attn)
-    per_tensor = _block()
-    per_tensor.attn.v_fc = _integer(nn.Linear(32, 32, bias=False), act_scale="per_tensor")
-    with pytest.raises(ValueError, match="v_fc is not an 8-bit per-token IntShiftLinear"):
-        IntRayWeights.from_modules(per_tensor.attn_norm, per_tensor.attn)
+    dense_linear = _block()
+    dense_linear.attn.q_fc = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match="q_fc is not an 8-bit IntShiftLinear"):
+        IntRayWeights.from_modules(dense_linear.attn_norm, dense_linear.attn)
+    mixed = _block()
+    mixed.attn.v_fc = _integer(nn.Linear(32, 32, bias=False), act_scale="per_tensor")
+    mixed.attn.v_fc.activation_absmax.fill_(1.0)
+    with pytest.raises(ValueError, match=r"mix activation scales \['per_tensor', 'per_token'\]"):
+        IntRayWeights.from_modules(mixed.attn_norm, mixed.attn)
+    apart = _block(act_scale="per_tensor")
+    apart.attn.k_fc.activation_absmax.mul_(1.5)  # q, k and v share one quantization: one absmax
+    with pytest.raises(ValueError, match="q_fc, k_fc, v_fc: .*different activation absmax"):
+        IntRayWeights.from_modules(apart.attn_norm, apart.attn)
     with pytest.raises(ValueError, match="16 or 32 hash bits"):
         narrow = _block(n_bits=8)
         IntRayWeights.from_modules(narrow.attn_norm, narrow.attn)

@@ -5,6 +5,7 @@ from torch import nn
 
 from gnt_shiftadd.models.transformers import ViewAttention
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, rounding_tie_distance
+from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
 from kernels.dispatch import recording
 from kernels.int_shift import vnni_available
@@ -14,14 +15,23 @@ pytest.importorskip("tvm")
 needs_vnni = pytest.mark.skipif(not vnni_available(), reason="AVX-512 VNNI CPU needed")
 
 
-def _integer_attention(channels: int = 32, seed: int = 0) -> ViewAttention:
-    """A ViewAttention whose layers are 8-bit per-token IntShiftLinear (as g and j convert them)."""
+def _integer_attention(channels: int = 32, seed: int = 0, act_scale: str = "per_token") -> ViewAttention:
+    """A ViewAttention whose layers are 8-bit IntShiftLinear: per token (as g and j convert them), or per tensor (k),
+    calibrated on random inputs by the conversion's own calibration and the absmax then lowered to 0.8x so that the
+    largest activations saturate too."""
     torch.manual_seed(seed)
     attention = ViewAttention(channels).eval()
     for name, layer in list(attention.named_children()):
         if isinstance(layer, nn.Linear):
             setattr(attention, name, IntShiftLinear.from_linear(layer, ShiftSpec(exponent_min=-6), 8,
-                                                                act_scale="per_token").eval())
+                                                                act_scale=act_scale).eval())
+    if act_scale == "per_tensor":
+        qp, features, ray_diff, mask = _inputs(200, channels=channels, seed=seed + 100)
+        calibrate_int_shift_linears(attention, lambda: attention(qp[:, None], features[:, None], ray_diff[:, None],
+                                                                 mask[:, None, :, None]))
+        for layer in attention.children():
+            if isinstance(layer, IntShiftLinear):
+                layer.activation_absmax.mul_(0.8)
     return attention
 
 
@@ -40,8 +50,9 @@ def _inputs(tokens, views=6, channels=32, seed=1):
 
 @needs_vnni
 @pytest.mark.parametrize("tokens,views", [(1, 6), (65, 6), (130, 3), (300, 8)])
-def test_kernel_matches_the_integer_modules(tokens, views):
-    attention = _integer_attention()
+@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
+def test_kernel_matches_the_integer_modules(tokens, views, act_scale):
+    attention = _integer_attention(act_scale=act_scale)
     weights = IntViewWeights.from_module(attention)
     qp, features, ray_diff, mask = _inputs(tokens, views)
     with torch.no_grad():
@@ -59,10 +70,11 @@ def test_kernel_matches_the_integer_modules(tokens, views):
 
 @needs_vnni
 @pytest.mark.parametrize("views", [1, 5])
-def test_narrow_hidden_layers_and_partial_groups_of_views(views):
+@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
+def test_narrow_hidden_layers_and_partial_groups_of_views(views, act_scale):
     """C = 16 gives 2 hidden units (the 4-wide rows are padded within their group of four) and 1 or 5 views leave
     a group of four views part empty: still every integer layer bit-exact."""
-    attention = _integer_attention(channels=16)
+    attention = _integer_attention(channels=16, act_scale=act_scale)
     weights = IntViewWeights.from_module(attention)
     qp, features, ray_diff, mask = _inputs(70, views, channels=16)
     with torch.no_grad():
@@ -73,13 +85,18 @@ def test_narrow_hidden_layers_and_partial_groups_of_views(views):
 
 def test_layers_the_kernel_does_not_compute_are_refused():
     dense = ViewAttention(32)
-    with pytest.raises(ValueError, match="k_fc is not an 8-bit per-token IntShiftLinear"):
+    with pytest.raises(ValueError, match="k_fc is not an 8-bit IntShiftLinear"):
         IntViewWeights.from_module(dense)
     attention = _integer_attention()
     attention.pos_fc1 = IntShiftLinear.from_linear(nn.Linear(4, 4), ShiftSpec(exponent_min=-6), 8,
                                                    act_scale="per_tensor")
-    with pytest.raises(ValueError, match="pos_fc1 is not an 8-bit per-token IntShiftLinear"):
+    attention.pos_fc1.activation_absmax.fill_(1.0)
+    with pytest.raises(ValueError, match=r"mix activation scales \['per_tensor', 'per_token'\]"):
         IntViewWeights.from_module(attention)
+    apart = _integer_attention(act_scale="per_tensor")
+    apart.v_fc.activation_absmax.mul_(1.5)  # k and v share the features' quantization: one absmax
+    with pytest.raises(ValueError, match="k_fc and v_fc: .*different activation absmax"):
+        IntViewWeights.from_module(apart)
     with pytest.raises(ValueError, match="C % 16 == 0"):
         IntViewWeights.from_module(_integer_attention(channels=24))
 
@@ -128,7 +145,8 @@ def test_the_leaf_runs_the_modules_when_gradients_are_needed():
 @needs_vnni
 @pytest.mark.parametrize("norm_in_kernel", [True, False])
 @pytest.mark.parametrize("tokens,views", [(1, 6), (300, 6), (77, 8)])
-def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views):
+@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
+def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views, act_scale):
     """LN + q_fc + the attention + out_fc + residual in one kernel: every token whose LN output and out_fc input are
     not within a hair of a rounding tie matches the modules to fp32 noise (a quantization step apart would show as
     ~1e-2); the others may be a step apart, no more."""
@@ -137,7 +155,7 @@ def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views):
     from kernels.int_view_attention import IntViewSublayerWeights, int_view_sublayer, reference_from_weights, \
         reference_int_view_sublayer
 
-    attention = _integer_attention(seed=5)
+    attention = _integer_attention(seed=5, act_scale=act_scale)
     norm = nn.LayerNorm(32, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
@@ -155,9 +173,10 @@ def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views):
     with recording(record):
         got = int_view_sublayer(x, features, ray_diff, mask, weights, sub, norm_in_kernel)
     assert record == {"int_view_sublayer": "tvm"}
-    clear = rounding_tie_distance(attended).amin(dim=-1) > 1e-5
+    calibrated = (None, None) if sub.per_token else (sub.act_absmax[0], sub.act_absmax[1])
+    clear = rounding_tie_distance(attended, absmax=calibrated[1]).amin(dim=-1) > 1e-5
     if norm_in_kernel:
-        clear &= rounding_tie_distance(normed).amin(dim=-1) > 1e-5
+        clear &= rounding_tie_distance(normed, absmax=calibrated[0]).amin(dim=-1) > 1e-5
     error = (got - expected).abs().amax(dim=-1)
     assert clear.float().mean() >= 0.9
     assert error[clear].max() <= 1e-5 and error.max() <= 0.1
@@ -186,3 +205,21 @@ def test_the_sublayer_leaf_swaps_in_for_integer_view_blocks_and_runs_the_modules
     out = leaf(q, features, ray_diff, mask, block.attn_norm, block.attn)
     assert leaf.kernels_ran == {"int_view_sublayer": "reference"} and out.requires_grad
     torch.testing.assert_close(out.detach(), expected)
+
+
+@needs_vnni
+def test_a_sublayer_mixing_activation_scales_is_refused():
+    """q_fc/out_fc per token around a per-tensor attention: one kernel computes one mode, so the call is refused
+    with the reason, and the leaf is not applicable (the attention alone is swapped)."""
+    from kernels.apply import KernelIntViewAttentionSublayer, KernelNotApplicable
+    from kernels.int_view_attention import IntViewSublayerWeights, int_view_sublayer
+
+    per_tensor, per_token = _integer_attention(seed=7, act_scale="per_tensor"), _integer_attention(seed=7)
+    norm = nn.LayerNorm(32)
+    weights, sub = IntViewWeights.from_module(per_tensor), IntViewSublayerWeights.from_modules(norm, per_token)
+    _, features, ray_diff, mask = _inputs(5)
+    with pytest.raises(ValueError, match="different activation scales"):
+        int_view_sublayer(torch.randn(5, 32), features, ray_diff, mask, weights, sub)
+    per_tensor.q_fc, per_tensor.out_fc = per_token.q_fc, per_token.out_fc
+    with pytest.raises(KernelNotApplicable, match="different activation scales"):
+        KernelIntViewAttentionSublayer(norm, per_tensor)
