@@ -34,6 +34,9 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
   source_front_end             the same with GNT's front end (per-view MLP + max-pool over views) in the kernel,
                                vs the source_views and view_features kernels one after the other
+The integer rows with a "[per_tensor]" suffix (int_ffn_sublayer, int_view_attention, int_view_sublayer,
+int_ray_attention) are the same kernels with calibrated per-tensor activation scales (variant k: each quantization
+a multiply, no per-row absmax), their layers calibrated on the row's own inputs.
 MACs count only the multiply-accumulates of the products (a popcount, an exp or a max is not one), so the
 fraction of peak says how much of the kernel's time its products would take at the peak rate (for source_views,
 the 4 bilinear multiply-adds per channel: that kernel is bound by its gathers and its output, not arithmetic).
@@ -70,6 +73,7 @@ from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayA
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
+from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
@@ -227,64 +231,75 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                      lambda: ffn_sublayer(flat_x, ffn), dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, fp32))
 
     if vnni_available():
-        spec = ShiftSpec(exponent_min=-6)
-        layers = [prepare_int_shift(export_int_shift(IntShiftLinear.from_linear(nn.Linear(a, b), spec, 8,
-                                                                                act_scale="per_token")))
-                  for a, b in ((dim, ff_hidden), (ff_hidden, dim))]
         normed = F.layer_norm(flat_x, (dim,))
-        _checked("int_ffn", lambda: int_ffn(normed, flat_x, *layers), reference_int_ffn(normed, flat_x, *layers), 0.0)
-        rows.append(_row("int_ffn", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit", tokens * 2 * dim * ff_hidden,
-                         lambda: int_ffn(normed, flat_x, *layers), dense_ffn_eager,
-                         "dense x + FFN(LN(x)) eager (LN included there, not in the kernel)", repeats, int8,
-                         arithmetic="int8"))
         ln_w, ln_b = torch.rand(dim) + 0.5, torch.randn(dim) * 0.1
-        _checked("int_ffn_sublayer", lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
-                 reference_int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers), 0.05)  # LN rounding: one step
-        rows.append(_row("int_ffn_sublayer", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit, LN in the kernel",
-                         tokens * 2 * dim * ff_hidden, lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
-                         dense_ffn_eager, "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
+        for act_scale in ("per_token", "per_tensor"):
+            ff = integer_linears_(FeedForward(dim, ff_hidden).eval(), act_scale=act_scale)
+            calibrate_int_shift_linears(ff, lambda: ff(normed))  # per tensor (k): the absmax these inputs reach
+            layers = [prepare_int_shift(export_int_shift(layer)) for layer in (ff.fc1, ff.fc2)]
+            suffix = "" if act_scale == "per_token" else f"[{act_scale}]"
+            if act_scale == "per_token":
+                _checked("int_ffn", lambda: int_ffn(normed, flat_x, *layers),
+                         reference_int_ffn(normed, flat_x, *layers), 0.0)
+                rows.append(_row("int_ffn", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit", tokens * 2 * dim * ff_hidden,
+                                 lambda: int_ffn(normed, flat_x, *layers), dense_ffn_eager,
+                                 "dense x + FFN(LN(x)) eager (LN included there, not in the kernel)", repeats, int8,
+                                 arithmetic="int8"))
+            _checked(f"int_ffn_sublayer{suffix}", lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers),
+                     reference_int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers), 0.05)  # LN rounding: one step
+            rows.append(_row(f"int_ffn_sublayer{suffix}", f"[{tokens},{dim}] hidden {ff_hidden}, 8-bit {act_scale}, "
+                             "LN in the kernel", tokens * 2 * dim * ff_hidden,
+                             lambda: int_ffn_sublayer(flat_x, ln_w, ln_b, 1e-6, *layers), dense_ffn_eager,
+                             "dense x + FFN(LN(x)) eager", repeats, int8, arithmetic="int8"))
     if vnni_available():
         rows += int_view_attention_rows(cfg, repeats, int8)
+        rows += int_view_attention_rows(cfg, repeats, int8, "per_tensor")
         rows.append(int_ray_attention_row(cfg, repeats, peaks))
+        rows.append(int_ray_attention_row(cfg, repeats, peaks, "per_tensor"))
     rows.append(position_fusion_row(cfg, repeats, fp32))
     rows += source_views_rows(cfg, repeats, fp32)
     return rows
 
 
 @torch.no_grad()
-def int_view_attention_rows(cfg, repeats: int, peak: float) -> list[dict]:
+def int_view_attention_rows(cfg, repeats: int, peak: float, act_scale: str = "per_token") -> list[dict]:
     """The view attention with 8-bit integer shift layers (g, j) in one VNNI kernel against the same layers as
     modules (each IntShiftLinear on its own reference, the softmax over views in PyTorch); then the whole pre-norm
-    sublayer (LN, q_fc, out_fc, residual in the kernel too) against those around the attention kernel."""
+    sublayer (LN, q_fc, out_fc, residual in the kernel too) against those around the attention kernel. act_scale
+    per_tensor (k, its layers calibrated on these inputs): the rows get a "[per_tensor]" suffix."""
     dim, views, tokens = cfg.model.netwidth, cfg.data.num_source_views, cfg.render.chunk_rays * cfg.render.n_samples
     torch.manual_seed(2)
-    attention = integer_linears_(ViewAttention(dim).eval())
-    weights = IntViewWeights.from_module(attention)
+    attention = integer_linears_(ViewAttention(dim).eval(), act_scale=act_scale)
     qp, features = torch.randn(tokens, dim), torch.randn(tokens, views, dim)
     ray_diff, mask = torch.randn(tokens, views, 4) * 0.3, (torch.rand(tokens, views) > 0.2).float()
+    norm = nn.LayerNorm(dim, eps=1e-6).eval()
+    x = torch.randn(tokens, dim)
+    calibrate_int_shift_linears(attention, lambda: attention(norm(x)[:, None], features[:, None], ray_diff[:, None],
+                                                             mask[:, None, :, None]))
+    weights = IntViewWeights.from_module(attention)
+    suffix = "" if act_scale == "per_token" else f"[{act_scale}]"
 
     def modules():  # ViewAttention between q_fc and out_fc
         return attention.attend(qp, features, ray_diff, mask[..., None])
 
-    _checked("int_view_attention", lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules(), 1e-5)
+    _checked(f"int_view_attention{suffix}", lambda: int_view_attention(qp, features, ray_diff, mask, weights),
+             modules(), 1e-5)
     small = weights.hidden
     macs = tokens * views * (2 * dim * dim + 4 * small + small * dim + dim * small + small * dim)
-    rows = [_row("int_view_attention", f"[{tokens},{views},{dim}], 8-bit layers", macs,
+    rows = [_row(f"int_view_attention{suffix}", f"[{tokens},{views},{dim}], 8-bit {act_scale} layers", macs,
                  lambda: int_view_attention(qp, features, ray_diff, mask, weights), modules,
                  "the IntShiftLinear modules + softmax in PyTorch", repeats, peak, arithmetic="int8")]
-    norm = nn.LayerNorm(dim, eps=1e-6).eval()
     sub = IntViewSublayerWeights.from_modules(norm, attention)
     q_layer, out_layer = (prepare_int_shift(export_int_shift(layer)) for layer in (attention.q_fc, attention.out_fc))
-    x = torch.randn(tokens, dim)
 
     def around():  # what the block ran before: LN, q_fc and out_fc on their own kernels around the attention kernel
         query = int_shift(norm(x), q_layer)
         return x + int_shift(int_view_attention(query, features, ray_diff, mask, weights), out_layer)
 
     # the LN and the softmax round in the kernel's own order: an activation may quantize one step apart
-    _checked("int_view_sublayer", lambda: int_view_sublayer(x, features, ray_diff, mask, weights, sub),
+    _checked(f"int_view_sublayer{suffix}", lambda: int_view_sublayer(x, features, ray_diff, mask, weights, sub),
              reference_int_view_sublayer(x, features, ray_diff, mask, weights, sub), 0.1)
-    rows.append(_row("int_view_sublayer", f"[{tokens},{views},{dim}] + LN, q_fc, out_fc, 8-bit",
+    rows.append(_row(f"int_view_sublayer{suffix}", f"[{tokens},{views},{dim}] + LN, q_fc, out_fc, 8-bit {act_scale}",
                      macs + tokens * 2 * dim * dim, lambda: int_view_sublayer(x, features, ray_diff, mask, weights, sub),
                      around, "LN, q_fc, out_fc on their kernels around int_view_attention", repeats, peak,
                      arithmetic="int8"))
@@ -292,27 +307,31 @@ def int_view_attention_rows(cfg, repeats: int, peak: float) -> list[dict]:
 
 
 @torch.no_grad()
-def int_ray_attention_row(cfg, repeats: int, peaks: dict) -> dict:
+def int_ray_attention_row(cfg, repeats: int, peaks: dict, act_scale: str = "per_token") -> dict:
     """A ray block's attention half with integer layers and the hashed core (j, g) in one kernel per ray, against
     what the block ran before it: PyTorch's LN, the four layers on the int_shift kernel and the hashed core on the
-    hash_pack + popcount-softmax kernels (their leaves), glue in PyTorch."""
+    hash_pack + popcount-softmax kernels (their leaves), glue in PyTorch. act_scale per_tensor (k, calibrated on
+    these rays): the row gets a "[per_tensor]" suffix."""
     dim, heads, bits = cfg.model.netwidth, cfg.model.num_heads, cfg.shiftadd.hash_bits
     rays, samples, head_dim = cfg.render.chunk_rays, cfg.render.n_samples, cfg.model.netwidth // cfg.model.num_heads
     torch.manual_seed(3)
     block = RayTransformerBlock(dim, heads, cfg.model.ff_mult * dim).eval()
     block.attn.core = HashedQuadraticAttention(heads, head_dim, bits).eval()
     block.attn.core.calibrate(*(torch.randn(rays, heads, samples, head_dim) for _ in range(3)))
-    integer_linears_(block.attn)
+    integer_linears_(block.attn, act_scale=act_scale)
+    x = torch.randn(rays, samples, dim)
+    calibrate_int_shift_linears(block, lambda: block.attn(block.attn_norm(x)))
     weights = IntRayWeights.from_modules(block.attn_norm, block.attn)
     parts = copy.deepcopy(block)
     use_kernels_(parts, KernelConfig("tvm"), lambda module, _fqn: not isinstance(module, PreNormAttention))
-    x = torch.randn(rays, samples, dim)
     margin = quantization_margins(x, weights)
-    _checked("int_ray_attention", lambda: int_ray_attention(x, weights),
+    suffix = "" if act_scale == "per_token" else f"[{act_scale}]"
+    _checked(f"int_ray_attention{suffix}", lambda: int_ray_attention(x, weights),
              reference_int_ray_attention(x, weights), 1e-5, margin > 1e-4)  # LN and softmax round alike
     int8_macs = rays * samples * 4 * dim * dim
     fp32_macs = rays * (2 * samples * heads * head_dim * bits + heads * samples * samples * head_dim)
-    row = _row("int_ray_attention", f"[{rays},{samples},{dim}] {heads} heads, {bits}-bit codes, 8-bit layers",
+    row = _row(f"int_ray_attention{suffix}", f"[{rays},{samples},{dim}] {heads} heads, {bits}-bit codes, 8-bit "
+               f"{act_scale} layers",
                int8_macs + fp32_macs, lambda: int_ray_attention(x, weights),
                 lambda: parts.attn_sublayer(x, parts.attn_norm, parts.attn),
                "LN + the layers on int_shift + the hashed core on its kernels", repeats,
