@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -61,7 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import load_config  # noqa: E402
-from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.evaluation.evaluate import environment, write_record  # noqa: E402
 from gnt_shiftadd.evaluation.timing import median_seconds  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
 from gnt_shiftadd.models.encodings import PositionalEncoding  # noqa: E402
@@ -72,9 +71,8 @@ from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayA
     ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import export_int_shift, integer_linears_  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears  # noqa: E402
-from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
 from kernels.dispatch import recording  # noqa: E402
@@ -473,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
               "threads": {"torch": torch.get_num_threads(), "tvm": tvm_thread_count()},
               "allocator": allocator_state(), "openmp": OPENMP_NOTE, "peaks": peaks, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"recorded in {args.out}")
+    write_record(args.out, record)
     return 0
 
 

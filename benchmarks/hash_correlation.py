@@ -20,7 +20,6 @@ Each is fitted on one batch and scored on held-out data:
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gnt_shiftadd.config import load_config  # noqa: E402
-from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.evaluation.evaluate import environment, write_record  # noqa: E402
 from gnt_shiftadd.models.transformers import DotProductAttention, RayAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import BinaryHasher  # noqa: E402
 from gnt_shiftadd.training.checkpoint import config_of_checkpoint  # noqa: E402
@@ -179,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.rays)
         for name, scores in record["trained"]["layers"].items():
             print(name, {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"recorded in {args.out}")
+    write_record(args.out, record, indent=2)
     return 0
 
 

@@ -20,18 +20,17 @@ threads); with --loaded-machine the fastest option is picked by CPU time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
 import sys
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gnt_shiftadd.evaluation.evaluate import write_record
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, int_shift_reference
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
@@ -293,9 +292,7 @@ def main(argv=None) -> dict:
     if "view_attention" in args.sections:
         record["view_attention"] = view_attention_options(tokens, args.repeats)
     record["tvm_threads"] = tvm_thread_count()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(args.out, record, indent=2, note="wrote")
     return record
 
 

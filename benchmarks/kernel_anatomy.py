@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         parser.error("--out is required")
-    from gnt_shiftadd.evaluation.evaluate import environment
+    from gnt_shiftadd.evaluation.evaluate import environment, write_record
     from kernels.int_shift import vnni_available
 
     if not vnni_available():
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"x{entry['in_cache_over_whole']:.2f})  code: {entry['code']['instructions']} instructions, "
                   f"{100 * mix.get('int8_dot', 0):.0f}% vpdpbusd, {100 * mix.get('fp32_fma', 0):.0f}% FMA, "
                   f"{100 * mix.get('fp32_mul', 0):.0f}% fp32 mul", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"recorded in {args.out}")
+    write_record(args.out, record)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -32,7 +31,7 @@ quiet_openmp_workers()
 import torch  # noqa: E402
 
 from gnt_shiftadd.config import load_config  # noqa: E402
-from gnt_shiftadd.evaluation.evaluate import environment  # noqa: E402
+from gnt_shiftadd.evaluation.evaluate import environment, write_record  # noqa: E402
 from gnt_shiftadd.evaluation.timing import render_heldout  # noqa: E402
 from gnt_shiftadd.runtime import tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.training.checkpoint import config_of_checkpoint  # noqa: E402
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = result["saved_ms"].get(name)
             print(f"{variant:20s} {name:50s} {ms:8.0f} ms" + (f"  (the leaves save {saved:.0f} ms)" if saved else ""),
                   flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"recorded in {args.out}")
+    write_record(args.out, record)
     return 0
 
 

@@ -15,12 +15,10 @@ hand schedules in kernels/ are the answer wherever the tuner cannot run.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 PROBE = textwrap.dedent("""
     import sys, tempfile
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per probe")
     args = parser.parse_args(argv)
     import tvm  # noqa: PLC0415 (only for the version; the probes import it themselves)
-    from gnt_shiftadd.evaluation.evaluate import environment  # noqa: PLC0415 (torch only for the record)
+    from gnt_shiftadd.evaluation.evaluate import environment, write_record  # noqa: PLC0415 (torch only for the record)
 
     probes = []
     for step in STEPS:
@@ -80,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "environment": environment(),
               "tvm": tvm.__version__, "tuner_usable": all(p["finished"] for p in probes)
               and len(probes) == len(STEPS), "probes": probes}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"tuner usable: {record['tuner_usable']}; recorded in {args.out}")
+    write_record(args.out, record, note=f"tuner usable: {record['tuner_usable']}; recorded in")
     return 0
 
 

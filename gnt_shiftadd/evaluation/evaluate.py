@@ -21,6 +21,16 @@ from renderer.render import RenderSettings
 from renderer.views import render_novel_view
 
 
+def write_record(path, record: dict, indent: int = 1, note: str = "recorded in") -> Path:
+    """Write a result record as JSON (its folder made), say where: every benchmark ends this way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=indent))
+    if note:
+        print(f"{note} {path}")
+    return path
+
+
 def environment() -> dict:
     """Where a number was measured: device name and library versions, stored with every result."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

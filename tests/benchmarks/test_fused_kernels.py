@@ -22,6 +22,7 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
     from kernels.int_shift import vnni_available
 
     integer = ["int_ffn", "int_ffn_sublayer", "int_view_attention", "int_view_sublayer", "int_ray_attention"]
+    integer += [f"{name}[per_tensor]" for name in integer[1:]]  # k's kernels: calibrated per-tensor scales
     assert all((name in names) == vnni_available() for name in integer)  # the integer rows need AVX-512 VNNI
     for row in record["rows"]:
         assert row["kernel_ms"] > 0 and row["macs"] > 0
