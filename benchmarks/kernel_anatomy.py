@@ -46,6 +46,7 @@ def kernel_cases() -> dict:
     from gnt_shiftadd.models.transformers import FeedForward, RayAttention, ViewAttention
     from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention
     from gnt_shiftadd.shiftadd.int_shift import export_int_shift, integer_linears_
+    from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
     from kernels import ffn, int_ray_attention, int_shift, int_view_attention, ray_attention, view_attention
     from kernels.apply import KernelRayAttentionSublayer
 
@@ -67,6 +68,21 @@ def kernel_cases() -> dict:
     int_ray = integer_linears_(RayAttention(CHANNELS, HEADS).eval())
     int_ray.core = ray.core
     int_ray_w = int_ray_attention.IntRayWeights.from_modules(norm, int_ray)
+    # k's kernels: the same blocks with calibrated per-tensor scales (calibrated on random inputs of the same kind)
+    static_view = integer_linears_(ViewAttention(CHANNELS).eval(), act_scale="per_tensor")
+    calibrate_int_shift_linears(static_view, lambda: static_view(
+        torch.randn(256, 1, CHANNELS), torch.randn(256, 1, VIEWS, CHANNELS), torch.randn(256, 1, VIEWS, 4),
+        torch.ones(256, 1, VIEWS, 1)))
+    static_weights = int_view_attention.IntViewWeights.from_module(static_view)
+    static_sub = int_view_attention.IntViewSublayerWeights.from_modules(norm, static_view)
+    static_ff = integer_linears_(FeedForward(CHANNELS, HIDDEN).eval(), act_scale="per_tensor")
+    calibrate_int_shift_linears(static_ff, lambda: static_ff(norm(torch.randn(256, CHANNELS))))
+    static_fc1, static_fc2 = (int_shift.prepare_int_shift(export_int_shift(layer))
+                              for layer in (static_ff.fc1, static_ff.fc2))
+    static_ray = integer_linears_(RayAttention(CHANNELS, HEADS).eval(), act_scale="per_tensor")
+    static_ray.core = ray.core
+    calibrate_int_shift_linears(static_ray, lambda: static_ray(norm(torch.randn(16, SAMPLES, CHANNELS))))
+    static_ray_w = int_ray_attention.IntRayWeights.from_modules(norm, static_ray)
 
     def view_inputs(tokens):
         return (torch.randn(tokens, CHANNELS), torch.randn(tokens, VIEWS, CHANNELS), torch.randn(tokens, VIEWS, 4),
@@ -95,6 +111,15 @@ def kernel_cases() -> dict:
                                                                             16, 1e-6)),
         "int_ray_attention": (lambda n: (lambda x: lambda: int_ray_attention.int_ray_attention(x, int_ray_w))(
             rays(n)), lambda t: int_ray_attention.make_int_ray_attention(SAMPLES, CHANNELS, HEADS, 16, 1e-6)),
+        "int_view_sublayer[per_tensor]": (lambda n: on(n, lambda q, f, d, m: int_view_attention.int_view_sublayer(
+            q, f, d, m, static_weights, static_sub)), lambda t: int_view_attention.make_int_view_attention(
+            VIEWS, CHANNELS, sublayer=True, eps=1e-6, per_token=False)),
+        "int_ffn_sublayer[per_tensor]": (lambda n: (lambda x: lambda: int_shift.int_ffn_sublayer(
+            x, ln_w, ln_b, 1e-6, static_fc1, static_fc2))(torch.randn(n, CHANNELS)), lambda t: int_shift.make_int_ffn(
+            CHANNELS, HIDDEN, 8, False, int_shift.FFN_TILE, int_shift.FFN_BLOCKS, norm_eps=1e-6)),
+        "int_ray_attention[per_tensor]": (lambda n: (lambda x: lambda: int_ray_attention.int_ray_attention(
+            x, static_ray_w))(rays(n)), lambda t: int_ray_attention.make_int_ray_attention(
+            SAMPLES, CHANNELS, HEADS, 16, 1e-6, per_token=False)),
     }
 
 
@@ -152,7 +177,7 @@ def instruction_mix(make, workdir: Path, name: str) -> dict:
     from kernels.build import cpu_target
 
     target = cpu_target()
-    library = workdir / f"{name}.so"
+    library = workdir / (re.sub(r"[^A-Za-z0-9_]+", "_", name) + ".so")
     tvm.compile(make(target), target=target).export_library(str(library))
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
                              check=True).stdout

@@ -26,7 +26,9 @@ def test_the_code_census_finds_the_integer_ffn_loops(tmp_path):
     bench = load_benchmark("kernel_anatomy")
     cases = bench.kernel_cases()
     assert set(cases) == {"view_attention", "int_view_attention", "int_view_sublayer", "ffn_sublayer",
-                          "int_ffn_sublayer", "ray_attention_hashed", "int_ray_attention"}
+                          "int_ffn_sublayer", "ray_attention_hashed", "int_ray_attention",
+                          "int_view_sublayer[per_tensor]", "int_ffn_sublayer[per_tensor]",
+                          "int_ray_attention[per_tensor]"}
     mix = bench.instruction_mix(cases["int_ffn_sublayer"][1], tmp_path, "int_ffn_sublayer")
     assert mix["function"] != "__tvm_ffi_main"  # the loops, not the entry point's argument checks
     # the FFN's fc1 (32 -> 128) and fc2 (128 -> 32) on 8-token tiles: their vpdpbusd are in the code
