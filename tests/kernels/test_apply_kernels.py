@@ -139,3 +139,41 @@ def test_for_cuda_the_view_blocks_keep_the_attention_kernel(tiny_config):
     summary = use_kernels_(model, KernelConfig("tvm", device_type="cuda"))
     assert summary["KernelViewAttention"] == 2 and "KernelViewAttentionSublayer" not in summary
     assert all(isinstance(b.attn, KernelViewAttention) for b in model.transformer.view_blocks)
+
+
+@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
+def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act_scale):
+    """j (per-token scales) and k (calibrated per-tensor scales), converted as the variant configs do: every view
+    and ray attention sublayer and every FFN on its fused integer kernel, nothing falls back, and the colours match
+    the integer modules (a value the kernels' own fp32 order puts at a rounding tie may quantize one step apart)."""
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        pytest.skip("the integer kernels need AVX-512 VNNI")
+    from kernels.apply import KernelIntRayAttentionSublayer, KernelIntViewAttentionSublayer
+
+    cfg = tiny_config("model.dropout=0.0")
+    tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
+    model = build_model(cfg, torch.device("cpu")).eval()
+    run = calibration_forward(model, tensors, cfg)
+    reparameterize(model, ShiftAddConfig(ray_attention="hash_quadratic", attention_linears="shift", ffn="shift",
+                                         shift_exponent_min=-6, int_activations=8, act_scale=act_scale),
+                   run_calibration=run)
+    model.eval()
+    with torch.no_grad():
+        expected = run()
+        summary = use_kernels(model, "tvm")
+        got = run()
+    depth = cfg.model.trans_depth
+    assert summary["KernelIntViewAttentionSublayer"] == depth and summary["KernelIntRayAttentionSublayer"] == depth
+    assert summary["skipped"] == []
+    transformer = model.transformer
+    assert all(isinstance(b.attn_sublayer, KernelIntViewAttentionSublayer) for b in transformer.view_blocks)
+    assert all(isinstance(b.attn_sublayer, KernelIntRayAttentionSublayer) for b in transformer.ray_blocks)
+    for block in transformer.ray_blocks:
+        assert block.attn_sublayer.weights.per_token == (act_scale == "per_token")
+    ran = require_all_kernels(model)
+    assert ran["transformer.view_blocks.0.attn_sublayer"] == {"int_view_sublayer": "tvm"}
+    assert ran["transformer.ray_blocks.0.attn_sublayer"] == {"int_ray_attention": "tvm"}
+    assert ran["transformer.ray_blocks.1.ffn"] == {"int_ffn_sublayer": "tvm"}
+    assert (got - expected).abs().mean() < 1e-3 and (got - expected).abs().max() < 0.05
