@@ -252,14 +252,20 @@ class _KernelParts:
             inv = T.bind(T.float32(level) / clamped_peak)
             T.buffer_store(scale, clamped_peak / T.float32(level), [i])
             for kv, row in enumerate(rows):
-                scaled = row * T.Broadcast(inv, LANES)
-                if not nonnegative:
-                    scaled = T.max(scaled, T.Broadcast(T.float32(-level), LANES))
-                clamped = T.min(scaled, T.Broadcast(T.float32(level), LANES))
-                rounded = T.call_llvm_pure_intrin(f"int32x{LANES}", "llvm.x86.avx512.mask.cvtps2dq.512", clamped,
-                                                  T.Broadcast(T.int32(0), LANES), T.int16(-1), T.int32(4))
-                T.buffer_store(xq, T.Cast(f"{self.q_dtype}x{LANES}", rounded + T.Broadcast(T.int32(offset), LANES)),
-                               [i, lanes(kv)])
+                T.buffer_store(xq, self.fixed_point(row, inv, nonnegative), [i, lanes(kv)])
+
+    def fixed_point(self, row, inv, nonnegative=False):
+        """16 fp32 values -> their fixed-point codes as the dot products read them: clamp(round_half_even(row * inv),
+        -Q, Q) (+128 for vpdpbusd), one vcvtps2dq; nonnegative drops the lower clamp."""
+        T, level = self.T, self.level
+        scaled = row * T.Broadcast(inv, LANES)
+        if not nonnegative:
+            scaled = T.max(scaled, T.Broadcast(T.float32(-level), LANES))
+        clamped = T.min(scaled, T.Broadcast(T.float32(level), LANES))
+        rounded = T.call_llvm_pure_intrin(f"int32x{LANES}", "llvm.x86.avx512.mask.cvtps2dq.512", clamped,
+                                          T.Broadcast(T.int32(0), LANES), T.int16(-1), T.int32(4))
+        offset = 128 if self.bits == 8 else 0
+        return T.Cast(f"{self.q_dtype}x{LANES}", rounded + T.Broadcast(T.int32(offset), LANES))
 
     def layer_norm(self, x, t, normed, ln_w, ln_b, eps: float) -> None:
         """normed[0, i, :] = LN(x[t, i, :]) (fp32: mean, centred squares, rsqrt) for the tile's tokens, unrolled at
@@ -367,16 +373,37 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
     hidden_blocks, dim_blocks = hidden_padded // LANES, dim_padded // LANES
     jb1, jb2 = _blocks_per_pass(hidden_blocks, blocks[0]), _blocks_per_pass(dim_blocks, blocks[1])
 
+    residual = lambda x, t, y: lambda i, block, value: T.buffer_store(  # noqa: E731
+        y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value, [t, i, T.Ramp(block * LANES, 1, LANES)])
+
     @T.macro
-    def layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1, absmax1,
-               packed2, compensation2, out_scale2, bias2, absmax2):
+    def per_token_layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1, absmax1,
+                         packed2, compensation2, out_scale2, bias2, absmax2):
         parts.layer(h, h_tile, dim_padded, xq, scale, per_token, absmax1, packed1, compensation1, out_scale1, bias1,
                     hidden_blocks, jb1, lambda i, block, value:
                     T.buffer_store(hidden, parts.relu(value), [0, i, T.Ramp(block * LANES, 1, LANES)]), False)
         parts.layer(hidden, 0, hidden_padded, hq, scale, per_token, absmax2, packed2, compensation2, out_scale2,
-                    bias2, dim_blocks, jb2, lambda i, block, value:
-                    T.buffer_store(y, x[t, i, T.Ramp(block * LANES, 1, LANES)] + value,
-                                   [t, i, T.Ramp(block * LANES, 1, LANES)]), True)  # fc2 reads ReLU outputs
+                    bias2, dim_blocks, jb2, residual(x, t, y), True)  # fc2 reads ReLU outputs
+
+    @T.macro
+    def per_tensor_layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1,
+                          absmax1, packed2, compensation2, out_scale2, bias2, absmax2):
+        # fc1's ReLU outputs go straight to fc2's fixed point (its scale is fixed): no fp32 hidden row in memory
+        peak2 = T.bind(T.max(absmax2[0], T.float32(float(ABSMAX_FLOOR))))
+        inv2 = T.bind(T.float32(parts.level) / peak2)
+        parts.quantize(h, h_tile, dim_padded, xq, scale, per_token, absmax1, False)
+        for p in T.serial(hidden_blocks // jb1):
+            parts.dot_products(xq, packed1, compensation1, out_scale1, bias1, scale, p, dim_padded, jb1,
+                               lambda i, block, value: T.buffer_store(
+                                   hq, parts.fixed_point(parts.relu(value), inv2, True),
+                                   [i, T.Ramp(block * LANES, 1, LANES)]))
+        for i in T.serial(tile):
+            scale[i] = peak2 / T.float32(parts.level)
+        for p in T.serial(dim_blocks // jb2):
+            parts.dot_products(hq, packed2, compensation2, out_scale2, bias2, scale, p, hidden_padded, jb2,
+                               residual(x, t, y))
+
+    layers = per_token_layers if per_token else per_tensor_layers  # chosen here: a macro would parse a conditional
 
     if norm_eps is None:
         @T.prim_func
