@@ -234,7 +234,6 @@ class _KernelParts:
         |x| and the lower clamp, which change nothing there. Per tensor: absmax[absmax_index] is the calibrated
         absmax (LLVM hoists its division out of the token loop)."""
         T, level = self.T, self.level
-        offset = 128 if self.bits == 8 else 0
         floor = T.float32(float(ABSMAX_FLOOR))
         lanes = lambda kv: T.Ramp(kv * LANES, 1, LANES)  # noqa: E731
         for i in range(self.tile):
