@@ -76,7 +76,7 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift, vnni_available
 from kernels.int_ray_attention import IntRayWeights
-from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights
+from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, check_one_mode
 from kernels.ops import blend_head, ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, int_view_sublayer, linear_attention, mat_shift, quadratic_attention, \
     position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
@@ -383,8 +383,8 @@ class KernelViewAttentionSublayer(KernelLeaf):
 
 class KernelIntViewAttentionSublayer(KernelLeaf):
     """PreNormViewAttention whose view attention's eight linears are all 8-bit integer shift layers, all per token
-    or all per tensor (g, j, k; CPU with VNNI): the LN, q_fc, the per-(token, view) attention, out_fc and the residual in one VNNI kernel
-    (kernels/int_view_attention.py). norm_in_kernel=False takes the LN from PyTorch. Calls that need gradients run
+    or all per tensor (g, j, k; CPU with VNNI): the LN, q_fc, the per-(token, view) attention, out_fc and the
+    residual in one VNNI kernel (kernels/int_view_attention.py). norm_in_kernel=False takes the LN from PyTorch. Calls that need gradients run
     the modules. Same call: (q [R, S, C], features, ray_diff, mask, norm, attn) -> q + attn(norm(q), ...).
     KernelNotApplicable for other layers (then the attention alone is swapped)."""
 
@@ -395,11 +395,9 @@ class KernelIntViewAttentionSublayer(KernelLeaf):
         try:
             self.weights = IntViewWeights.from_module(attn)
             self.sublayer = IntViewSublayerWeights.from_modules(norm, attn)
+            check_one_mode(self.weights, self.sublayer)
         except ValueError as error:
             raise KernelNotApplicable(str(error)) from error
-        if self.sublayer.per_token != self.weights.per_token:
-            raise KernelNotApplicable("integer view-attention sublayer: q_fc/out_fc and the attention's layers use "
-                                      "different activation scales")
         self.norm_in_kernel = norm_in_kernel
         self._layer_ids = (id(norm), id(attn))
         self.covered_ids = {id(m) for m in attn.modules()}

@@ -106,10 +106,11 @@ class IntRayWeights:
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
         scale = snapshot(attention.core.scale)
         table, flip = softmax_table(scale, hasher.n_bits)
-        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
-                   qkv=prepare_int_shift(qkv), out=prepare_int_shift(exported[3]), heads=attention.num_heads,
-                   scale=scale, hash_w=snapshot(hasher.weight), hash_b=snapshot(hasher.bias), softmax_table=table,
-                   flip=flip, act_absmax=absmax_vector([qkv, exported[3]], per_token), per_token=per_token)
+        qkv, out = prepare_int_shift(qkv), prepare_int_shift(exported[3])
+        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps), qkv=qkv, out=out,
+                   heads=attention.num_heads, scale=scale, hash_w=snapshot(hasher.weight),
+                   hash_b=snapshot(hasher.bias), softmax_table=table, flip=flip, act_absmax=absmax_vector([qkv, out]),
+                   per_token=per_token)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every weight tensor (what the custom op takes)."""

@@ -120,11 +120,10 @@ def export_8bit(layers: dict, where: str) -> tuple[dict, bool]:
     return exported, modes == {"per_token"}
 
 
-def absmax_vector(exported: list[dict], per_token: bool) -> torch.Tensor:
+def absmax_vector(layers: list[IntShiftWeights]) -> torch.Tensor:
     """The layers' calibrated activation absmax side by side, fp32 [len] (zeros per token): the one tensor a fused
     kernel reads its per-tensor scales from."""
-    values = [0.0 if per_token else float(e["absmax"].reshape(())) for e in exported]
-    return kernel_ready(torch.tensor(values, dtype=torch.float32))
+    return kernel_ready(torch.cat([layer.absmax.reshape(1) for layer in layers]), torch.float32)
 
 
 def stack_outputs(exported: list[dict]) -> dict:
@@ -232,10 +231,14 @@ class _KernelParts:
         register. The absmax is an integer max over the |x| bit patterns (ordered like the floats, exact in any
         order); rounding is one vcvtps2dq (round to nearest even, as nearbyint). nonnegative (ReLU outputs) drops
         |x| and the lower clamp, which change nothing there. Per tensor: absmax[absmax_index] is the calibrated
-        absmax (LLVM hoists its division out of the token loop)."""
+        absmax, its two divisions done once for the whole tile (LLVM does not hoist them past the tile's stores)."""
         T, level = self.T, self.level
         floor = T.float32(float(ABSMAX_FLOOR))
         lanes = lambda kv: T.Ramp(kv * LANES, 1, LANES)  # noqa: E731
+        if not per_token:
+            calibrated_peak = T.bind(T.max(absmax[absmax_index], floor))
+            calibrated_inv = T.bind(T.float32(level) / calibrated_peak)
+            calibrated_scale = T.bind(calibrated_peak / T.float32(level))
         for i in range(self.tile):
             rows = [T.bind(src[t, i, lanes(kv)]) for kv in range(int(width) // LANES)]
             if per_token:
@@ -246,10 +249,11 @@ class _KernelParts:
                 peak = T.reinterpret("float32", T.call_llvm_pure_intrin(
                     "int32", "llvm.vector.reduce.smax", T.reinterpret(f"int32x{LANES}", running)))
                 clamped_peak = T.bind(T.max(peak, floor))
+                inv = T.bind(T.float32(level) / clamped_peak)
+                T.buffer_store(scale, clamped_peak / T.float32(level), [i])
             else:
-                clamped_peak = T.bind(T.max(absmax[absmax_index], floor))
-            inv = T.bind(T.float32(level) / clamped_peak)
-            T.buffer_store(scale, clamped_peak / T.float32(level), [i])
+                inv = calibrated_inv
+                T.buffer_store(scale, calibrated_scale, [i])
             for kv, row in enumerate(rows):
                 T.buffer_store(xq, self.fixed_point(row, inv, nonnegative), [i, lanes(kv)])
 
@@ -389,7 +393,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                           absmax1, packed2, compensation2, out_scale2, bias2, absmax2):
         # fc1's ReLU outputs go straight to fc2's fixed point (its scale is fixed): no fp32 hidden row in memory
         peak2 = T.bind(T.max(absmax2[0], T.float32(float(ABSMAX_FLOOR))))
-        inv2 = T.bind(T.float32(parts.level) / peak2)
+        inv2, scale2 = T.bind(T.float32(parts.level) / peak2), T.bind(peak2 / T.float32(parts.level))
         parts.quantize(h, h_tile, dim_padded, xq, scale, per_token, absmax1, False)
         for p in T.serial(hidden_blocks // jb1):
             parts.dot_products(xq, packed1, compensation1, out_scale1, bias1, scale, p, dim_padded, jb1,
@@ -397,7 +401,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                                    hq, parts.fixed_point(parts.relu(value), inv2, True),
                                    [i, T.Ramp(block * LANES, 1, LANES)]))
         for i in T.serial(tile):
-            scale[i] = peak2 / T.float32(parts.level)
+            scale[i] = scale2
         for p in T.serial(dim_blocks // jb2):
             parts.dot_products(hq, packed2, compensation2, out_scale2, bias2, scale, p, hidden_padded, jb2,
                                residual(x, t, y))

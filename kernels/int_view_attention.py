@@ -33,11 +33,13 @@ from kernels.int_shift import LANES, IntShiftWeights, _KernelParts, absmax_vecto
     reference_from_weights, stack_outputs, vnni_available
 from kernels.te_math import script_exp, script_pick
 
-__all__ = ["IntViewWeights", "IntViewSublayerWeights", "reference_int_view_attention", "reference_int_view_sublayer",
+__all__ = ["IntViewWeights", "IntViewSublayerWeights", "check_one_mode", "reference_int_view_attention", "reference_int_view_sublayer",
            "make_int_view_attention", "int_view_attention", "int_view_sublayer"]
 
 _RAY_DIFF_DIM = 4
 _LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
+_SLOT = {name: i for i, name in enumerate(_LAYERS)}  # each layer's entry in act_absmax
+_SUB_SLOT = {"q": 0, "out": 1}  # in the sublayer's act_absmax
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,8 +77,8 @@ class IntViewWeights:
         except ValueError as error:
             raise ValueError(f"integer view attention: k_fc and v_fc: {error}") from error
         ordered = [kv] + [exported[layer] for layer in ("pos_fc1", "pos_fc2", "attn_fc1", "attn_fc2")]
-        return cls(**{name: prepare_int_shift(e) for name, e in zip(_LAYERS, ordered)},
-                   act_absmax=absmax_vector(ordered, per_token), per_token=per_token)
+        prepared = {name: prepare_int_shift(e) for name, e in zip(_LAYERS, ordered)}
+        return cls(**prepared, act_absmax=absmax_vector(list(prepared.values())), per_token=per_token)
 
     @property
     def hidden(self) -> int:
@@ -122,9 +124,9 @@ class IntViewSublayerWeights:
         snapshot = lambda t: kernel_ready(t.detach().float().cpu().clone(), torch.float32)  # noqa: E731
         exported, per_token = export_8bit({"q_fc": attention.q_fc, "out_fc": attention.out_fc},
                                           "integer view attention sublayer")
-        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps),
-                   q=prepare_int_shift(exported["q_fc"]), out=prepare_int_shift(exported["out_fc"]),
-                   act_absmax=absmax_vector([exported["q_fc"], exported["out_fc"]], per_token), per_token=per_token)
+        q, out = prepare_int_shift(exported["q_fc"]), prepare_int_shift(exported["out_fc"])
+        return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps), q=q, out=out,
+                   act_absmax=absmax_vector([q, out]), per_token=per_token)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.ln_w, self.ln_b, *self.q.tensors()[:4], *self.out.tensors()[:4], self.act_absmax)
@@ -133,11 +135,19 @@ class IntViewSublayerWeights:
     def from_tensors(cls, ln_w, ln_b, q, out, act_absmax, eps: float, per_token: bool) -> "IntViewSublayerWeights":
         """Inverse of `tensors()`: q and out as each layer's (packed, compensation, out_scale, bias), act_absmax [2]."""
         channels = ln_w.shape[0]
-        calibrated = lambda i: None if per_token else act_absmax[i:i + 1]  # noqa: E731
+        calibrated = lambda name: None if per_token else act_absmax[_SUB_SLOT[name]:_SUB_SLOT[name] + 1]  # noqa: E731
         return cls(ln_w=ln_w, ln_b=ln_b, eps=float(eps), q=IntShiftWeights.eight_bit(q, channels, channels,
-                                                                                      calibrated(0)),
-                   out=IntShiftWeights.eight_bit(out, channels, channels, calibrated(1)), act_absmax=act_absmax,
+                                                                                      calibrated("q")),
+                   out=IntShiftWeights.eight_bit(out, channels, channels, calibrated("out")), act_absmax=act_absmax,
                    per_token=bool(per_token))
+
+
+def check_one_mode(w: IntViewWeights, sub: IntViewSublayerWeights) -> None:
+    """ValueError unless the sublayer's q_fc/out_fc and the attention's layers share one activation-scale mode (one
+    kernel computes one)."""
+    if sub.per_token != w.per_token:
+        raise ValueError("int_view_sublayer: q_fc/out_fc and the attention's layers use different activation scales "
+                         f"(per token: {sub.per_token} vs {w.per_token}); the kernel needs one mode")
 
 
 def reference_int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.Tensor, mask: torch.Tensor,
@@ -294,9 +304,9 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     def positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, act_absmax):
         """pos [V, C] = pos_fc2(relu(pos_fc1(ray_diff[t]))), four views per register up to the hidden units."""
         for k in range(groups):
-            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False, act_absmax[1])
+            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False, act_absmax[_SLOT["pos1"]])
             hidden = T.bind(relu(rows_of_4_layer(words, row_scale, p1_w, p1_c, p1_s, p1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[2])
+            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[_SLOT["pos2"]])
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, p2_w, p2_c, p2_s, p2_b,
                                 lambda block, value, i=i: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
@@ -306,7 +316,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         invisible; four views per register up to the hidden units."""
         for k in range(groups):
             hidden = T.bind(relu(channels_to_rows_of_4(xq, scale, k, a1_w, a1_c, a1_s, a1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[4])
+            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[_SLOT["attn2"]])
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, a2_w, a2_c, a2_s, a2_b,
                                 lambda block, value, i=i: T.buffer_store(
@@ -321,7 +331,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         """Token t's attention between q_fc and out_fc; query(b): channels b*16.. of its projected query; the result
         goes to store(b, value)."""
         # k | v
-        parts.quantize(features, t, channels, xq, scale, per_token, act_absmax, False, 0)
+        parts.quantize(features, t, channels, xq, scale, per_token, act_absmax, False, _SLOT["kv"])
         for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
             parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
                                lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
@@ -331,7 +341,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         for i in T.serial(views):
             for b in T.serial(blocks):
                 mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - query(b) + pos[i, lanes(b * LANES)]
-        parts.quantize(mixed, 0, channels, xq, scale, per_token, act_absmax, False, 3)
+        parts.quantize(mixed, 0, channels, xq, scale, per_token, act_absmax, False, _SLOT["attn1"])
         attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax)
         # softmax over the views per channel, weighted sum of v + pos
         for b in T.serial(blocks):
@@ -340,17 +350,18 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     def query_layer(t, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c, q_s, q_b, sub_absmax, qp):
         """qp [1, C] = q_fc(LN(x[t])) (the LN in the kernel, or the caller's normed rows)."""
         if eps is None:
-            row.quantize(normed, t, channels, xq_row, scale_row, per_token, sub_absmax, False, 0)
+            row.quantize(normed, t, channels, xq_row, scale_row, per_token, sub_absmax, False, _SUB_SLOT["q"])
         else:
             row.layer_norm(x, t, normed_row, ln_w, ln_b, eps)
-            row.quantize(normed_row, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, 0)
+            row.quantize(normed_row, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, _SUB_SLOT["q"])
         for p in range(blocks):
             row.dot_products(xq_row, q_w, q_c, q_s, q_b, scale_row, p, channels, 1,
                              lambda i, block, value: T.buffer_store(qp, value, [0, lanes(block * LANES)]))
 
     def out_layer(t, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, sub_absmax, out):
         """out[t] = x[t] + out_fc(attended)."""
-        row.quantize(attended, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, 1)
+        row.quantize(attended, 0, channels, xq_row, scale_row, per_token, sub_absmax, False,
+                     _SUB_SLOT["out"])
         for p in range(blocks):
             row.dot_products(xq_row, o_w, o_c, o_s, o_b, scale_row, p, channels, 1,
                              lambda i, block, value: T.buffer_store(
@@ -482,9 +493,7 @@ def int_view_sublayer(x: torch.Tensor, features: torch.Tensor, ray_diff: torch.T
     this CPU has no AVX-512 VNNI or no kernel builds. q_fc is bit-exact given the same normed input; out_fc's input
     comes from the kernel's softmax, so a value within rounding of a .5 step may quantize one step apart."""
     tokens, views, channels = features.shape
-    if sub.per_token != w.per_token:
-        raise ValueError("int_view_sublayer: q_fc/out_fc and the attention's layers use different activation scales "
-                         f"(per token: {sub.per_token} vs {w.per_token}); the kernel needs one mode")
+    check_one_mode(w, sub)
     if tuple(x.shape) != (tokens, channels) or tuple(ray_diff.shape) != (tokens, views, 4) \
             or tuple(mask.shape) != (tokens, views) or channels != w.channels:
         raise ValueError(f"int_view_sublayer: expected x [{tokens}, {w.channels}], features [N, V, {w.channels}], "

@@ -258,9 +258,7 @@ def int_view_sublayer(x: Tensor, features: Tensor, ray_diff: Tensor, mask: Tenso
                       sub: "_int_view.IntViewSublayerWeights", norm_in_kernel: bool = True) -> Tensor:
     """The pre-norm view-attention sublayer with integer shift layers in one VNNI kernel through the custom op;
     inference only (the integer modules train through their own differentiable forwards)."""
-    if sub.per_token != w.per_token:
-        raise ValueError("int_view_sublayer: q_fc/out_fc and the attention's layers use different activation scales; "
-                         "the kernel needs one mode")
+    _int_view.check_one_mode(w, sub)  # the op passes one mode for both
     return torch.ops.shiftadd_gnt.int_view_sublayer(x.detach(), features.detach(), ray_diff.detach(), mask.detach(),
                                                     *w.tensors(), *sub.tensors(), w.channels, w.hidden, sub.eps,
                                                     norm_in_kernel, w.per_token)

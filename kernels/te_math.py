@@ -54,7 +54,8 @@ def script_exp(T, x, lanes: int):
     tvm.script.tirx); the same reduction, polynomial and constants, without the upper clamp (softmax arguments are
     <= 0). On 16 or 8 lanes, 2^n p comes from one vscalefps (p times 2^n, rounded once, as the multiply by the
     exponent-bit power of two is): the same value for x >= -87.3, and below it the tiny value (< 1.3e-38: subnormal
-    or 0 from -87.34 on) that 2^n p is instead of vector_exp's 0, in 4 fewer instructions (no int conversion, add, shift, compare or blend)."""
+    or 0 from -87.34 on) that 2^n p is instead of vector_exp's 0, in 4 fewer instructions (no int conversion, add,
+    shift, compare or blend)."""
     spread = (lambda value: value) if lanes == 1 else (lambda value: T.Broadcast(value, lanes))  # noqa: E731
     f = lambda value: spread(T.float32(value))  # noqa: E731
     suffix = "" if lanes == 1 else f"x{lanes}"
