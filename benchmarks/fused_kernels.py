@@ -34,6 +34,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
   source_front_end             the same with GNT's front end (per-view MLP + max-pool over views) in the kernel,
                                vs the source_views and view_features kernels one after the other
+  source_front_end[integer]    the folded front end with its second layer an 8-bit integer shift layer (variant l),
+                               vs the same kernel with the fp32 second layer
 The integer rows with a "[per_tensor]" suffix (int_ffn_sublayer, int_view_attention, int_view_sublayer,
 int_ray_attention) are the same kernels with calibrated per-tensor activation scales (variant k: each quantization
 a multiply, no per-row absmax), their layers calibrated on the row's own inputs.
@@ -71,7 +73,8 @@ from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayA
     ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
-from gnt_shiftadd.shiftadd.int_shift import export_int_shift, integer_linears_  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
@@ -85,8 +88,8 @@ from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, i
     reference_int_view_sublayer  # noqa: E402
 from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
-from kernels.source_views import fold_feature_block, prepare_source_views, reference_source_front_end, source_front_end, \
-    source_views  # noqa: E402
+from kernels.source_views import fold_feature_block, prepare_source_views, reference_source_front_end, \
+    reference_source_views, source_front_end, source_views  # noqa: E402
 from kernels.view_features import ViewFeatureWeights, view_features  # noqa: E402
 from renderer.rays import camera_rays  # noqa: E402
 from renderer.render import Renderer, RenderSettings  # noqa: E402
@@ -255,7 +258,7 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
         rows.append(int_ray_attention_row(cfg, repeats, peaks))
         rows.append(int_ray_attention_row(cfg, repeats, peaks, "per_tensor"))
     rows.append(position_fusion_row(cfg, repeats, fp32))
-    rows += source_views_rows(cfg, repeats, fp32)
+    rows += source_views_rows(cfg, repeats, peaks)
     return rows
 
 
@@ -361,10 +364,12 @@ def position_fusion_row(cfg, repeats: int, peak: float) -> dict:
 
 
 @torch.no_grad()
-def source_views_rows(cfg, repeats: int, peak: float, view: int = 8) -> list[dict]:
+def source_views_rows(cfg, repeats: int, peaks: dict, view: int = 8) -> list[dict]:
     """One chunk of held-out `view`'s rays (from the middle of the frame) against its nearest source views: the
     scene's real images and cameras, feature maps from the model's (untrained) feature CNN: their values do not
-    change the work."""
+    change the work. The last row (l's front end) runs the second layer as an 8-bit integer shift layer, calibrated
+    on this chunk."""
+    peak = peaks["fp32"]["gmac_per_s"]
     tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
     scene = tensors.scene
     c2w = torch.as_tensor(scene.c2w[view], dtype=torch.float32)
@@ -415,7 +420,40 @@ def source_views_rows(cfg, repeats: int, peak: float, view: int = 8) -> list[dic
                      f" -> {dim}", folded_macs, lambda: source_front_end(points, origins[0], folded_views, folded_weights),
                      lambda: source_front_end(points, origins[0], prepared, weights),
                      "source_front_end unfolded (W1f on every gathered row)", repeats, peak))
+    if vnni_available():
+        rows.append(integer_front_end_row(points, origins[0], prepared, weights, rows[-1]["macs"], peaks, repeats,
+                                          f"[{rays},{samples}] x {len(ids)} views, (3 + {dim} folded) -> {dim} -> "
+                                          f"{dim}, 8-bit per_tensor second layer"))
     return rows
+
+
+@torch.no_grad()
+def integer_front_end_row(points, origin, prepared, weights, folded_macs: float, peaks: dict, repeats: int,
+                          shape: str) -> dict:
+    """l's front end: the folded kernel with its second layer an 8-bit integer shift layer (per-tensor absmax
+    calibrated on this chunk's hidden units), against the same kernel with the fp32 second layer."""
+    channels, dim = 3 + weights.w1_feat.shape[0], weights.w2.shape[1]
+    first, second = nn.Linear(channels, dim), nn.Linear(dim, dim)
+    first.load_state_dict({"weight": torch.cat([weights.w1_rgb, weights.w1_feat]).t(), "bias": weights.b1})
+    second.load_state_dict({"weight": weights.w2.t(), "bias": weights.b2})
+    integer = IntShiftLinear.from_linear(second, ShiftSpec(exponent_min=-6), 8, "per_tensor")
+    folded_views, folded_weights = fold_feature_block(prepared, weights)
+    rgb, feat = (t.permute(2, 3, 0, 1) for t in reference_source_views(points, origin, folded_views)[:2])
+    integer.activation_absmax.fill_(float(torch.relu(rgb @ folded_weights.w1_rgb + feat + folded_weights.b1).max()))
+    int_views, int_weights = fold_feature_block(prepared, ViewFeatureWeights.from_linears(first, integer))
+    int_expected = reference_source_front_end(points, origin, int_views, int_weights)
+    for index, name in enumerate(("features", "q0", "colors", "ray_diff", "mask")):  # fp32 first layer: a unit
+        _checked(f"source_front_end[integer].{name}",  # at a rounding tie may land one step apart
+                 lambda: source_front_end(points, origin, int_views, int_weights)[index], int_expected[index], 0.05)
+    int8_macs = points.shape[0] * points.shape[1] * prepared.num_views * dim * dim
+    by_arithmetic = {"int8": int8_macs, "fp32": folded_macs - int8_macs}
+    row = _row("source_front_end[integer]", shape, folded_macs,
+               lambda: source_front_end(points, origin, int_views, int_weights),
+               lambda: source_front_end(points, origin, folded_views, folded_weights),
+               "source_front_end[folded] (fp32 second layer)", repeats, mixed_peak(by_arithmetic, peaks),
+               arithmetic="int8+fp32")
+    row["macs_by_arithmetic"] = by_arithmetic
+    return row
 
 
 def merge_rounds(rounds: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]]:

@@ -8,7 +8,8 @@ with the same call signature, chosen by a handler registered per module type (`r
   SampledViewEmbedding (transformer.front_end, CPU) -> KernelFrontEnd: projection into the source views, bilinear
                       gathers of image and CNN features, mask, view codes, the per-view feature MLP and the
                       max-pool over views in one kernel (the views' kernel layout is made once per frame and
-                      reused by every chunk); where it does not apply, its two parts are swapped on their own:
+                      reused by every chunk; an 8-bit integer second layer runs on VNNI inside it); where it does
+                      not apply, its two parts are swapped on their own:
   SourceViewSampler   (transformer.source_sampler, CPU) -> KernelSourceViews: the same up to the gathers
   ViewEmbedding       (transformer.view_embedding)  -> KernelViewEmbedding: grid_sample outputs -> per-view
                       feature MLP + masked max-pool in one kernel (no [R, S, V, 3 + F] concatenation)
@@ -246,15 +247,21 @@ class KernelFrontEnd(KernelLeaf):
     through the per-view MLP and the max-pool over views without reaching memory. Same call: (points, target_origin,
     views, sampler, embedding, fc1, fc2) -> (features, q, colors, ray_diff, mask); fc1/fc2 must be the layers it
     was built from. Where the first layer is no wider than the feature maps, its feature block is applied to the
-    maps once per set of views (kernels.source_views.fold_feature_block: half the front end's arithmetic)."""
+    maps once per set of views (kernels.source_views.fold_feature_block: half the front end's arithmetic). An
+    8-bit integer second layer with a calibrated per-tensor scale (shiftadd.front_end: shift) runs on VNNI inside
+    the same kernel; it needs the fold (ValueError otherwise)."""
 
     def __init__(self, fc1: nn.Module, fc2: nn.Module, covered: tuple[nn.Module, ...]):
         super().__init__()
         self.weights = ViewFeatureWeights.from_linears(fc1, fc2)
         self._layer_ids = (id(fc1), id(fc2))
-        self.covered_ids = {id(m) for m in covered}  # the sampler and the embedding run inside this kernel
+        # the sampler and the embedding run inside this kernel, and an integer second layer too (not swapped alone)
+        self.covered_ids = {id(m) for m in covered} | ({id(fc2)} if self.weights.second is not None else set())
         feat_channels, hidden, _ = self.weights.shapes
         fold = hidden <= feat_channels
+        if self.weights.second is not None and not (fold and hidden % 16 == 0):
+            raise ValueError(f"the integer front end needs its first layer folded into the feature maps (hidden "
+                             f"{hidden} <= {feat_channels} feature channels, a multiple of 16)")
         # per set of views: (views, weights) for the kernel, folded or as they are
         self.prepared_for = _PreparedViews((lambda prepared: fold_feature_block(prepared, self.weights)) if fold
                                            else (lambda prepared: (prepared, self.weights)))
@@ -577,6 +584,12 @@ def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
 
 @register_kernel_handler(SampledViewEmbedding)
 def _front_end(module, parent, cfg):
+    if isinstance(parent.rgbfeat_fc2, IntShiftLinear):
+        hidden, feat_channels = parent.rgbfeat_fc1.out_features, parent.rgbfeat_fc1.in_features - 3
+        if not vnni_available() or hidden > feat_channels or hidden % 16:  # its parts run on their own kernels
+            raise KernelNotApplicable("the integer front end runs on CPUs with AVX-512 VNNI, with its first layer "
+                                      "folded into the feature maps (hidden units: a multiple of 16, at most the "
+                                      "feature channels)")
     if cfg.kernel_device(parent.rgbfeat_fc1.weight.device) != "cpu":
         raise KernelNotApplicable("the fused front end is CPU-only; on CUDA grid_sample is native and the front end "
                                   "has its own kernel")
@@ -595,6 +608,8 @@ def _source_views(module, parent, cfg):
 
 @register_kernel_handler(ViewEmbedding)
 def _view_embedding(module, parent, cfg):
+    if isinstance(parent.rgbfeat_fc2, IntShiftLinear):  # fp32 only: its layers run on their own kernels instead
+        raise KernelNotApplicable("the view-features kernel computes fp32 layers")
     return KernelViewEmbedding(parent.rgbfeat_fc1, parent.rgbfeat_fc2)
 
 

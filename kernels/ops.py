@@ -46,7 +46,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       mask [R, S, V], BlendHeadWeights.kernel_arguments(), eps -> rgb [R, 3] (CPU)
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
                                       -> rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]
-  source_front_end                    the same inputs + the front end's ViewFeatureWeights tensors -> features
+  source_front_end                    the same inputs + the front end's ViewFeatureWeights tensors (and its integer
+                                      second layer's, or Nones) -> features
                                       [R, S, V, C], q0 [R, S, C], colors [R, S, V, 3], ray_diff, mask
 """
 from __future__ import annotations
@@ -527,14 +528,19 @@ def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w
 @torch.library.custom_op(f"{NAMESPACE}::source_front_end", mutates_args=())
 def _source_front_end_op(points: Tensor, target_origin: Tensor, rot: Tensor, trans: Tensor, K: Tensor, origins: Tensor,
                          image: Tensor, features: Tensor, sizes: Tensor, c2w: Tensor, w1_rgb: Tensor, w1_feat: Tensor,
-                         b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         b1: Tensor, w2: Tensor, b2: Tensor, packed2: Optional[Tensor], compensation2: Optional[Tensor],
+                         out_scale2: Optional[Tensor], bias2: Optional[Tensor], absmax2: Optional[Tensor]
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     prepared = _sources.SourceViewTensors(rot, trans, K, origins, image, features, sizes, c2w)
-    weights = _features.ViewFeatureWeights(w1_rgb, w1_feat, b1, w2, b2)
+    second = None if packed2 is None else _int_shift.IntShiftWeights.eight_bit(
+        (packed2, compensation2, out_scale2, bias2), w2.shape[0], w2.shape[1], absmax2)
+    weights = _features.ViewFeatureWeights(w1_rgb, w1_feat, b1, w2, b2, second)
     return tuple(t.contiguous() for t in _sources.source_front_end(points, target_origin, prepared, weights))
 
 
 @_source_front_end_op.register_fake
-def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w, w1_rgb, w1_feat, b1, w2, b2):
+def _(points, target_origin, rot, trans, K, origins, image, features, sizes, c2w, w1_rgb, w1_feat, b1, w2, b2,
+      packed2, compensation2, out_scale2, bias2, absmax2):
     rays, samples, _ = points.shape
     views, channels = rot.shape[0], w2.shape[1]
     return (points.new_empty(rays, samples, views, channels), points.new_empty(rays, samples, channels),
@@ -549,7 +555,8 @@ def source_front_end(points: Tensor, target_origin: Tensor, prepared: "_sources.
     if _needs_grad("source_front_end", points, target_origin):
         return _sources.reference_source_front_end(points, target_origin, prepared, weights)
     return torch.ops.shiftadd_gnt.source_front_end(points.detach(), target_origin.detach(),
-                                                   *prepared.kernel_arguments(), prepared.c2w, *weights.tensors())
+                                                   *prepared.kernel_arguments(), prepared.c2w, *weights.tensors(),
+                                                   *weights.second_tensors())
 
 
 def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.SourceViewTensors"):

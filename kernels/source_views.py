@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from gnt_shiftadd.models.projector import SourceViews, sample_source_views, world_to_camera
+from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
+from kernels.int_shift import _blocks_per_pass, _KernelParts
 from kernels.view_features import ViewFeatureWeights, reference_view_features
 
 __all__ = ["TILE", "SourceViewTensors", "prepare_source_views", "fold_feature_block", "make_source_views", "source_views",
@@ -42,6 +44,7 @@ TILE = 16  # samples per tile: the vector lanes of the projection and tap arithm
 TILES_PER_TASK = 16  # tiles per parallel task: its scratch buffers are allocated once per task
 _MIN_DEPTH = 1e-6  # as the reference (projector._MIN_DEPTH)
 _NEG = -3.0e38  # below any finite feature (the max over no visible view stays here and becomes 0)
+_INT_SAMPLES = 8  # samples per micro-tile of the integer second layer (x C/16 accumulators, all in registers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,7 +278,8 @@ def make_source_views(num_views: int, feat_channels: int):
     return tvm.IRModule({"main": main})
 
 
-def make_source_front_end(num_views: int, feat_channels: int, hidden: int, channels: int, folded: bool = False):
+def make_source_front_end(num_views: int, feat_channels: int, hidden: int, channels: int, folded: bool = False,
+                          integer: bool = False):
     """The source views and GNT's front end in one kernel: sample_view for every view of a tile, then, still in L1,
     the per-view MLP (colour and features -> hidden -> channels) and the masked max-pool over the visible views.
     IRModule "main"(points, target, rot, trans, K, origins, image, features, sizes (as make_source_views),
@@ -289,7 +293,13 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
     folded (fold_feature_block): the feature maps carry the first layer's feature block already, so the kernel
     gathers H channels and its first layer is b1 + the colour block + the gathered row; w1 is [3, H] (F = 0). With
     H a multiple of 16 the gathered rows are not transposed: the first layer runs per sample with the channels as
-    lanes, where they were summed."""
+    lanes, where they were summed.
+
+    integer (folded, H a multiple of 16; ShiftAdd variants with shiftadd.front_end: shift): the second layer is an
+    8-bit integer shift layer with a calibrated per-tensor scale. The first layer's ReLU outputs are rounded straight
+    into its fixed point (a multiply, a clamp and a vcvtps2dq: no fp32 hidden row in memory) and the layer runs on
+    VNNI (kernels/int_shift.py's dot products, 8 samples x C/16 accumulators), rescaled per output channel; its
+    arguments replace w2 [H, C], b2 [C] by the IntShiftWeights' packed, compensation, out_scale, bias and absmax."""
     import tvm  # lazy: TVM is optional (the reference runs without it)
     from tvm.script import tirx as T  # lazy: TVM is optional
 
@@ -299,6 +309,9 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
     if folded and F:
         raise ValueError("source front end kernel: folded weights have no feature rows (F = 0)")
     per_sample = folded and H % 16 == 0  # the gathered rows stay per sample (channels as lanes): no transposition
+    if integer and not per_sample:
+        raise ValueError(f"source front end kernel: the integer second layer needs folded weights and a hidden width "
+                         f"that is a multiple of 16, got folded={folded}, H={H}")
     load_tile, sample_view = _tile_parts(V, H if folded else F, sample_rows=per_sample)
     gathered_channels = H if folded else F
     lanes = T.Ramp(0, 1, L)
@@ -345,59 +358,144 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                     for b in range(blocks):
                         acc[i, b] = T.bind(acc[i, b] + a * rows[b])
             for (i, b), value in acc.items():
-                T.buffer_store(out, value, [t, i, v, T.Ramp(b * 16, 1, 16)])
-                here = T.Ramp(i * C + b * 16, 1, 16)
-                T.buffer_store(peak, T.Select(T.Broadcast(inside[i] > T.float32(0), 16), T.max(peak[here], value),
-                                              peak[here]), [here])
+                write_features(out, peak, inside, t, i, v, b, value)
 
-    @T.prim_func
-    def main(points_h: T.handle, target: T.Buffer((3,), "float32"), rot: T.Buffer((V, 3, 3), "float32"),
-             trans: T.Buffer((V, 3), "float32"), K: T.Buffer((V, 3, 3), "float32"),
-             origins: T.Buffer((V, 3), "float32"), image_h: T.handle, features_h: T.handle,
-             sizes: T.Buffer((4,), "float32"), w1: T.Buffer((3 + F, H), "float32"), b1: T.Buffer((H,), "float32"),
-             w2: T.Buffer((H, C), "float32"), b2: T.Buffer((C,), "float32"), out_h: T.handle, q0_h: T.handle,
-             colors_h: T.handle, diff_h: T.handle, mask_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tir.noalias": True})
-        tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
-        points = T.match_buffer(points_h, (tiles, L, 3), "float32")
-        image = T.match_buffer(image_h, (V, image_len), "float32")
-        features = T.match_buffer(features_h, (V, features_len), "float32")
-        out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
-        q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
-        colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
-        ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
-        mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
-        for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
-            p = T.alloc_buffer((3, L), "float32", scope="local")
-            to_target = T.alloc_buffer((3, L), "float32", scope="local")
-            to_source = T.alloc_buffer((3, L), "float32", scope="local")
-            cam = T.alloc_buffer((3, L), "float32", scope="local")
-            uv = T.alloc_buffer((2, L), "float32", scope="local")
-            code = T.alloc_buffer((4, L), "float32", scope="local")
-            inside = T.alloc_buffer((L,), "float32", scope="local")
-            index = T.alloc_buffer((2, 4, L), "int32", scope="local")
-            weight = T.alloc_buffer((2, 4, L), "float32", scope="local")
-            colour = T.alloc_buffer((3, L), "float32", scope="local")
-            gathered = T.alloc_buffer((gathered_channels * L,), "float32", scope="local")
-            act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
-            peak = T.alloc_buffer((L * C,), "float32", scope="local")  # [TILE, C]: max over the visible views
-            for within in T.serial(TILES_PER_TASK):
-                if task * TILES_PER_TASK + within < tiles:
-                    load_tile(points, target, task * TILES_PER_TASK + within, p, to_target)
-                    for k in T.serial(L * C // 16):
-                        peak[T.Ramp(k * 16, 1, 16)] = T.Broadcast(neg, 16)
-                    for v in T.serial(V):
-                        sample_view(task * TILES_PER_TASK + within, v, rot, trans, K, origins, image, features, sizes,
-                                    p, to_target, to_source, cam, uv, code, inside, index, weight, colour, gathered,
-                                    mask, ray_diff)
-                        for i, c in T.grid(L, 3):
-                            colors[task * TILES_PER_TASK + within, i, v, c] = colour[c, i]
-                        layer_one(colour, gathered, w1, b1, act)
-                        second_layer(act, w2, b2, task * TILES_PER_TASK + within, v, out, peak, inside)
-                    for i, k in T.grid(L, C // 16):
-                        q0[task * TILES_PER_TASK + within, i, T.Ramp(k * 16, 1, 16)] = T.Select(
-                            peak[T.Ramp(i * C + k * 16, 1, 16)] > T.Broadcast(neg, 16),
-                            peak[T.Ramp(i * C + k * 16, 1, 16)], T.Broadcast(T.float32(0), 16))
+    def write_features(out, peak, inside, t, i, v, block, value):
+        """Channels block*16.. of sample i's features from view v: to out[t, i, v] and into the running max over
+        the visible views."""
+        T.buffer_store(out, value, [t, i, v, T.Ramp(block * 16, 1, 16)])
+        here = T.Ramp(i * C + block * 16, 1, 16)
+        T.buffer_store(peak, T.Select(T.Broadcast(inside[i] > T.float32(0), 16), T.max(peak[here], value),
+                                      peak[here]), [here])
+
+    int_parts = _KernelParts(8, _INT_SAMPLES)  # the integer second layer: 8 samples x C/16 accumulators at a time
+    int_blocks = _blocks_per_pass(C // 16, 2)
+
+    def first_layer_fixed(colour, gathered, w1, b1, xq, inv):
+        """xq[i, h] = the fixed point of relu(b1[h] + sum_c<3 w1[c, h] colour[c, i] + gathered[i * H + h]) with the
+        second layer's calibrated scale inv (as first_layer_rows, then rounded: the hidden units never reach memory
+        as fp32)."""
+        for block in range(H // 16):
+            here = T.Ramp(block * 16, 1, 16)
+            bias, w_r, w_g, w_b = (T.bind(b1[here]), T.bind(w1[0, here]), T.bind(w1[1, here]), T.bind(w1[2, here]))
+            for i in range(L):
+                value = bias + T.Broadcast(colour[0, i], 16) * w_r + T.Broadcast(colour[1, i], 16) * w_g \
+                    + T.Broadcast(colour[2, i], 16) * w_b + gathered[T.Ramp(i * H + block * 16, 1, 16)]
+                T.buffer_store(xq, int_parts.fixed_point(int_parts.relu(value), inv, True), [i, here])
+
+    def second_layer_int(xq, scale, packed, compensation, out_scale, bias, t, v, out, peak, inside):
+        """out[t, i, v, :] = the integer layer on xq[i] (kernels/int_shift.py's dot products and epilogue), and the
+        running max over visible views in `peak`; _INT_SAMPLES samples at a time."""
+        for first in range(0, L, _INT_SAMPLES):
+            def word(i, kg, first=first):
+                return T.reinterpret("int32", xq[first + i, T.Ramp(kg * 4, 1, 4)])
+
+            def store(i, block, value, first=first):
+                write_features(out, peak, inside, t, first + i, v, block, value)
+
+            for p in range(C // 16 // int_blocks):
+                int_parts.dot_products(xq, packed, compensation, out_scale, bias, scale, p, H, int_blocks, store, word)
+
+    def fp32_embedding(w1, b1, w2, b2, act, out):
+        """embed(colour, gathered, t, v, peak, inside) of the fp32 MLP (for tiles_of_task)."""
+        def embed(colour, gathered, t, v, peak, inside):
+            layer_one(colour, gathered, w1, b1, act)
+            second_layer(act, w2, b2, t, v, out, peak, inside)
+        return embed
+
+    def integer_embedding(w1, b1, xq, inv, scale, packed, compensation, out_scale, bias, out):
+        """embed(colour, gathered, t, v, peak, inside) with the integer second layer (for tiles_of_task)."""
+        def embed(colour, gathered, t, v, peak, inside):
+            first_layer_fixed(colour, gathered, w1, b1, xq, inv)
+            second_layer_int(xq, scale, packed, compensation, out_scale, bias, t, v, out, peak, inside)
+        return embed
+
+    @T.macro
+    def tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0, colors,
+                      ray_diff, mask, embed):
+        """The task's tiles: each view sampled into L1 (sample_view), then embed(colour, gathered, t, v, peak,
+        inside) runs the per-view MLP on it, writing out[t, :, v] and the running max in peak; then q0."""
+        p = T.alloc_buffer((3, L), "float32", scope="local")
+        to_target = T.alloc_buffer((3, L), "float32", scope="local")
+        to_source = T.alloc_buffer((3, L), "float32", scope="local")
+        cam = T.alloc_buffer((3, L), "float32", scope="local")
+        uv = T.alloc_buffer((2, L), "float32", scope="local")
+        code = T.alloc_buffer((4, L), "float32", scope="local")
+        inside = T.alloc_buffer((L,), "float32", scope="local")
+        index = T.alloc_buffer((2, 4, L), "int32", scope="local")
+        weight = T.alloc_buffer((2, 4, L), "float32", scope="local")
+        colour = T.alloc_buffer((3, L), "float32", scope="local")
+        gathered = T.alloc_buffer((gathered_channels * L,), "float32", scope="local")
+        peak = T.alloc_buffer((L * C,), "float32", scope="local")  # [TILE, C]: max over the visible views
+        for within in T.serial(TILES_PER_TASK):
+            if task * TILES_PER_TASK + within < tiles:
+                load_tile(points, target, task * TILES_PER_TASK + within, p, to_target)
+                for k in T.serial(L * C // 16):
+                    peak[T.Ramp(k * 16, 1, 16)] = T.Broadcast(neg, 16)
+                for v in T.serial(V):
+                    sample_view(task * TILES_PER_TASK + within, v, rot, trans, K, origins, image, features, sizes,
+                                p, to_target, to_source, cam, uv, code, inside, index, weight, colour, gathered,
+                                mask, ray_diff)
+                    for i, c in T.grid(L, 3):
+                        colors[task * TILES_PER_TASK + within, i, v, c] = colour[c, i]
+                    embed(colour, gathered, task * TILES_PER_TASK + within, v, peak, inside)
+                for i, k in T.grid(L, C // 16):
+                    q0[task * TILES_PER_TASK + within, i, T.Ramp(k * 16, 1, 16)] = T.Select(
+                        peak[T.Ramp(i * C + k * 16, 1, 16)] > T.Broadcast(neg, 16),
+                        peak[T.Ramp(i * C + k * 16, 1, 16)], T.Broadcast(T.float32(0), 16))
+
+    if not integer:
+        @T.prim_func
+        def main(points_h: T.handle, target: T.Buffer((3,), "float32"), rot: T.Buffer((V, 3, 3), "float32"),
+                 trans: T.Buffer((V, 3), "float32"), K: T.Buffer((V, 3, 3), "float32"),
+                 origins: T.Buffer((V, 3), "float32"), image_h: T.handle, features_h: T.handle,
+                 sizes: T.Buffer((4,), "float32"), w1: T.Buffer((3 + F, H), "float32"),
+                 b1: T.Buffer((H,), "float32"), w2: T.Buffer((H, C), "float32"), b2: T.Buffer((C,), "float32"),
+                 out_h: T.handle, q0_h: T.handle, colors_h: T.handle, diff_h: T.handle, mask_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
+            points = T.match_buffer(points_h, (tiles, L, 3), "float32")
+            image = T.match_buffer(image_h, (V, image_len), "float32")
+            features = T.match_buffer(features_h, (V, features_len), "float32")
+            out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
+            q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
+            colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
+            ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
+            mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
+            for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+                act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
+                tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0,
+                              colors, ray_diff, mask, fp32_embedding(w1, b1, w2, b2, act, out))
+    else:
+        @T.prim_func
+        def main(points_h: T.handle, target: T.Buffer((3,), "float32"), rot: T.Buffer((V, 3, 3), "float32"),
+                 trans: T.Buffer((V, 3), "float32"), K: T.Buffer((V, 3, 3), "float32"),
+                 origins: T.Buffer((V, 3), "float32"), image_h: T.handle, features_h: T.handle,
+                 sizes: T.Buffer((4,), "float32"), w1: T.Buffer((3, H), "float32"), b1: T.Buffer((H,), "float32"),
+                 packed: T.Buffer((C // 16, H // 4, 64), "int8"), compensation: T.Buffer((C,), "int32"),
+                 out_scale: T.Buffer((C,), "float32"), bias: T.Buffer((C,), "float32"),
+                 absmax: T.Buffer((1,), "float32"), out_h: T.handle, q0_h: T.handle, colors_h: T.handle,
+                 diff_h: T.handle, mask_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
+            points = T.match_buffer(points_h, (tiles, L, 3), "float32")
+            image = T.match_buffer(image_h, (V, image_len), "float32")
+            features = T.match_buffer(features_h, (V, features_len), "float32")
+            out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
+            q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
+            colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
+            ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
+            mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
+            for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+                xq = T.alloc_buffer((L, H), "uint8", scope="local")  # the hidden units in fixed point (+128)
+                scale = T.alloc_buffer((_INT_SAMPLES,), "float32", scope="local")
+                calibrated = T.bind(T.max(absmax[0], T.float32(float(ABSMAX_FLOOR))))
+                inv = T.bind(T.float32(127.0) / calibrated)
+                for i in T.serial(_INT_SAMPLES):
+                    scale[i] = calibrated / T.float32(127.0)
+                tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0,
+                              colors, ray_diff, mask, integer_embedding(w1, b1, xq, inv, scale, packed, compensation,
+                                                                        out_scale, bias, out))
 
     return tvm.IRModule({"main": main})
 
@@ -468,7 +566,8 @@ def fold_feature_block(prepared: SourceViewTensors, weights: ViewFeatureWeights
     maps = prepared.features.view(prepared.num_views, -1, feat_channels) @ weights.w1_feat  # [V, h*w, H]
     folded_views = dataclasses.replace(prepared, features=kernel_ready(maps.reshape(prepared.num_views, -1),
                                                                         torch.float32))
-    return folded_views, ViewFeatureWeights(weights.w1_rgb, weights.w1_feat[:0], weights.b1, weights.w2, weights.b2)
+    return folded_views, ViewFeatureWeights(weights.w1_rgb, weights.w1_feat[:0], weights.b1, weights.w2, weights.b2,
+                                            weights.second)
 
 
 def reference_source_front_end(points: torch.Tensor, target_origin: torch.Tensor, prepared: SourceViewTensors,
@@ -499,10 +598,15 @@ def source_front_end(points: torch.Tensor, target_origin: torch.Tensor, prepared
     if needs_grad(points, target_origin):
         note_kernel("source_front_end", "reference")
         return reference_source_front_end(points, target_origin, prepared, weights)
-    folded = weights.folded
+    folded, integer = weights.folded, weights.second is not None
+    if integer and not (folded and hidden % 16 == 0):
+        raise ValueError(f"source_front_end: an integer second layer needs folded weights (fold_feature_block) and a "
+                         f"hidden width that is a multiple of 16, got folded={folded}, H={hidden}")
     key = {"views": V, "feat": feat_channels, "hidden": hidden, "channels": channels, "tile": TILE, "folded": folded}
+    if integer:  # (the fp32 kernel's key is unchanged: its cached builds stay valid)
+        key["integer"] = True
     kernel = get_kernel("source_front_end", key, points.device,
-                        lambda target: make_source_front_end(V, feat_channels, hidden, channels, folded))
+                        lambda target: make_source_front_end(V, feat_channels, hidden, channels, folded, integer))
     if kernel is None:
         return reference_source_front_end(points, target_origin, prepared, weights)
     rays, samples, _ = points.shape
@@ -513,8 +617,9 @@ def source_front_end(points: torch.Tensor, target_origin: torch.Tensor, prepared
     colors, ray_diff, mask = torch.empty(padded, V, 3), torch.empty(padded, V, 4), torch.empty(padded, V)
     if tiles:
         w1 = torch.cat([weights.w1_rgb, weights.w1_feat])
+        second = weights.second.tensors() if integer else (weights.w2, weights.b2)
         kernel(flat.view(tiles, TILE, 3), kernel_ready(target_origin.detach(), torch.float32),
-               *prepared.kernel_arguments(), w1, weights.b1, weights.w2, weights.b2,
+               *prepared.kernel_arguments(), w1, weights.b1, *second,
                features.view(tiles, TILE, V, channels), q0.view(tiles, TILE, channels),
                colors.view(tiles, TILE, V, 3), ray_diff.view(tiles, TILE, V, 4), mask.view(tiles, TILE, V))
     return (features[:tokens].reshape(rays, samples, V, channels), q0[:tokens].reshape(rays, samples, channels),

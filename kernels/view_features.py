@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from kernels.build import kernel_ready
+from kernels.int_shift import IntShiftWeights, export_8bit, prepare_int_shift, reference_from_weights
 from kernels.dispatch import get_kernel, needs_grad, note_kernel, run_tiled
 from kernels.te_math import vector_lanes
 
@@ -30,26 +32,46 @@ _NEG = -3.0e38  # below any finite feature, above -inf (so "no visible view" is 
 
 
 class ViewFeatureWeights:
-    """rgbfeat_fc1 / rgbfeat_fc2 in the kernel layout: w1_rgb [3, H], w1_feat [F, H], b1 [H], w2 [H, C], b2 [C]."""
+    """rgbfeat_fc1 / rgbfeat_fc2 in the kernel layout: w1_rgb [3, H], w1_feat [F, H], b1 [H], w2 [H, C], b2 [C];
+    second: rgbfeat_fc2 as an 8-bit integer shift layer with a calibrated per-tensor scale (IntShiftWeights; then
+    w2, b2 are its decoded fp32 weights, for shapes only), or None (fp32)."""
 
-    def __init__(self, w1_rgb, w1_feat, b1, w2, b2):
+    def __init__(self, w1_rgb, w1_feat, b1, w2, b2, second: IntShiftWeights | None = None):
         self.w1_rgb, self.w1_feat, self.b1, self.w2, self.b2 = (
             kernel_ready(t.detach(), torch.float32) for t in (w1_rgb, w1_feat, b1, w2, b2))
+        self.second = second
         feat_channels, hidden = self.w1_feat.shape
         if self.w1_rgb.shape != (3, hidden) or self.b1.shape != (hidden,) or self.w2.shape[0] != hidden \
                 or self.b2.shape != (self.w2.shape[1],):
             raise ValueError(f"view feature weights do not fit together: w1_rgb {tuple(self.w1_rgb.shape)}, w1_feat "
                              f"{tuple(self.w1_feat.shape)}, b1 {tuple(self.b1.shape)}, w2 {tuple(self.w2.shape)}, "
                              f"b2 {tuple(self.b2.shape)}")
+        if second is not None and ((second.in_features, second.out_features) != tuple(self.w2.shape)
+                                   or second.bits != 8 or second.per_token):
+            raise ValueError(f"view feature weights: the integer second layer must be 8-bit, per tensor and "
+                             f"{tuple(self.w2.shape)[0]} -> {tuple(self.w2.shape)[1]}, got {second.in_features} -> "
+                             f"{second.out_features}, {second.bits}-bit, per token {second.per_token}")
 
     @classmethod
-    def from_linears(cls, fc1: torch.nn.Linear, fc2: torch.nn.Linear, rgb_channels: int = 3) -> "ViewFeatureWeights":
-        if not (isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)):
-            raise TypeError(f"the view feature MLP must be two nn.Linear layers, got {type(fc1).__name__}, "
+    def from_linears(cls, fc1: torch.nn.Module, fc2: torch.nn.Module, rgb_channels: int = 3) -> "ViewFeatureWeights":
+        """fc1 an nn.Linear; fc2 an nn.Linear or an 8-bit IntShiftLinear with a calibrated per-tensor activation
+        scale (shiftadd.front_end: shift with act_scale: per_tensor). TypeError/ValueError otherwise."""
+        if not isinstance(fc1, torch.nn.Linear):
+            raise TypeError(f"the view feature MLP's first layer must be an nn.Linear, got {type(fc1).__name__}")
+        second = None
+        if isinstance(fc2, IntShiftLinear):
+            exported, per_token = export_8bit({"rgbfeat_fc2": fc2}, "integer front end")
+            if per_token:
+                raise ValueError("integer front end: the kernel rounds the hidden units with a calibrated per-tensor "
+                                 "scale (shiftadd.act_scale: per_tensor); rgbfeat_fc2 is per token")
+            second = prepare_int_shift(exported["rgbfeat_fc2"])
+        elif not isinstance(fc2, torch.nn.Linear):
+            raise TypeError(f"the view feature MLP's second layer must be an nn.Linear or an integer shift layer, got "
                             f"{type(fc2).__name__}")
         w1 = fc1.weight.detach().float()
-        return cls(w1[:, :rgb_channels].t(), w1[:, rgb_channels:].t(), fc1.bias, fc2.weight.detach().float().t(),
-                   fc2.bias)
+        w2 = fc2.effective_weight() if isinstance(fc2, IntShiftLinear) else fc2.weight
+        b2 = fc2.bias if fc2.bias is not None else w2.new_zeros(w2.shape[0])
+        return cls(w1[:, :rgb_channels].t(), w1[:, rgb_channels:].t(), fc1.bias, w2.detach().float().t(), b2, second)
 
     @property
     def folded(self) -> bool:
@@ -65,6 +87,16 @@ class ViewFeatureWeights:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.w1_rgb, self.w1_feat, self.b1, self.w2, self.b2
 
+    def second_tensors(self) -> tuple[torch.Tensor, ...] | tuple[None, ...]:
+        """The integer second layer's packed, compensation, out_scale, bias, absmax (Nones when fp32)."""
+        return self.second.tensors() if self.second is not None else (None,) * 5
+
+    def second_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The reference second layer on the ReLU outputs [..., H] -> [..., C]."""
+        if self.second is not None:
+            return reference_from_weights(hidden, self.second)
+        return hidden @ self.w2 + self.b2
+
 
 def reference_view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
                             w: ViewFeatureWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +106,7 @@ def reference_view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.T
     else:
         rgb_feat = torch.cat([rgb, feat], dim=1).permute(2, 0, 1)  # [N, V, 3 + F]
         pre = rgb_feat @ torch.cat([w.w1_rgb, w.w1_feat], dim=0)  # [3 + F, H]
-    features = F.relu(pre + w.b1) @ w.w2 + w.b2
+    features = w.second_layer(F.relu(pre + w.b1))
     visible = mask[..., None] > 0
     pooled = features.masked_fill(~visible, torch.finfo(features.dtype).min).max(dim=1).values
     q0 = torch.where(visible.any(dim=1), pooled, torch.zeros_like(pooled))
@@ -211,6 +243,9 @@ def view_features(rgb: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor,
     if rgb_channels != 3 or tuple(feat.shape) != (views, feat_channels, tokens) or tuple(mask.shape) != (tokens, views):
         raise ValueError(f"view_features: expected rgb [V, 3, N], feat [V, {feat_channels}, N], mask [N, V]; got "
                          f"{tuple(rgb.shape)}, {tuple(feat.shape)}, {tuple(mask.shape)}")
+    if w.second is not None:
+        raise ValueError("view_features: the view-features kernel computes fp32 layers; an integer second layer runs "
+                         "in the fused front end (source_front_end)")
     if needs_grad(rgb, feat, mask):
         note_kernel("view_features", "reference")
         return reference_view_features(rgb, feat, mask, w)

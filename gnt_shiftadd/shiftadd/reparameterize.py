@@ -3,7 +3,8 @@
 Three independent parts, each picked by `ShiftAddConfig` and each starting from the trained weights:
   * ray attention core: dense softmax(q k^T) -> binary-hashed additive attention (codes fitted on real q/k),
   * attention linears: every nn.Linear inside RayAttention / ViewAttention -> ShiftLinear,
-  * FFNs: FeedForward -> shift linears inside, or a Mult/Shift mixture of experts (dense copy + shift copy).
+  * FFNs: FeedForward -> shift linears inside, or a Mult/Shift mixture of experts (dense copy + shift copy),
+  * front end: the second layer of GNT's per-view feature MLP (rgbfeat_fc2) -> ShiftLinear.
 Modules already converted are left alone, so a model can be converted in stages (attention first, FFNs later).
 A per-module filter (name globs in `cfg.exclude` and/or a callable) keeps chosen modules dense.
 """
@@ -42,10 +43,12 @@ class ConversionReport:
     moe_ffns: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # excluded by the filter
     int_shift_linears: list[str] = field(default_factory=list)  # shift layers given integer activations
+    front_end_linears: list[str] = field(default_factory=list)  # the front end's second layer -> shift
 
     def summary(self) -> str:
         return (f"{len(self.attention_cores)} attention cores hashed, {len(self.shift_linears)} attention linears "
-                f"-> shift, {len(self.shift_ffns)} FFNs -> shift, {len(self.moe_ffns)} FFNs -> MoE, "
+                f"-> shift, {len(self.front_end_linears)} front-end layers -> shift, {len(self.shift_ffns)} FFNs -> "
+                f"shift, {len(self.moe_ffns)} FFNs -> MoE, "
                 f"{len(self.int_shift_linears)} shift layers -> integer activations, "
                 f"{len(self.skipped)} modules kept dense by the filter")
 
@@ -89,6 +92,23 @@ def _convert_attention_linears(model, spec, wanted, report) -> None:
                     report.shift_linears.append(full)
                 else:
                     report.skipped.append(full)
+
+
+def _convert_front_end(model, spec, wanted, report) -> None:
+    """The second layer of every GNT front end (rgbfeat_fc2: hidden -> C per (sample, view), on ReLU outputs) ->
+    ShiftLinear. The first layer stays dense: its feature block is folded into the source feature maps by the
+    kernels (once per set of views, not per gathered row), and its inputs mix colours and CNN features, whose
+    ranges one activation scale would not serve."""
+    for name, module in list(model.named_modules()):
+        layer = getattr(module, "rgbfeat_fc2", None)
+        if type(layer) is not nn.Linear:
+            continue
+        full = f"{name}.rgbfeat_fc2" if name else "rgbfeat_fc2"
+        if wanted(full, layer):
+            module.rgbfeat_fc2 = ShiftLinear.from_linear(layer, spec)
+            report.front_end_linears.append(full)
+        else:
+            report.skipped.append(full)
 
 
 def _convert_ffns(model, cfg: ShiftAddConfig, spec, wanted, report, expert_latency) -> None:
@@ -192,6 +212,8 @@ def reparameterize(model: nn.Module, cfg: ShiftAddConfig, run_calibration: Calla
     try:
         if cfg.attention_linears == "shift":
             _convert_attention_linears(model, spec, wanted, report)
+        if cfg.front_end == "shift":
+            _convert_front_end(model, spec, wanted, report)
         if cfg.ray_attention != "dense":
             _convert_attention_cores(model, cfg, wanted, report, run_calibration)
         if cfg.ffn != "dense":
@@ -221,13 +243,15 @@ def variant_of(model: nn.Module) -> dict[str, str]:
         ffn = "moe"
     elif any(isinstance(m, FeedForward) and isinstance(m.fc1, ShiftLinear) for m in model.modules()):
         ffn = "shift"
-    return {"ray_attention": ray_attention, "attention_linears": attention_linears, "ffn": ffn}
+    front_end = "shift" if any(isinstance(getattr(m, "rgbfeat_fc2", None), ShiftLinear) for m in model.modules()) \
+        else "dense"
+    return {"ray_attention": ray_attention, "attention_linears": attention_linears, "ffn": ffn, "front_end": front_end}
 
 
 def check_convertible(source: ShiftAddConfig, target: ShiftAddConfig, where: str) -> None:
     """Conversion only adds reparameterizations: a part already converted cannot become dense or another kind."""
     problems = []
-    for part in ("ray_attention", "attention_linears", "ffn"):
+    for part in ("ray_attention", "attention_linears", "ffn", "front_end"):
         have, want = getattr(source, part), getattr(target, part)
         if have != "dense" and have != want:
             problems.append(f"shiftadd.{part}: {where} has {have!r}, cannot convert it to {want!r}")
@@ -246,7 +270,7 @@ def _is_dense_for(source: ShiftAddConfig, key: str) -> bool:
     """True when `key` does not matter yet for `source` (nothing it governs has been converted)."""
     if key == "hash_bits":
         return source.ray_attention == "dense"
-    return source.attention_linears == "dense" and source.ffn == "dense"
+    return source.attention_linears == "dense" and source.ffn == "dense" and source.front_end == "dense"
 
 
 def warn_if_unfitted(model: nn.Module) -> None:

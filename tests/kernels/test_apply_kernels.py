@@ -9,6 +9,7 @@ pytest.importorskip("tvm")
 
 from gnt_shiftadd.config import ShiftAddConfig  # noqa: E402
 from gnt_shiftadd.experiment import SceneTensors, build_model, load_scene  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear  # noqa: E402
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import reparameterize  # noqa: E402
 from gnt_shiftadd.training.warm_start import calibration_forward  # noqa: E402
@@ -141,24 +142,26 @@ def test_for_cuda_the_view_blocks_keep_the_attention_kernel(tiny_config):
     assert all(isinstance(b.attn, KernelViewAttention) for b in model.transformer.view_blocks)
 
 
-@pytest.mark.parametrize("act_scale", ["per_token", "per_tensor"])
-def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act_scale):
-    """j (per-token scales) and k (calibrated per-tensor scales), converted as the variant configs do: every view
-    and ray attention sublayer and every FFN on its fused integer kernel, nothing falls back, and the colours match
-    the integer modules (a value the kernels' own fp32 order puts at a rounding tie may quantize one step apart)."""
+@pytest.mark.parametrize("act_scale,front_end", [("per_token", "dense"), ("per_tensor", "dense"),
+                                                  ("per_tensor", "shift")])
+def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act_scale, front_end):
+    """j (per-token scales), k (calibrated per-tensor scales) and l (k + the front end's second layer), converted as
+    the variant configs do: every view and ray attention sublayer and every FFN on its fused integer kernel (and l's
+    front end on the fused front end with its integer layer), nothing falls back, and the colours match the integer
+    modules (a value the kernels' own fp32 order puts at a rounding tie may quantize one step apart)."""
     from kernels.int_shift import vnni_available
 
     if not vnni_available():
         pytest.skip("the integer kernels need AVX-512 VNNI")
     from kernels.apply import KernelIntRayAttentionSublayer, KernelIntViewAttentionSublayer
 
-    cfg = tiny_config("model.dropout=0.0")
+    cfg = tiny_config("model.dropout=0.0", "model.feature_channels=16")  # 16 hidden units fold into 16 channels
     tensors = SceneTensors(load_scene(cfg), torch.device("cpu"))
     model = build_model(cfg, torch.device("cpu")).eval()
     run = calibration_forward(model, tensors, cfg)
     reparameterize(model, ShiftAddConfig(ray_attention="hash_quadratic", attention_linears="shift", ffn="shift",
-                                         shift_exponent_min=-6, int_activations=8, act_scale=act_scale),
-                   run_calibration=run)
+                                         front_end=front_end, shift_exponent_min=-6, int_activations=8,
+                                         act_scale=act_scale), run_calibration=run)
     model.eval()
     with torch.no_grad():
         expected = run()
@@ -176,4 +179,8 @@ def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act
     assert ran["transformer.view_blocks.0.attn_sublayer"] == {"int_view_sublayer": "tvm"}
     assert ran["transformer.ray_blocks.0.attn_sublayer"] == {"int_ray_attention": "tvm"}
     assert ran["transformer.ray_blocks.1.ffn"] == {"int_ffn_sublayer": "tvm"}
+    assert ran["transformer.front_end"] == {"source_front_end": "tvm"}
+    integer_front_end = transformer.front_end.weights.second is not None
+    assert integer_front_end == (front_end == "shift")
+    assert isinstance(transformer.rgbfeat_fc2, IntShiftLinear) == integer_front_end  # inside the fused leaf
     assert (got - expected).abs().mean() < 1e-3 and (got - expected).abs().max() < 0.05

@@ -184,3 +184,75 @@ def test_the_fused_front_end_is_swapped_on_cpu_and_runs_the_model(front_end_last
     with pytest.raises(ValueError, match=r"front end takes 32 feature channels, the source views have 16"):
         source_front_end(_points(2, 3), torch.zeros(3), prepare_source_views(_views(feat_channels=16)),
                          model.transformer.front_end.weights)
+
+
+def _integer_front_end(feat_channels, hidden, channels, views, points, origin, saturate=0.8):
+    """fp32 first layer, 8-bit integer second layer whose per-tensor absmax is `saturate` x the largest hidden unit
+    the reference computes here (so the largest ones clip); -> (folded views, folded weights, the reference's hidden
+    units [R, S, V, H] on the folded maps)."""
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+
+    fc1 = torch.nn.Linear(3 + feat_channels, hidden)
+    fc2 = IntShiftLinear.from_linear(torch.nn.Linear(hidden, channels), ShiftSpec(exponent_min=-6), 8, "per_tensor")
+    prepared = prepare_source_views(views)
+    folded_views, folded_weights = fold_feature_block(prepared, ViewFeatureWeights.from_linears(
+        fc1, torch.nn.Linear(hidden, channels)))
+    rgb, feat, _, _ = reference_source_views(points, origin, folded_views)
+    hidden_units = torch.relu(rgb.permute(2, 3, 0, 1) @ folded_weights.w1_rgb + feat.permute(2, 3, 0, 1)
+                              + folded_weights.b1)
+    fc2.activation_absmax.fill_(saturate * float(hidden_units.max()))
+    return (*fold_feature_block(prepared, ViewFeatureWeights.from_linears(fc1, fc2)), hidden_units,
+            fc2.activation_absmax)
+
+
+@pytest.mark.parametrize("rays,samples,feat_channels,num_views,hidden,channels", [
+    (64, 24, 32, 6, 32, 32), (7, 5, 32, 3, 16, 32), (1, 1, 40, 2, 32, 16), (33, 7, 16, 4, 16, 64),
+])
+def test_integer_second_layer_matches_its_reference(rays, samples, feat_channels, num_views, hidden, channels):
+    """rgbfeat_fc2 as an 8-bit integer shift layer (per-tensor scale) inside the fused front end: bit-exact against
+    the integer reference wherever the fp32 first layer's units are not at a rounding tie (the kernel sums them in
+    its own order), and within one quantization step elsewhere."""
+    from gnt_shiftadd.shiftadd.int_shift import rounding_tie_distance
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        pytest.skip("the integer kernels need AVX-512 VNNI")
+    torch.manual_seed(4)
+    points, origin = _points(rays, samples), torch.tensor([0.1, -0.2, -4.5])
+    views, weights, hidden_units, absmax = _integer_front_end(feat_channels, hidden, channels,
+                                                              _views(num_views=num_views, feat_channels=feat_channels),
+                                                              points, origin)
+    assert weights.second is not None and weights.folded
+    with recording(record := {}):
+        got = source_front_end(points, origin, views, weights)
+    assert record == {"source_front_end": "tvm"}
+    expected = reference_source_front_end(points, origin, views, weights)
+    for name, a, b in zip(("colors", "ray_diff", "mask"), got[2:], expected[2:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3 if name != "ray_diff" else 1e-5, msg=name)
+    features, q0 = got[0], got[1]
+    safe = rounding_tie_distance(hidden_units, 8, absmax).amin(dim=-1) > 0.002  # [R, S, V]
+    assert safe.numel() < 100 or safe.float().mean() > 0.75  # most rows are compared bit for bit
+    assert torch.equal(features[safe], expected[0][safe])
+    step = float(absmax) / 127 * float(weights.w2.abs().max())  # one step of one hidden unit, on one output
+    assert (features - expected[0]).abs().max() <= 2 * step + 1e-5
+    visible = got[4] > 0
+    assert torch.equal(q0[safe.all(dim=-1)], expected[1][safe.all(dim=-1)])
+    assert torch.all(q0[~visible.any(dim=2).any(dim=-1)] == 0)
+    assert (hidden_units * 127 / absmax > 127).any()  # the calibration clips the largest units
+
+
+def test_integer_second_layer_refusals():
+    """Per-token integer layers and unfolded integer weights are refused with the reason."""
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+
+    fc1 = torch.nn.Linear(35, 32)
+    per_token = IntShiftLinear.from_linear(torch.nn.Linear(32, 32), ShiftSpec(exponent_min=-6), 8, "per_token")
+    with pytest.raises(ValueError, match="per-tensor scale"):
+        ViewFeatureWeights.from_linears(fc1, per_token)
+    per_tensor = IntShiftLinear.from_linear(torch.nn.Linear(32, 32), ShiftSpec(exponent_min=-6), 8, "per_tensor")
+    per_tensor.activation_absmax.fill_(2.0)
+    weights = ViewFeatureWeights.from_linears(fc1, per_tensor)
+    with pytest.raises(ValueError, match="needs folded weights"):
+        source_front_end(_points(2, 3), torch.zeros(3), prepare_source_views(_views()), weights)

@@ -39,7 +39,7 @@ def test_shift_conversion_of_power_of_two_weights_is_exact(dense):
     assert report.shift_linears and len(report.shift_ffns) == 2 * cfg.model.trans_depth
     assert all(isinstance(m.fc1, ShiftLinear) for m in model.modules() if type(m) is FeedForward)
     torch.testing.assert_close(_outputs(model, run), before, rtol=1e-5, atol=1e-6)
-    assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift"}
+    assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift", "front_end": "dense"}
 
 
 def test_moe_starts_as_its_chosen_expert(dense):
@@ -141,7 +141,7 @@ def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
     result = workflows.run_finetune(variant, teacher, progress=False)
     assert result.step == 2 and result.checkpoint.exists()
     model, _, _ = workflows.load_trained(variant, backend="torch")  # the PyTorch modules
-    assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe"}
+    assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe", "front_end": "dense"}
     stage1_model, _, _ = workflows.load_trained(stages[0], backend="torch")
     assert variant_of(stage1_model)["ffn"] == "dense"
     metrics = workflows.run_eval(variant, progress=False)
@@ -173,6 +173,7 @@ def test_every_shipped_variant_converts_and_renders(dense, variant):
     kinds = variant_of(model)
     s = variant_cfg.shiftadd
     assert kinds["attention_linears"] == s.attention_linears and kinds["ffn"] == s.ffn
+    assert kinds["front_end"] == s.front_end
     integer = sum(isinstance(m, IntShiftLinear) for m in model.modules())
     assert (integer > 0) == bool(s.int_activations)
     out = _outputs(model, run)
