@@ -407,6 +407,8 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
                                residual(x, t, y))
 
     layers = per_token_layers if per_token else per_tensor_layers  # chosen here: a macro would parse a conditional
+    # fc1's fp32 outputs: per token only (per tensor they go straight to fc2's fixed point; one vector stands in)
+    hidden_shape = (1, tile, hidden_padded) if per_token else (1, 1, LANES)
 
     if norm_eps is None:
         @T.prim_func
@@ -424,7 +426,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
             y = T.match_buffer(y_handle, (tiles, tile, dim_padded), "float32")
             for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
                 xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
-                hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
+                hidden = T.alloc_buffer(hidden_shape, "float32", scope="local")
                 hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
                 scale = T.alloc_buffer((tile,), "float32", scope="local")
                 for within in T.serial(TILES_PER_TASK):
@@ -449,7 +451,7 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
             for chunk in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
                 normed = T.alloc_buffer((1, tile, dim_padded), "float32", scope="local")
                 xq = T.alloc_buffer((tile, dim_padded), parts.q_dtype, scope="local")
-                hidden = T.alloc_buffer((1, tile, hidden_padded), "float32", scope="local")
+                hidden = T.alloc_buffer(hidden_shape, "float32", scope="local")
                 hq = T.alloc_buffer((tile, hidden_padded), parts.q_dtype, scope="local")
                 scale = T.alloc_buffer((tile,), "float32", scope="local")
                 for within in T.serial(TILES_PER_TASK):

@@ -444,6 +444,41 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                         peak[T.Ramp(i * C + k * 16, 1, 16)] > T.Broadcast(neg, 16),
                         peak[T.Ramp(i * C + k * 16, 1, 16)], T.Broadcast(T.float32(0), 16))
 
+    @T.macro
+    def body(points_h, target, rot, trans, K, origins, image_h, features_h, sizes, out_h, q0_h, colors_h, diff_h,
+             mask_h, task_embedding):
+        """Both kernels' body: the buffers, and per parallel task task_embedding(out), which sets up the task's
+        scratch and returns its embed(colour, gathered, t, v, peak, inside) (fp32_task or integer_task)."""
+        tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
+        points = T.match_buffer(points_h, (tiles, L, 3), "float32")
+        image = T.match_buffer(image_h, (V, image_len), "float32")
+        features = T.match_buffer(features_h, (V, features_len), "float32")
+        out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
+        q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
+        colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
+        ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
+        mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
+        for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
+            tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0,
+                          colors, ray_diff, mask, task_embedding(out))
+
+    def fp32_task(w1, b1, w2, b2):
+        def embedding(out):
+            act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
+            return fp32_embedding(w1, b1, w2, b2, act, out)
+        return embedding
+
+    def integer_task(w1, b1, packed, compensation, out_scale, bias, absmax):
+        def embedding(out):
+            xq = T.alloc_buffer((L, H), "uint8", scope="local")  # the hidden units in fixed point (+128)
+            scale = T.alloc_buffer((_INT_SAMPLES,), "float32", scope="local")
+            calibrated = T.bind(T.max(absmax[0], T.float32(float(ABSMAX_FLOOR))))
+            for i in range(_INT_SAMPLES):
+                T.buffer_store(scale, calibrated / T.float32(127.0), [i])
+            return integer_embedding(w1, b1, xq, T.bind(T.float32(127.0) / calibrated), scale, packed, compensation,
+                                     out_scale, bias, out)
+        return embedding
+
     if not integer:
         @T.prim_func
         def main(points_h: T.handle, target: T.Buffer((3,), "float32"), rot: T.Buffer((V, 3, 3), "float32"),
@@ -453,19 +488,8 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                  b1: T.Buffer((H,), "float32"), w2: T.Buffer((H, C), "float32"), b2: T.Buffer((C,), "float32"),
                  out_h: T.handle, q0_h: T.handle, colors_h: T.handle, diff_h: T.handle, mask_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
-            points = T.match_buffer(points_h, (tiles, L, 3), "float32")
-            image = T.match_buffer(image_h, (V, image_len), "float32")
-            features = T.match_buffer(features_h, (V, features_len), "float32")
-            out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
-            q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
-            colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
-            ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
-            mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
-            for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
-                act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
-                tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0,
-                              colors, ray_diff, mask, fp32_embedding(w1, b1, w2, b2, act, out))
+            body(points_h, target, rot, trans, K, origins, image_h, features_h, sizes, out_h, q0_h, colors_h, diff_h,
+                 mask_h, fp32_task(w1, b1, w2, b2))
     else:
         @T.prim_func
         def main(points_h: T.handle, target: T.Buffer((3,), "float32"), rot: T.Buffer((V, 3, 3), "float32"),
@@ -477,25 +501,8 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                  absmax: T.Buffer((1,), "float32"), out_h: T.handle, q0_h: T.handle, colors_h: T.handle,
                  diff_h: T.handle, mask_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            tiles, image_len, features_len = T.int32(), T.int32(), T.int32()
-            points = T.match_buffer(points_h, (tiles, L, 3), "float32")
-            image = T.match_buffer(image_h, (V, image_len), "float32")
-            features = T.match_buffer(features_h, (V, features_len), "float32")
-            out = T.match_buffer(out_h, (tiles, L, V, C), "float32")
-            q0 = T.match_buffer(q0_h, (tiles, L, C), "float32")
-            colors = T.match_buffer(colors_h, (tiles, L, V, 3), "float32")
-            ray_diff = T.match_buffer(diff_h, (tiles, L, V, 4), "float32")
-            mask = T.match_buffer(mask_h, (tiles, L, V), "float32")
-            for task in T.parallel((tiles + TILES_PER_TASK - 1) // TILES_PER_TASK):
-                xq = T.alloc_buffer((L, H), "uint8", scope="local")  # the hidden units in fixed point (+128)
-                scale = T.alloc_buffer((_INT_SAMPLES,), "float32", scope="local")
-                calibrated = T.bind(T.max(absmax[0], T.float32(float(ABSMAX_FLOOR))))
-                inv = T.bind(T.float32(127.0) / calibrated)
-                for i in T.serial(_INT_SAMPLES):
-                    scale[i] = calibrated / T.float32(127.0)
-                tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0,
-                              colors, ray_diff, mask, integer_embedding(w1, b1, xq, inv, scale, packed, compensation,
-                                                                        out_scale, bias, out))
+            body(points_h, target, rot, trans, K, origins, image_h, features_h, sizes, out_h, q0_h, colors_h, diff_h,
+                 mask_h, integer_task(w1, b1, packed, compensation, out_scale, bias, absmax))
 
     return tvm.IRModule({"main": main})
 
