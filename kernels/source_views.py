@@ -17,7 +17,8 @@ dense and ShiftAdd models. Here, per tile of 16 samples and per view:
 
 source_views writes rgb and feat out in grid_sample's [V, C, N] layout; source_front_end instead runs the
 per-view MLP on them (3 + F -> H -> C) and the masked max-pool over the views, and writes only the features
-[N, V, C], the first query [N, C] and the colours [N, V, 3].
+[N, V, C], the first query [N, C] and the colours [N, V, 3]. Its second layer may be an 8-bit integer shift layer
+with a calibrated per-tensor scale (variant l: rounded into fixed point in registers, VNNI dot products).
 The feature gathers run vector-over-channels on a channels-last copy of the maps (made once per set of source
 views and reused by every chunk); a vector-over-samples gather would be 16 scalar loads per vector on this CPU.
 N is padded to whole tiles by the wrapper; the tile count is symbolic, and so are the image and map sizes.
