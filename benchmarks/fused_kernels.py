@@ -421,34 +421,36 @@ def source_views_rows(cfg, repeats: int, peaks: dict, view: int = 8) -> list[dic
                      lambda: source_front_end(points, origins[0], prepared, weights),
                      "source_front_end unfolded (W1f on every gathered row)", repeats, peak))
     if vnni_available():
-        rows.append(integer_front_end_row(points, origins[0], prepared, weights, rows[-1]["macs"], peaks, repeats,
+        rows.append(integer_front_end_row(points, origins[0], (folded_views, folded_weights), rows[-1]["macs"], peaks,
+                                          repeats,
                                           f"[{rays},{samples}] x {len(ids)} views, (3 + {dim} folded) -> {dim} -> "
                                           f"{dim}, 8-bit per_tensor second layer"))
     return rows
 
 
 @torch.no_grad()
-def integer_front_end_row(points, origin, prepared, weights, folded_macs: float, peaks: dict, repeats: int,
+def integer_front_end_row(points, origin, folded: tuple, folded_macs: float, peaks: dict, repeats: int,
                           shape: str) -> dict:
     """l's front end: the folded kernel with its second layer an 8-bit integer shift layer (per-tensor absmax
-    calibrated on this chunk's hidden units), against the same kernel with the fp32 second layer."""
-    channels, dim = 3 + weights.w1_feat.shape[0], weights.w2.shape[1]
-    first, second = nn.Linear(channels, dim), nn.Linear(dim, dim)
-    first.load_state_dict({"weight": torch.cat([weights.w1_rgb, weights.w1_feat]).t(), "bias": weights.b1})
-    second.load_state_dict({"weight": weights.w2.t(), "bias": weights.b2})
+    calibrated on this chunk's hidden units), against the same kernel with the fp32 second layer (`folded`: the
+    (views, weights) of fold_feature_block)."""
+    folded_views, folded_weights = folded
+    second = nn.Linear(*folded_weights.w2.shape)
+    second.load_state_dict({"weight": folded_weights.w2.t(), "bias": folded_weights.b2})
     integer = IntShiftLinear.from_linear(second, ShiftSpec(exponent_min=-6), 8, "per_tensor")
-    folded_views, folded_weights = fold_feature_block(prepared, weights)
     rgb, feat = (t.permute(2, 3, 0, 1) for t in reference_source_views(points, origin, folded_views)[:2])
     integer.activation_absmax.fill_(float(torch.relu(rgb @ folded_weights.w1_rgb + feat + folded_weights.b1).max()))
-    int_views, int_weights = fold_feature_block(prepared, ViewFeatureWeights.from_linears(first, integer))
-    int_expected = reference_source_front_end(points, origin, int_views, int_weights)
+    int_weights = ViewFeatureWeights(  # the folded first layer, the integer second
+        folded_weights.w1_rgb, folded_weights.w1_feat, folded_weights.b1, integer.effective_weight().detach().t(),
+        integer.bias, prepare_int_shift(export_int_shift(integer)))
+    int_expected = reference_source_front_end(points, origin, folded_views, int_weights)
     for index, name in enumerate(("features", "q0", "colors", "ray_diff", "mask")):  # fp32 first layer: a unit
         _checked(f"source_front_end[integer].{name}",  # at a rounding tie may land one step apart
-                 lambda: source_front_end(points, origin, int_views, int_weights)[index], int_expected[index], 0.05)
-    int8_macs = points.shape[0] * points.shape[1] * prepared.num_views * dim * dim
+                 lambda: source_front_end(points, origin, folded_views, int_weights)[index], int_expected[index], 0.05)
+    int8_macs = points.shape[0] * points.shape[1] * folded_views.num_views * folded_weights.w2.numel()
     by_arithmetic = {"int8": int8_macs, "fp32": folded_macs - int8_macs}
     row = _row("source_front_end[integer]", shape, folded_macs,
-               lambda: source_front_end(points, origin, int_views, int_weights),
+               lambda: source_front_end(points, origin, folded_views, int_weights),
                lambda: source_front_end(points, origin, folded_views, folded_weights),
                "source_front_end[folded] (fp32 second layer)", repeats, mixed_peak(by_arithmetic, peaks),
                arithmetic="int8+fp32")

@@ -249,7 +249,7 @@ class KernelFrontEnd(KernelLeaf):
     was built from. Where the first layer is no wider than the feature maps, its feature block is applied to the
     maps once per set of views (kernels.source_views.fold_feature_block: half the front end's arithmetic). An
     8-bit integer second layer with a calibrated per-tensor scale (shiftadd.front_end: shift) runs on VNNI inside
-    the same kernel; it needs the fold (ValueError otherwise)."""
+    the same kernel; it needs the fold (KernelNotApplicable otherwise: the front end's parts are swapped instead)."""
 
     def __init__(self, fc1: nn.Module, fc2: nn.Module, covered: tuple[nn.Module, ...]):
         super().__init__()
@@ -259,9 +259,9 @@ class KernelFrontEnd(KernelLeaf):
         self.covered_ids = {id(m) for m in covered} | ({id(fc2)} if self.weights.second is not None else set())
         feat_channels, hidden, _ = self.weights.shapes
         fold = hidden <= feat_channels
-        if self.weights.second is not None and not (fold and hidden % 16 == 0):
-            raise ValueError(f"the integer front end needs its first layer folded into the feature maps (hidden "
-                             f"{hidden} <= {feat_channels} feature channels, a multiple of 16)")
+        if self.weights.second is not None and not (fold and hidden % 16 == 0):  # its parts run on their own kernels
+            raise KernelNotApplicable(f"the integer front end needs its first layer folded into the feature maps "
+                                      f"(hidden {hidden} <= {feat_channels} feature channels, a multiple of 16)")
         # per set of views: (views, weights) for the kernel, folded or as they are
         self.prepared_for = _PreparedViews((lambda prepared: fold_feature_block(prepared, self.weights)) if fold
                                            else (lambda prepared: (prepared, self.weights)))
@@ -584,12 +584,8 @@ def register_kernel_handler(module_type: type) -> Callable[[Handler], Handler]:
 
 @register_kernel_handler(SampledViewEmbedding)
 def _front_end(module, parent, cfg):
-    if isinstance(parent.rgbfeat_fc2, IntShiftLinear):
-        hidden, feat_channels = parent.rgbfeat_fc1.out_features, parent.rgbfeat_fc1.in_features - 3
-        if not vnni_available() or hidden > feat_channels or hidden % 16:  # its parts run on their own kernels
-            raise KernelNotApplicable("the integer front end runs on CPUs with AVX-512 VNNI, with its first layer "
-                                      "folded into the feature maps (hidden units: a multiple of 16, at most the "
-                                      "feature channels)")
+    if isinstance(parent.rgbfeat_fc2, IntShiftLinear) and not vnni_available():  # its parts run on their own kernels
+        raise KernelNotApplicable("the integer front end runs on CPUs with AVX-512 VNNI")
     if cfg.kernel_device(parent.rgbfeat_fc1.weight.device) != "cpu":
         raise KernelNotApplicable("the fused front end is CPU-only; on CUDA grid_sample is native and the front end "
                                   "has its own kernel")

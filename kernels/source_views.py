@@ -397,20 +397,6 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
             for p in range(C // 16 // int_blocks):
                 int_parts.dot_products(xq, packed, compensation, out_scale, bias, scale, p, H, int_blocks, store, word)
 
-    def fp32_embedding(w1, b1, w2, b2, act, out):
-        """embed(colour, gathered, t, v, peak, inside) of the fp32 MLP (for tiles_of_task)."""
-        def embed(colour, gathered, t, v, peak, inside):
-            layer_one(colour, gathered, w1, b1, act)
-            second_layer(act, w2, b2, t, v, out, peak, inside)
-        return embed
-
-    def integer_embedding(w1, b1, xq, inv, scale, packed, compensation, out_scale, bias, out):
-        """embed(colour, gathered, t, v, peak, inside) with the integer second layer (for tiles_of_task)."""
-        def embed(colour, gathered, t, v, peak, inside):
-            first_layer_fixed(colour, gathered, w1, b1, xq, inv)
-            second_layer_int(xq, scale, packed, compensation, out_scale, bias, t, v, out, peak, inside)
-        return embed
-
     @T.macro
     def tiles_of_task(task, tiles, points, target, rot, trans, K, origins, image, features, sizes, out, q0, colors,
                       ray_diff, mask, embed):
@@ -464,20 +450,31 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
                           colors, ray_diff, mask, task_embedding(out))
 
     def fp32_task(w1, b1, w2, b2):
+        """task_embedding of the fp32 MLP: the task's [H, TILE] first-layer buffer, then per view both layers."""
         def embedding(out):
-            act = T.alloc_buffer((H * L,), "float32", scope="local")  # [H, TILE]: first layer's output
-            return fp32_embedding(w1, b1, w2, b2, act, out)
+            act = T.alloc_buffer((H * L,), "float32", scope="local")
+
+            def embed(colour, gathered, t, v, peak, inside):
+                layer_one(colour, gathered, w1, b1, act)
+                second_layer(act, w2, b2, t, v, out, peak, inside)
+            return embed
         return embedding
 
     def integer_task(w1, b1, packed, compensation, out_scale, bias, absmax):
+        """task_embedding with the integer second layer: the task's fixed-point hidden units and the calibrated
+        scale (one division each per task), then per view the first layer rounded into xq and the VNNI layer."""
         def embedding(out):
             xq = T.alloc_buffer((L, H), "uint8", scope="local")  # the hidden units in fixed point (+128)
             scale = T.alloc_buffer((_INT_SAMPLES,), "float32", scope="local")
             calibrated = T.bind(T.max(absmax[0], T.float32(float(ABSMAX_FLOOR))))
+            inv = T.bind(T.float32(127.0) / calibrated)
             for i in range(_INT_SAMPLES):
                 T.buffer_store(scale, calibrated / T.float32(127.0), [i])
-            return integer_embedding(w1, b1, xq, T.bind(T.float32(127.0) / calibrated), scale, packed, compensation,
-                                     out_scale, bias, out)
+
+            def embed(colour, gathered, t, v, peak, inside):
+                first_layer_fixed(colour, gathered, w1, b1, xq, inv)
+                second_layer_int(xq, scale, packed, compensation, out_scale, bias, t, v, out, peak, inside)
+            return embed
         return embedding
 
     if not integer:

@@ -256,3 +256,25 @@ def test_integer_second_layer_refusals():
     weights = ViewFeatureWeights.from_linears(fc1, per_tensor)
     with pytest.raises(ValueError, match="needs folded weights"):
         source_front_end(_points(2, 3), torch.zeros(3), prepare_source_views(_views()), weights)
+
+
+def test_an_unfoldable_integer_front_end_runs_its_parts_on_their_kernels():
+    """Hidden units wider than the feature maps cannot be folded, so the fused integer front end does not apply: the
+    sampler gets its own kernel and the integer layer the int_shift kernel (not a fallback: nothing is skipped)."""
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+    from kernels.apply import KernelIntShiftLinear
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        pytest.skip("the integer kernels need AVX-512 VNNI")
+    model = GNT(ModelConfig(netwidth=16, num_heads=2, feature_channels=8, trans_depth=1)).eval()
+    transformer = model.transformer
+    transformer.rgbfeat_fc2 = IntShiftLinear.from_linear(transformer.rgbfeat_fc2, ShiftSpec(exponent_min=-6), 8,
+                                                         "per_tensor")
+    transformer.rgbfeat_fc2.activation_absmax.fill_(2.0)
+    with torch.no_grad():
+        summary = use_kernels(model, "tvm")
+    assert "KernelFrontEnd" not in summary and summary["KernelSourceViews"] == 1 and summary["skipped"] == []
+    assert type(transformer.front_end) is SampledViewEmbedding
+    assert isinstance(transformer.rgbfeat_fc2, KernelIntShiftLinear)
