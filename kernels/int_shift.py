@@ -225,20 +225,28 @@ class _KernelParts:
             width //= 2
         return value
 
-    def quantize(self, src, t, width, xq, scale, per_token, absmax, nonnegative=False, absmax_index=0):
+    def calibration(self, calibrated_absmax):
+        """A per-tensor layer's (inv, scale): level / max(absmax, floor) and its inverse step, the two IEEE divisions
+        every per-tensor quantization of that layer uses (expressions, emitted where this is called)."""
+        T, level = self.T, self.T.float32(self.level)
+        peak = T.max(calibrated_absmax, T.float32(float(ABSMAX_FLOOR)))
+        return level / peak, peak / level
+
+    def quantize(self, src, t, width, xq, scale, per_token, absmax, nonnegative=False, absmax_index=0,
+                 calibrated=None):
         """Tokens src[t, 0..tile) [width fp32] -> xq [tile, width] (fixed point, +128 for vpdpbusd) and scale[i]
         (dequantization), by each token's own absmax or the calibrated one; unrolled at parse time, every value a
         register. The absmax is an integer max over the |x| bit patterns (ordered like the floats, exact in any
         order); rounding is one vcvtps2dq (round to nearest even, as nearbyint). nonnegative (ReLU outputs) drops
         |x| and the lower clamp, which change nothing there. Per tensor: absmax[absmax_index] is the calibrated
-        absmax, its two divisions done once for the whole tile (LLVM does not hoist them past the tile's stores)."""
+        absmax, its two divisions done once for the whole tile (LLVM does not hoist them past the tile's stores),
+        or `calibrated` = (inv, scale) as `calibration` gives them, computed once by the caller (kernels that
+        quantize one token per call hoist them out of their token loop)."""
         T, level = self.T, self.level
-        floor = T.float32(float(ABSMAX_FLOOR))
         lanes = lambda kv: T.Ramp(kv * LANES, 1, LANES)  # noqa: E731
         if not per_token:
-            calibrated_peak = T.bind(T.max(absmax[absmax_index], floor))
-            calibrated_inv = T.bind(T.float32(level) / calibrated_peak)
-            calibrated_scale = T.bind(calibrated_peak / T.float32(level))
+            inv, step = calibrated if calibrated is not None else self.calibration(absmax[absmax_index])
+            calibrated_inv, calibrated_scale = T.bind(inv), T.bind(step)
         for i in range(self.tile):
             rows = [T.bind(src[t, i, lanes(kv)]) for kv in range(int(width) // LANES)]
             if per_token:
@@ -248,7 +256,7 @@ class _KernelParts:
                     running = T.max(running, magnitude)
                 peak = T.reinterpret("float32", T.call_llvm_pure_intrin(
                     "int32", "llvm.vector.reduce.smax", T.reinterpret(f"int32x{LANES}", running)))
-                clamped_peak = T.bind(T.max(peak, floor))
+                clamped_peak = T.bind(T.max(peak, T.float32(float(ABSMAX_FLOOR))))
                 inv = T.bind(T.float32(level) / clamped_peak)
                 T.buffer_store(scale, clamped_peak / T.float32(level), [i])
             else:

@@ -40,6 +40,22 @@ _RAY_DIFF_DIM = 4
 _LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
 _SLOT = {name: i for i, name in enumerate(_LAYERS)}  # each layer's entry in act_absmax
 _SUB_SLOT = {"q": 0, "out": 1}  # in the sublayer's act_absmax
+_TASK = 64  # tokens per parallel task
+_GROUP = 4  # tokens whose q_fc / out_fc run as one tile (independent chains: the LN's reductions overlap)
+
+
+class _TokenRows:
+    """buffer seen as the tile _KernelParts reads, src[t, i, lanes] = token t + i + shift of buffer: buffer[token, 0,
+    lanes] (axis 0, an [N, 1, C] buffer) or buffer[0, token, lanes] (axis 1, a [1, group, C] one); used while the
+    kernel is parsed."""
+
+    def __init__(self, buffer, axis: int = 0, shift=0):
+        self.buffer, self.axis, self.shift = buffer, axis, shift
+
+    def __getitem__(self, index):
+        t, i, lanes = index
+        token = t + i + self.shift
+        return self.buffer[token, 0, lanes] if self.axis == 0 else self.buffer[0, token, lanes]
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +206,8 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     from tvm.script import tirx as T
 
     parts = _KernelParts(8, views)
-    row = _KernelParts(8, 1)  # q_fc and out_fc: one token
+    quad = _KernelParts(8, _GROUP)  # q_fc and out_fc (and the LN) of a group of tokens, one register row each
+    row = _KernelParts(8, 1)  # the same for a last group of fewer tokens
     blocks = channels // LANES
     layer_count = len(_LAYERS)
     lowest = float(torch.finfo(torch.float32).min)
@@ -207,9 +224,9 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     a2_p, a2_o = shapes(4, channels)
     c_p, c_o = shapes(channels, channels)
 
-    def softmax_and_sum(t, b, logits, kv, pos, mask, store):
-        """Channels b*16.. of token t: the views' softmax per channel and the weighted sum of v + pos, normalised
-        once at the end (emitted while the kernel is parsed, the views unrolled, every value a register)."""
+    def softmax_and_sum(t, b, logits, vp, mask, store):
+        """Channels b*16.. of token t: the views' softmax per channel and the weighted sum of vp = v + pos,
+        normalised once at the end (emitted while the kernel is parsed, the views unrolled, every value a register)."""
         peak = T.bind(logits[0, 0, lanes(b * LANES)])
         for i in range(1, views):
             peak = T.bind(T.max(peak, logits[0, i, lanes(b * LANES)]))
@@ -220,7 +237,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         value = T.Broadcast(T.float32(0), LANES)
         for i in range(views):
             value = value + weights[i] * T.Broadcast(mask[t, i], LANES) \
-                * (kv[i, lanes(channels + b * LANES)] + pos[i, lanes(b * LANES)])
+                * vp[i, lanes(b * LANES)]
         store(b, value / total)
 
     groups = -(-views // 4)  # the 4-wide rows (ray_diff, the hidden units) of four views share one register
@@ -245,23 +262,24 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         """Four 4-wide rows (lanes 4r..4r+3) quantized exactly as _KernelParts.quantize does each row (the row's
         absmax as an integer max of |x| bit patterns, or the layer's calibrated absmax when per tensor, the floor,
         one IEEE division each for 127 / absmax and absmax / 127, clamps, round to nearest even, +128), all four in
-        the same instructions: -> (words int32x4: row r's four bytes as word r, scale float32x16: row r's
-        dequantization scale in its lanes)."""
+        the same instructions (per tensor: calibrated = the layer's hoisted (127 / absmax, absmax / 127)): -> (words
+        int32x4: row r's four bytes as word r, scale float32x16: row r's dequantization scale in its lanes)."""
         if per_token:
             bits = T.bind(T.reinterpret(f"int32x{LANES}", values if nonnegative else T.abs(values)))
             bits = T.bind(T.max(bits, pick(bits, [k ^ 1 for k in range(LANES)])))
             bits = T.max(bits, pick(bits, [k ^ 2 for k in range(LANES)]))
             peak = T.bind(T.max(T.reinterpret(f"float32x{LANES}", bits), T.Broadcast(floor, LANES)))
+            inv, step = T.Broadcast(level, LANES) / peak, peak / T.Broadcast(level, LANES)
         else:
-            peak = T.bind(T.Broadcast(T.max(calibrated, floor), LANES))
-        scaled = values * (T.Broadcast(level, LANES) / peak)
+            inv, step = T.Broadcast(calibrated[0], LANES), T.Broadcast(calibrated[1], LANES)
+        scaled = values * inv
         if not nonnegative:
             scaled = T.max(scaled, T.Broadcast(T.float32(-127.0), LANES))
         rounded = T.call_llvm_pure_intrin(f"int32x{LANES}", "llvm.x86.avx512.mask.cvtps2dq.512",
                                           T.min(scaled, T.Broadcast(level, LANES)), T.Broadcast(T.int32(0), LANES),
                                           T.int16(-1), T.int32(4))
         words = T.bind(T.reinterpret("int32x4", T.Cast(f"uint8x{LANES}", rounded + T.Broadcast(T.int32(128), LANES))))
-        return words, T.bind(peak / T.Broadcast(level, LANES))
+        return words, T.bind(step)
 
     def rescale(acc, row_scale, out_scale, bias, block=0):
         """The integer layers' epilogue, (fp32(acc) * s_t) * 2^(c_o + p_min) + b_o, with lanes of 4 outputs per row
@@ -301,22 +319,26 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
             acc = vnni(c[T.Ramp(block * LANES, 1, LANES)], act, w[block, 0, T.Ramp(0, 1, 64)])
             store(block, rescale(acc, scale_r, s, b, block))
 
-    def positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, act_absmax):
+    def hoisted(steps, slot):
+        """A per-tensor layer's (127 / absmax, absmax / 127) from the task's `steps` [2, layers] (None per token)."""
+        return None if per_token else (steps[0, slot], steps[1, slot])
+
+    def positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, steps):
         """pos [V, C] = pos_fc2(relu(pos_fc1(ray_diff[t]))), four views per register up to the hidden units."""
         for k in range(groups):
-            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False, act_absmax[_SLOT["pos1"]])
+            words, row_scale = quantize_rows_of_4(view_rows(t, ray_diff, k), False, hoisted(steps, _SLOT["pos1"]))
             hidden = T.bind(relu(rows_of_4_layer(words, row_scale, p1_w, p1_c, p1_s, p1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[_SLOT["pos2"]])
+            words, row_scale = quantize_rows_of_4(hidden, True, hoisted(steps, _SLOT["pos2"]))
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, p2_w, p2_c, p2_s, p2_b,
                                 lambda block, value, i=i: T.buffer_store(pos, value, [i, lanes(block * LANES)]))
 
-    def attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax):
+    def attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps):
         """mixed[0, i] = attn_fc2(relu(attn_fc1(.))) of the quantized rows xq / scale, finfo.min where view i is
         invisible; four views per register up to the hidden units."""
         for k in range(groups):
             hidden = T.bind(relu(channels_to_rows_of_4(xq, scale, k, a1_w, a1_c, a1_s, a1_b)))
-            words, row_scale = quantize_rows_of_4(hidden, True, act_absmax[_SLOT["attn2"]])
+            words, row_scale = quantize_rows_of_4(hidden, True, hoisted(steps, _SLOT["attn2"]))
             for i in range(4 * k, min(4 * k + 4, views)):
                 row_to_channels(words, row_scale, i - 4 * k, a2_w, a2_c, a2_s, a2_b,
                                 lambda block, value, i=i: T.buffer_store(
@@ -324,84 +346,119 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
                                         T.float32(0), LANES), T.Broadcast(T.float32(lowest), LANES),
                                         value), [0, i, lanes(block * LANES)]))
 
+    def keys_values(query, xq, scale, pos, mixed, vp, kv_w, kv_c, kv_s, kv_b):
+        """k | v of the quantized views xq, 2 blocks of 16 outputs per pass over the 2C, each block consumed as it
+        leaves the accumulators: mixed[0, i] = k_i - qp + pos_i, vp[i] = v_i + pos_i."""
+        def store(i, block, value):
+            if block < blocks:
+                T.buffer_store(mixed, value - query(block) + pos[i, lanes(block * LANES)], [0, i, lanes(block * LANES)])
+            else:
+                T.buffer_store(vp, value + pos[i, lanes((block - blocks) * LANES)], [i, lanes((block - blocks) * LANES)])
+
+        for p in range(blocks):
+            parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2, store)
+
     @T.macro
-    def attend(t, query, features, ray_diff, mask, xq, scale, kv, pos, mixed, kv_w, kv_c, kv_s, kv_b,
+    def attend(t, query, features, ray_diff, mask, xq, scale, vp, pos, mixed, kv_w, kv_c, kv_s, kv_b,
                p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b,
-               act_absmax, store):
+               steps, store):
         """Token t's attention between q_fc and out_fc; query(b): channels b*16.. of its projected query; the result
         goes to store(b, value)."""
-        # k | v
-        parts.quantize(features, t, channels, xq, scale, per_token, act_absmax, False, _SLOT["kv"])
-        for p in T.serial(blocks):  # 2 blocks of 16 outputs per pass over the 2C of k|v
-            parts.dot_products(xq, kv_w, kv_c, kv_s, kv_b, scale, p, channels, 2,
-                               lambda i, block, value: T.buffer_store(kv, value, [i, lanes(block * LANES)]))
         # pos = pos_fc2(relu(pos_fc1(ray_diff))), four views' 4-wide rows per register
-        positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, act_absmax)
+        positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, steps)
+        # k | v, each block consumed as it leaves the accumulators: k - qp + pos into mixed, v + pos into vp
+        parts.quantize(features, t, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["kv"]))
+        keys_values(query, xq, scale, pos, mixed, vp, kv_w, kv_c, kv_s, kv_b)
         # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
-        for i in T.serial(views):
-            for b in T.serial(blocks):
-                mixed[0, i, lanes(b * LANES)] = kv[i, lanes(b * LANES)] - query(b) + pos[i, lanes(b * LANES)]
-        parts.quantize(mixed, 0, channels, xq, scale, per_token, act_absmax, False, _SLOT["attn1"])
-        attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax)
+        parts.quantize(mixed, 0, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["attn1"]))
+        attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps)
         # softmax over the views per channel, weighted sum of v + pos
         for b in T.serial(blocks):
-            softmax_and_sum(t, b, mixed, kv, pos, mask, store)
+            softmax_and_sum(t, b, mixed, vp, mask, store)
 
-    def query_layer(t, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w, q_c, q_s, q_b, sub_absmax, qp):
-        """qp [1, C] = q_fc(LN(x[t])) (the LN in the kernel, or the caller's normed rows)."""
+    def query_layer(rows, first, x, normed, normed_rows, xq_rows, scale_rows, ln_w, ln_b, q_w, q_c, q_s, q_b, steps,
+                    qp_store):
+        """q_fc(LN(x)) of tokens first.. (rows: the _KernelParts of one or a group of tokens, each a register row;
+        the LN in the kernel, or the caller's normed rows); qp_store(i, block, value)."""
         if eps is None:
-            row.quantize(normed, t, channels, xq_row, scale_row, per_token, sub_absmax, False, _SUB_SLOT["q"])
+            rows.quantize(_TokenRows(normed), first, channels, xq_rows, scale_rows, per_token, None,
+                          calibrated=hoisted(steps, layer_count + _SUB_SLOT["q"]))
         else:
-            row.layer_norm(x, t, normed_row, ln_w, ln_b, eps)
-            row.quantize(normed_row, 0, channels, xq_row, scale_row, per_token, sub_absmax, False, _SUB_SLOT["q"])
-        for p in range(blocks):
-            row.dot_products(xq_row, q_w, q_c, q_s, q_b, scale_row, p, channels, 1,
-                             lambda i, block, value: T.buffer_store(qp, value, [0, lanes(block * LANES)]))
+            rows.layer_norm(_TokenRows(x), first, normed_rows, ln_w, ln_b, eps)
+            rows.quantize(normed_rows, 0, channels, xq_rows, scale_rows, per_token, None,
+                          calibrated=hoisted(steps, layer_count + _SUB_SLOT["q"]))
+        rows.dot_products(xq_rows, q_w, q_c, q_s, q_b, scale_rows, 0, channels, blocks, qp_store)
 
-    def out_layer(t, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, sub_absmax, out):
-        """out[t] = x[t] + out_fc(attended)."""
-        row.quantize(attended, 0, channels, xq_row, scale_row, per_token, sub_absmax, False,
-                     _SUB_SLOT["out"])
-        for p in range(blocks):
-            row.dot_products(xq_row, o_w, o_c, o_s, o_b, scale_row, p, channels, 1,
-                             lambda i, block, value: T.buffer_store(
-                                 out, x[t, 0, lanes(block * LANES)] + value, [t, 0, lanes(block * LANES)]))
+    def out_layer(rows, first, x, attended, xq_rows, scale_rows, o_w, o_c, o_s, o_b, steps, out):
+        """out[first + i] = x[first + i] + out_fc(attended row i) for the group's tokens (attended: a _TokenRows)."""
+        rows.quantize(attended, 0, channels, xq_rows, scale_rows, per_token, None,
+                      calibrated=hoisted(steps, layer_count + _SUB_SLOT["out"]))
+        rows.dot_products(xq_rows, o_w, o_c, o_s, o_b, scale_rows, 0, channels, blocks,
+                          lambda i, block, value: T.buffer_store(
+                              out, x[first + i, 0, lanes(block * LANES)] + value, [first + i, 0, lanes(block * LANES)]))
+
+    def fill_steps(steps, act_absmax, sub_absmax):
+        """Per tensor: steps[:, k] = (127 / absmax, absmax / 127) of the attention's layers, then q_fc's and out_fc's."""
+        if not per_token:
+            calibrated = [act_absmax[k] for k in range(layer_count)]
+            calibrated += [sub_absmax[k] for k in range(2)] if sublayer else []
+            for k, absmax in enumerate(calibrated):
+                inv, step = parts.calibration(absmax)
+                T.buffer_store(steps, inv, [0, k])
+                T.buffer_store(steps, step, [1, k])
 
     @T.macro
     def token_loop(tokens, qp_in, x, normed, ln_w, ln_b, features, ray_diff, mask, kv_w, kv_c, kv_s, kv_b, p1_w,
                    p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax,
                    q_w, q_c, q_s, q_b, o_w, o_c, o_s, o_b, sub_absmax, out):
-        """Every token, 64 per parallel task; with `sublayer`, q_fc(LN(x)) before its attention (in qp) and
-        x + out_fc(attended) after, else its projected query read from qp_in and its attention written to out."""
-        for task in T.parallel((tokens + 63) // 64):
+        """Every token, 64 per parallel task, in groups of four; with `sublayer`, q_fc(LN(x)) of the group's tokens
+        before their attention (in qp: four rows in one register-blocked product) and x + out_fc(attended) after (the
+        same), else each token's projected query read from qp_in and its attention written to out. Per tensor, the
+        layers' two divisions are done once per task (in steps)."""
+        for task in T.parallel((tokens + _TASK - 1) // _TASK):
             xq = T.alloc_buffer((4 * groups, channels), "uint8", scope="local")  # rows padded to whole groups of 4
             scale = T.alloc_buffer((4 * groups,), "float32", scope="local")
             for i in T.serial(4 * groups - views):  # the padding rows stay zero
                 scale[views + i] = T.float32(0)
                 for j in T.serial(channels):
                     xq[views + i, j] = T.uint8(128)
-            kv = T.alloc_buffer((views, 2 * channels), "float32", scope="local")
+            steps = T.alloc_buffer((2, layer_count + 2), "float32", scope="local")
+            fill_steps(steps, act_absmax, sub_absmax)
             pos = T.alloc_buffer((views, channels), "float32", scope="local")
+            vp = T.alloc_buffer((views, channels), "float32", scope="local")  # v + pos
             mixed = T.alloc_buffer((1, views, channels), "float32", scope="local")  # k - qp + pos, then logits
-            normed_row = T.alloc_buffer((1, 1, channels), "float32", scope="local")
-            xq_row = T.alloc_buffer((1, channels), "uint8", scope="local")
-            scale_row = T.alloc_buffer((1,), "float32", scope="local")
-            qp = T.alloc_buffer((1, channels), "float32", scope="local")
-            attended = T.alloc_buffer((1, 1, channels), "float32", scope="local")
-            for within in T.serial(64):
-                if task * 64 + within < tokens:
+            normed_rows = T.alloc_buffer((1, _GROUP, channels), "float32", scope="local")
+            xq_rows = T.alloc_buffer((_GROUP, channels), "uint8", scope="local")
+            scale_rows = T.alloc_buffer((_GROUP,), "float32", scope="local")
+            qp = T.alloc_buffer((_GROUP, channels), "float32", scope="local")
+            attended = T.alloc_buffer((1, _GROUP, channels), "float32", scope="local")
+            for group in T.serial(_TASK // _GROUP):
+                first = task * _TASK + group * _GROUP
+                if first < tokens:
                     if sublayer:
-                        query_layer(task * 64 + within, x, normed, normed_row, xq_row, scale_row, ln_w, ln_b, q_w,
-                                    q_c, q_s, q_b, sub_absmax, qp)
-                    attend(task * 64 + within, (lambda b: qp[0, lanes(b * LANES)]) if sublayer else (
-                        lambda b: qp_in[task * 64 + within, lanes(b * LANES)]), features, ray_diff, mask, xq, scale,
-                           kv, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c,
-                           p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, act_absmax,
-                           (lambda b, value: T.buffer_store(attended, value, [0, 0, lanes(b * LANES)])) if sublayer
-                           else (lambda b, value: T.buffer_store(out, value, [task * 64 + within, lanes(b * LANES)])))
+                        if first + _GROUP <= tokens:
+                            query_layer(quad, first, x, normed, normed_rows, xq_rows, scale_rows, ln_w, ln_b, q_w,
+                                        q_c, q_s, q_b, steps, lambda i, block, value: T.buffer_store(
+                                            qp, value, [i, lanes(block * LANES)]))
+                        else:
+                            for j in T.serial(tokens - first):
+                                query_layer(row, first + j, x, normed, normed_rows, xq_rows, scale_rows, ln_w, ln_b,
+                                            q_w, q_c, q_s, q_b, steps, lambda i, block, value: T.buffer_store(
+                                                qp, value, [j, lanes(block * LANES)]))
+                    for j in T.serial(T.min(_GROUP, tokens - first)):
+                        attend(first + j, (lambda b: qp[j, lanes(b * LANES)]) if sublayer else (
+                            lambda b: qp_in[first + j, lanes(b * LANES)]), features, ray_diff, mask, xq, scale,
+                               vp, pos, mixed, kv_w, kv_c, kv_s, kv_b, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c,
+                               p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps,
+                               (lambda b, value: T.buffer_store(attended, value, [0, j, lanes(b * LANES)])) if sublayer
+                               else (lambda b, value: T.buffer_store(out, value, [first + j, lanes(b * LANES)])))
                     if sublayer:
-                        out_layer(task * 64 + within, x, attended, xq_row, scale_row, o_w, o_c, o_s, o_b, sub_absmax,
-                                  out)
+                        if first + _GROUP <= tokens:
+                            out_layer(quad, first, x, attended, xq_rows, scale_rows, o_w, o_c, o_s, o_b, steps, out)
+                        else:
+                            for j in T.serial(tokens - first):
+                                out_layer(row, first + j, x, _TokenRows(attended, 1, j), xq_rows, scale_rows,
+                                          o_w, o_c, o_s, o_b, steps, out)
 
     if not sublayer:
         @T.prim_func
