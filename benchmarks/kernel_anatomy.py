@@ -12,6 +12,9 @@ reports cycles and instructions as not supported). For each kernel at the model'
                 output blocks run their body more than once. They say how much of the code is the products that
                 a fraction of the peak counts.
 
+  parts         for k's integer view sublayer (the largest integer kernel of a frame): its time per part, the
+                kernel built with each part (positions, k|v, logits, softmax, q_fc, out_fc) left out in turn.
+
   python benchmarks/kernel_anatomy.py --out results/kernel_anatomy_cpu.json [--repeats 7]
 """
 from __future__ import annotations
@@ -38,6 +41,55 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 CHUNK_TOKENS, SMALL_TOKENS, SAMPLES, VIEWS, CHANNELS, HIDDEN, HEADS = 49152, 3072, 24, 6, 32, 128, 4
+
+
+def _static_view_layers(norm: nn.Module):
+    """k's integer view attention layers (calibrated per-tensor scales, on random inputs of the model's kind) in the
+    kernel layout: (IntViewWeights, IntViewSublayerWeights)."""
+    from gnt_shiftadd.models.transformers import ViewAttention
+    from gnt_shiftadd.shiftadd.int_shift import integer_linears_
+    from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
+    from kernels import int_view_attention
+
+    static_view = integer_linears_(ViewAttention(CHANNELS).eval(), act_scale="per_tensor")
+    calibrate_int_shift_linears(static_view, lambda: static_view(
+        torch.randn(256, 1, CHANNELS), torch.randn(256, 1, VIEWS, CHANNELS), torch.randn(256, 1, VIEWS, 4),
+        torch.ones(256, 1, VIEWS, 1)))
+    return (int_view_attention.IntViewWeights.from_module(static_view),
+            int_view_attention.IntViewSublayerWeights.from_modules(norm, static_view))
+
+
+def view_sublayer_parts(repeats: int) -> dict:
+    """Time per part of k's and l's integer view sublayer (per tensor, LN in the kernel) on a whole chunk: the kernel
+    built with each part of int_view_attention.PARTS left out in turn (its output then wrong), rounds alternating
+    between the full kernel and the ablated ones; a part's ms = the full kernel's median minus the kernel's without
+    it. Parts overlap in the core, so the parts need not sum to the whole."""
+    import tvm
+
+    from kernels.build import cpu_target
+    from kernels.int_view_attention import PARTS, make_int_view_attention
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(CHANNELS, eps=1e-6).eval()
+    weights, sub = _static_view_layers(norm)
+    tokens = CHUNK_TOKENS
+    x, features = torch.randn(tokens, 1, CHANNELS), torch.randn(tokens, VIEWS, CHANNELS)
+    ray_diff, mask = torch.randn(tokens, VIEWS * 4) * 0.3, (torch.rand(tokens, VIEWS) > 0.2).float()
+    out = torch.empty(tokens, 1, CHANNELS)
+    args = (x, x, sub.ln_w, sub.ln_b, features, ray_diff, mask, *weights.tensors(), *sub.tensors()[2:], out)
+    target = tvm.target.Target(cpu_target())
+    kernels = {}
+    for left_out in ((),) + tuple((part,) for part in PARTS):
+        main = tvm.compile(make_int_view_attention(VIEWS, CHANNELS, sublayer=True, eps=sub.eps, per_token=False,
+                                                   leave_out=frozenset(left_out)), target=target)["main"]
+        kernels["full" if not left_out else "without_" + left_out[0]] = (lambda main=main: main(*args))
+    rounds = {name: [] for name in kernels}
+    for _ in range(3):
+        for name, run in kernels.items():
+            rounds[name].append(_median_ms(run, 1, repeats))
+    medians = {name: statistics.median(values) for name, values in rounds.items()}
+    return {"ms": medians, "part_ms": {part: medians["full"] - medians["without_" + part] for part in PARTS},
+            "rounds_ms": rounds}
 
 
 def kernel_cases() -> dict:
@@ -69,12 +121,7 @@ def kernel_cases() -> dict:
     int_ray.core = ray.core
     int_ray_w = int_ray_attention.IntRayWeights.from_modules(norm, int_ray)
     # k's kernels: the same blocks with calibrated per-tensor scales (calibrated on random inputs of the same kind)
-    static_view = integer_linears_(ViewAttention(CHANNELS).eval(), act_scale="per_tensor")
-    calibrate_int_shift_linears(static_view, lambda: static_view(
-        torch.randn(256, 1, CHANNELS), torch.randn(256, 1, VIEWS, CHANNELS), torch.randn(256, 1, VIEWS, 4),
-        torch.ones(256, 1, VIEWS, 1)))
-    static_weights = int_view_attention.IntViewWeights.from_module(static_view)
-    static_sub = int_view_attention.IntViewSublayerWeights.from_modules(norm, static_view)
+    static_weights, static_sub = _static_view_layers(norm)
     static_ff = integer_linears_(FeedForward(CHANNELS, HIDDEN).eval(), act_scale="per_tensor")
     calibrate_int_shift_linears(static_ff, lambda: static_ff(norm(torch.randn(256, CHANNELS))))
     static_fc1, static_fc2 = (int_shift.prepare_int_shift(export_int_shift(layer))
@@ -141,6 +188,8 @@ def worker(repeats: int) -> dict:
 
     match_tvm_threads_to_torch()
     result = {"tvm_threads": tvm_thread_count(), "kernels": {}}
+    if tvm_thread_count() > 1:
+        result["view_sublayer_parts"] = view_sublayer_parts(repeats)
     for name, (call, _) in kernel_cases().items():
         whole, small = call(CHUNK_TOKENS), call(SMALL_TOKENS)
         record: dict = {}
@@ -242,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"x{entry['in_cache_over_whole']:.2f})  code: {entry['code']['instructions']} instructions, "
                   f"{100 * mix.get('int8_dot', 0):.0f}% vpdpbusd, {100 * mix.get('fp32_fma', 0):.0f}% FMA, "
                   f"{100 * mix.get('fp32_mul', 0):.0f}% fp32 mul", flush=True)
+    parts = timings[2]["view_sublayer_parts"]
+    record["view_sublayer_parts"] = {"kernel": "int_view_sublayer[per_tensor]", "threads": 2} | parts
+    print("int_view_sublayer[per_tensor] time per part (full kernel minus the kernel without it, 2 threads): "
+          + ", ".join(f"{part} {ms:.2f}" for part, ms in parts["part_ms"].items())
+          + f" of {parts['ms']['full']:.2f} ms", flush=True)
     write_record(args.out, record)
     return 0
 

@@ -40,6 +40,7 @@ _RAY_DIFF_DIM = 4
 _LAYERS = ("kv", "pos1", "pos2", "attn1", "attn2")
 _SLOT = {name: i for i, name in enumerate(_LAYERS)}  # each layer's entry in act_absmax
 _SUB_SLOT = {"q": 0, "out": 1}  # in the sublayer's act_absmax
+PARTS = ("positions", "keys_values", "logits", "softmax", "q_fc", "out_fc")  # what leave_out can name
 _TASK = 64  # tokens per parallel task
 _GROUP = 4  # tokens whose q_fc / out_fc run as one tile (independent chains: the LN's reductions overlap)
 
@@ -191,7 +192,7 @@ def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_d
 
 
 def make_int_view_attention(views: int, channels: int, sublayer: bool = False, eps: float | None = None,
-                            per_token: bool = True):
+                            per_token: bool = True, leave_out: frozenset = frozenset()):
     """IRModule "main" for the VNNI CPU; N symbolic, one token per step.
 
     sublayer False: (qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
@@ -201,9 +202,14 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
     their act_absmax [2], out [N, 1, C]); eps given: the LN is computed in the kernel (normed is not read: pass x
     twice); eps None: normed = the block's LN of x from the caller.
     per_token False: every layer quantizes with its calibrated absmax (act_absmax), a multiply per value instead of
-    a per-row absmax and division (ShiftAdd variants with shiftadd.act_scale: per_tensor)."""
+    a per-row absmax and division (ShiftAdd variants with shiftadd.act_scale: per_tensor).
+    leave_out (profiling only: benchmarks/kernel_anatomy.py's time per part; the output is then wrong): parts of
+    PARTS not emitted, e.g. {"softmax"} (the attention's output is then the first view's logits)."""
     import tvm  # lazy: TVM is optional
     from tvm.script import tirx as T
+
+    if not set(leave_out) <= set(PARTS):
+        raise ValueError(f"make_int_view_attention: leave_out {sorted(leave_out)} names parts outside {PARTS}")
 
     parts = _KernelParts(8, views)
     quad = _KernelParts(8, _GROUP)  # q_fc and out_fc (and the LN) of a group of tokens, one register row each
@@ -365,16 +371,22 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
         """Token t's attention between q_fc and out_fc; query(b): channels b*16.. of its projected query; the result
         goes to store(b, value)."""
         # pos = pos_fc2(relu(pos_fc1(ray_diff))), four views' 4-wide rows per register
-        positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, steps)
+        if "positions" not in leave_out:
+            positions(t, ray_diff, pos, p1_w, p1_c, p1_s, p1_b, p2_w, p2_c, p2_s, p2_b, steps)
         # k | v, each block consumed as it leaves the accumulators: k - qp + pos into mixed, v + pos into vp
-        parts.quantize(features, t, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["kv"]))
-        keys_values(query, xq, scale, pos, mixed, vp, kv_w, kv_c, kv_s, kv_b)
+        if "keys_values" not in leave_out:
+            parts.quantize(features, t, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["kv"]))
+            keys_values(query, xq, scale, pos, mixed, vp, kv_w, kv_c, kv_s, kv_b)
         # logits = attn_fc2(relu(attn_fc1(k - qp + pos)))
-        parts.quantize(mixed, 0, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["attn1"]))
-        attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps)
+        if "logits" not in leave_out:
+            parts.quantize(mixed, 0, channels, xq, scale, per_token, None, calibrated=hoisted(steps, _SLOT["attn1"]))
+            attention_logits(t, xq, scale, mask, mixed, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps)
         # softmax over the views per channel, weighted sum of v + pos
         for b in T.serial(blocks):
-            softmax_and_sum(t, b, mixed, vp, mask, store)
+            if "softmax" in leave_out:
+                store(b, mixed[0, 0, lanes(b * LANES)])
+            else:
+                softmax_and_sum(t, b, mixed, vp, mask, store)
 
     def query_layer(rows, first, x, normed, normed_rows, xq_rows, scale_rows, ln_w, ln_b, q_w, q_c, q_s, q_b, steps,
                     qp_store):
@@ -435,7 +447,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
             for group in T.serial(_TASK // _GROUP):
                 first = task * _TASK + group * _GROUP
                 if first < tokens:
-                    if sublayer:
+                    if sublayer and "q_fc" not in leave_out:
                         if first + _GROUP <= tokens:
                             query_layer(quad, first, x, normed, normed_rows, xq_rows, scale_rows, ln_w, ln_b, q_w,
                                         q_c, q_s, q_b, steps, lambda i, block, value: T.buffer_store(
@@ -452,7 +464,7 @@ def make_int_view_attention(views: int, channels: int, sublayer: bool = False, e
                                p2_s, p2_b, a1_w, a1_c, a1_s, a1_b, a2_w, a2_c, a2_s, a2_b, steps,
                                (lambda b, value: T.buffer_store(attended, value, [0, j, lanes(b * LANES)])) if sublayer
                                else (lambda b, value: T.buffer_store(out, value, [first + j, lanes(b * LANES)])))
-                    if sublayer:
+                    if sublayer and "out_fc" not in leave_out:
                         if first + _GROUP <= tokens:
                             out_layer(quad, first, x, attended, xq_rows, scale_rows, o_w, o_c, o_s, o_b, steps, out)
                         else:

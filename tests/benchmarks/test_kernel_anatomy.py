@@ -38,3 +38,20 @@ def test_the_code_census_finds_the_integer_ffn_loops(tmp_path):
     # one small call of a kernel case runs on TVM and returns the right shape
     run = cases["int_ray_attention"][0](48)
     assert run().shape == (2, 24, 32)
+
+
+def test_the_view_sublayer_profile_times_every_part(monkeypatch):
+    """Time per part of the integer view sublayer: every part of PARTS gets a time (full minus the kernel without
+    it), from rounds of the full kernel and each ablated one."""
+    from kernels.int_shift import vnni_available
+    from kernels.int_view_attention import PARTS
+
+    if not vnni_available():
+        pytest.skip("the integer kernels need AVX-512 VNNI")
+    bench = load_benchmark("kernel_anatomy")
+    monkeypatch.setattr(bench, "CHUNK_TOKENS", 256)
+    profile = bench.view_sublayer_parts(1)
+    assert set(profile["part_ms"]) == set(PARTS)
+    assert set(profile["ms"]) == {"full"} | {f"without_{part}" for part in PARTS}
+    assert all(len(rounds) == 3 and min(rounds) > 0 for rounds in profile["rounds_ms"].values())
+    assert profile["part_ms"]["keys_values"] == pytest.approx(profile["ms"]["full"] - profile["ms"]["without_keys_values"])

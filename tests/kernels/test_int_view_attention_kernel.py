@@ -183,6 +183,37 @@ def test_sublayer_kernel_matches_the_modules(norm_in_kernel, tokens, views, act_
 
 
 @needs_vnni
+def test_profiling_builds_leave_each_part_out_and_refuse_unknown_parts():
+    """make_int_view_attention(leave_out=...) (benchmarks/kernel_anatomy.py's time per part): each part left out
+    changes the sublayer's output (it is really not computed); a part it does not have is refused by name."""
+    import tvm
+
+    from kernels.build import cpu_target
+    from kernels.int_view_attention import PARTS, IntViewSublayerWeights, make_int_view_attention
+
+    attention = _integer_attention(seed=3, act_scale="per_tensor")
+    weights = IntViewWeights.from_module(attention)
+    sub = IntViewSublayerWeights.from_modules(nn.LayerNorm(32, eps=1e-6), attention)
+    _, features, ray_diff, mask = _inputs(40)
+    x = torch.randn(40, 1, 32)
+
+    def run(left_out):
+        main = tvm.compile(make_int_view_attention(6, 32, sublayer=True, eps=sub.eps, per_token=False,
+                                                   leave_out=frozenset(left_out)),
+                           target=tvm.target.Target(cpu_target()))["main"]
+        out = torch.zeros(40, 1, 32)
+        main(x, x, sub.ln_w, sub.ln_b, features, ray_diff.reshape(40, -1), mask, *weights.tensors(),
+             *sub.tensors()[2:], out)
+        return out
+
+    full = run(())
+    for part in PARTS:
+        assert not torch.equal(run((part,)), full), part
+    with pytest.raises(ValueError, match="hashing"):
+        make_int_view_attention(6, 32, sublayer=True, eps=1e-6, per_token=False, leave_out=frozenset({"hashing"}))
+
+
+@needs_vnni
 def test_the_sublayer_leaf_swaps_in_for_integer_view_blocks_and_runs_the_modules_for_gradients():
     from gnt_shiftadd.models.transformers import ViewTransformerBlock
     from kernels.apply import KernelConfig, KernelIntViewAttentionSublayer, use_kernels_
