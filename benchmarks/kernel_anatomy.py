@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 CHUNK_TOKENS, SMALL_TOKENS, SAMPLES, VIEWS, CHANNELS, HIDDEN, HEADS = 49152, 3072, 24, 6, 32, 128, 4
+PART_ROUNDS = 7  # rounds of the view sublayer's time per part (a part's time: the median of its per-round times)
 
 
 def _static_view_layers(norm: nn.Module):
@@ -62,8 +63,8 @@ def _static_view_layers(norm: nn.Module):
 def view_sublayer_parts(repeats: int) -> dict:
     """Time per part of k's and l's integer view sublayer (per tensor, LN in the kernel) on a whole chunk: the kernel
     built with each part of int_view_attention.PARTS left out in turn (its output then wrong), rounds alternating
-    between the full kernel and the ablated ones; a part's ms = the full kernel's median minus the kernel's without
-    it. Parts overlap in the core, so the parts need not sum to the whole."""
+    between the full kernel and the ablated ones; a part's ms = the median over rounds of the full kernel's time
+    minus the kernel's without it in the same round. Parts overlap in the core, so they need not sum to the whole."""
     import tvm
 
     from kernels.build import cpu_target
@@ -84,12 +85,14 @@ def view_sublayer_parts(repeats: int) -> dict:
                                                    leave_out=frozenset(left_out)), target=target)["main"]
         kernels["full" if not left_out else "without_" + left_out[0]] = (lambda main=main: main(*args))
     rounds = {name: [] for name in kernels}
-    for _ in range(3):
+    for _ in range(PART_ROUNDS):
         for name, run in kernels.items():
             rounds[name].append(_median_ms(run, 1, repeats))
     medians = {name: statistics.median(values) for name, values in rounds.items()}
-    return {"ms": medians, "part_ms": {part: medians["full"] - medians["without_" + part] for part in PARTS},
-            "rounds_ms": rounds}
+    # a part's time per round (the full kernel's minus the ablated one's, timed next to each other), then the median
+    parts = {part: statistics.median(full - without for full, without in zip(rounds["full"], rounds["without_" + part]))
+             for part in PARTS}
+    return {"ms": medians, "part_ms": parts, "rounds_ms": rounds}
 
 
 def kernel_cases() -> dict:
