@@ -66,6 +66,9 @@ class ShiftAddConfig:
     # dense | shift: the front end's second layer (rgbfeat_fc2: hidden -> C on every (sample, view), reading ReLU
     # outputs) as a shift layer too; its first layer stays dense (the kernels fold it into the feature maps)
     front_end: str = "dense"
+    # dense | shift: the blend colour head's view MLP first layer's per-view feature block (C -> hidden on every
+    # (sample, view)) as a shift layer; its per-sample and ray_diff blocks stay dense (models/heads.py)
+    head: str = "dense"
     hash_bits: int = 16
     shift_exponent_min: int = -14  # 5-bit codes: sign + exponent in [-14, 0], zero allowed (DeepShift-PS)
     shift_exponent_max: int = 0
@@ -292,6 +295,9 @@ def validate(cfg: Config) -> None:
         (cfg.shiftadd.attention_linears in ("dense", "shift"), "shiftadd.attention_linears must be dense or shift"),
         (cfg.shiftadd.ffn in ("dense", "shift", "moe"), "shiftadd.ffn must be dense, shift or moe"),
         (cfg.shiftadd.front_end in ("dense", "shift"), "shiftadd.front_end must be dense or shift"),
+        (cfg.shiftadd.head in ("dense", "shift"), "shiftadd.head must be dense or shift"),
+        (cfg.shiftadd.head == "dense" or cfg.model.color_head == "blend",
+         "shiftadd.head: shift needs model.color_head: blend (the regression head has no per-view layer)"),
         (cfg.shiftadd.hash_bits >= 1, "shiftadd.hash_bits must be >= 1"),
         (cfg.shiftadd.shift_exponent_min <= cfg.shiftadd.shift_exponent_max,
          "shiftadd.shift_exponent_min must be <= shiftadd.shift_exponent_max"),
@@ -330,8 +336,9 @@ _VARIANT_KEYS = ("ray_attention", "attention_linears", "ffn", "hash_bits", "shif
 def model_signature(cfg: Config) -> dict:
     """The config fields that define a model's modules and parameter shapes: checkpoints must match on all of them."""
     variant = {f"shiftadd.{k}": getattr(cfg.shiftadd, k) for k in _VARIANT_KEYS}
-    if cfg.shiftadd.front_end != "dense":  # only when on, so signatures of earlier checkpoints are unchanged
-        variant["shiftadd.front_end"] = cfg.shiftadd.front_end
+    for part in ("front_end", "head"):  # only when on, so signatures of earlier checkpoints are unchanged
+        if getattr(cfg.shiftadd, part) != "dense":
+            variant[f"shiftadd.{part}"] = getattr(cfg.shiftadd, part)
     if cfg.shiftadd.int_activations:  # only when on, so signatures of earlier checkpoints are unchanged
         variant |= {"shiftadd.int_activations": cfg.shiftadd.int_activations, "shiftadd.act_scale": cfg.shiftadd.act_scale}
     return dataclasses.asdict(cfg.model) | {"dropout": None} | variant
@@ -339,4 +346,5 @@ def model_signature(cfg: Config) -> dict:
 
 def is_dense(cfg: Config) -> bool:
     s = cfg.shiftadd
-    return s.ray_attention == "dense" and s.attention_linears == "dense" and s.ffn == "dense" and s.front_end == "dense"
+    return s.ray_attention == "dense" and s.attention_linears == "dense" and s.ffn == "dense" and \
+        s.front_end == "dense" and s.head == "dense"

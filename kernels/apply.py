@@ -69,6 +69,7 @@ from gnt_shiftadd.models.heads import RayColorBlend, ViewColorBlend
 from gnt_shiftadd.models.projector import SourceViews, SourceViewSampler
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, PreNormAttention, PreNormFeedForward, \
     PreNormViewAttention, RayAttention, ViewAttention
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention
 from gnt_shiftadd.shiftadd.int_shift import IntegerLayerError, IntShiftLinear, export_int_shift
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, decode_shift_codes
@@ -450,7 +451,7 @@ class KernelBlendHead(KernelLeaf):
         super().__init__()
         self.weights = BlendHeadWeights.from_modules(norm, fc1, fc2, sample_fc)
         self._layer_ids = (id(norm), id(fc1), id(fc2), id(sample_fc))
-        self.covered_ids = {id(view_blend)}  # runs inside this kernel
+        self.covered_ids = {id(view_blend)} | {id(m) for m in fc1.modules()}  # run inside this kernel
 
     def run(self, q, features, colors, ray_diff, mask, norm, view_blend, fc1, fc2, sample_fc):
         _check_same_layers(self, (norm, fc1, fc2, sample_fc))
@@ -622,6 +623,8 @@ def _view_attention(module, parent, cfg):
 def _blend_head(module, parent, cfg):
     if cfg.kernel_device(parent.norm.weight.device) != "cpu":
         raise KernelNotApplicable("the blend-head kernel is CPU-only; on CUDA the view blend has its own kernel")
+    if isinstance(parent.view_fc1, BlockShiftLinear) and not vnni_available():
+        raise KernelNotApplicable("the blend-head kernel's integer feature block runs on CPUs with AVX-512 VNNI")
     try:
         return KernelBlendHead(parent.norm, parent.view_blend, parent.view_fc1, parent.view_fc2, parent.sample_fc)
     except (TypeError, ValueError) as error:  # e.g. a width the kernel does not take: the view blend's own kernel

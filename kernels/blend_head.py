@@ -31,12 +31,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
+from kernels.int_shift import IntShiftWeights, export_8bit, prepare_int_shift, reference_from_weights, vnni_available
 from kernels.te_math import script_exp, script_pick
 from kernels.view_blend import PreparedBlendWeights, reference_view_blend
 
 __all__ = ["BlendHeadWeights", "reference_blend_head", "make_blend_head", "blend_head"]
+
+
+class _ViewRows:
+    """features [R, S, V, C] seen as the tile `_KernelParts.quantize` reads, src[t, v, lanes] = features[r, s, v,
+    lanes] (sample s of ray r; t unused); used while the kernel is parsed."""
+
+    def __init__(self, features, r, s):
+        self.features, self.r, self.s = features, r, s
+
+    def __getitem__(self, index):
+        _, view, lanes = index
+        return self.features[self.r, self.s, view, lanes]
 
 _RAY_DIFF_DIM = 4
 _RGB = 3
@@ -50,7 +64,8 @@ class BlendHeadWeights:
     """BlendColorHead's layers in the kernels' layout: the norm (ln_w, ln_b [C], eps), the view MLP as
     PreparedBlendWeights (features_t [C, H], ray_t [4, H], fc2_w [H], fc2_b [1], per_sample_w [H, C], fc1_b [H]),
     its per-sample block transposed (per_sample_t [C, H]) and sample_fc (sample_w [C], sample_b [1]). fp32
-    snapshots (build again after changing the layers)."""
+    snapshots (build again after changing the layers). features_int: the feature block as an 8-bit per-tensor
+    integer shift layer (shiftadd.head: shift, a BlockShiftLinear view_fc1; features_t is then zeros), else None."""
 
     ln_w: torch.Tensor
     ln_b: torch.Tensor
@@ -59,6 +74,7 @@ class BlendHeadWeights:
     per_sample_t: torch.Tensor
     sample_w: torch.Tensor
     sample_b: torch.Tensor
+    features_int: IntShiftWeights | None = None
 
     @property
     def channels(self) -> int:
@@ -76,6 +92,10 @@ class BlendHeadWeights:
             raise TypeError(f"blend head kernel: the norm must be an affine nn.LayerNorm, got {type(norm).__name__}")
         if type(sample_fc) is not nn.Linear:
             raise TypeError(f"blend head kernel: sample_fc must be a plain nn.Linear, got {type(sample_fc).__name__}")
+        features_int = None
+        if isinstance(fc1, BlockShiftLinear):  # the feature block integer: the rest as a dense fc1 around zeros
+            features_int = _integer_feature_block(fc1)
+            fc1 = _dense_stand_in(fc1)
         blend = PreparedBlendWeights.from_linears(fc1, fc2)
         channels, hidden = blend.channels, blend.hidden
         if channels % LANES or hidden % LANES:
@@ -88,12 +108,43 @@ class BlendHeadWeights:
         sample_b = sample_fc.bias if sample_fc.bias is not None else sample_fc.weight.new_zeros(1)
         return cls(ln_w=snapshot(norm.weight), ln_b=snapshot(norm.bias), eps=float(norm.eps), blend=blend,
                    per_sample_t=kernel_ready(blend.per_sample_w.t().clone(), torch.float32),
-                   sample_w=snapshot(sample_fc.weight), sample_b=snapshot(sample_b))
+                   sample_w=snapshot(sample_fc.weight), sample_b=snapshot(sample_b), features_int=features_int)
 
     def kernel_arguments(self) -> tuple[torch.Tensor, ...]:
         b = self.blend
-        return (self.ln_w, self.ln_b, self.per_sample_t, b.fc1_b, b.features_t, b.ray_t, b.fc2_w, b.fc2_b,
+        features = self.features_int.tensors() if self.features_int is not None else (b.features_t,)
+        return (self.ln_w, self.ln_b, self.per_sample_t, b.fc1_b, *features, b.ray_t, b.fc2_w, b.fc2_b,
                 self.sample_w, self.sample_b)
+
+    def op_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """What the custom op takes: the fp32 layout, then the integer feature block's packed, compensation,
+        out_scale, bias, absmax (Nones for an fp32 head)."""
+        b = self.blend
+        integer = self.features_int.tensors() if self.features_int is not None else (None,) * 5
+        return (self.ln_w, self.ln_b, self.per_sample_t, b.fc1_b, b.features_t, b.ray_t, b.fc2_w, b.fc2_b,
+                self.sample_w, self.sample_b, *integer)
+
+
+def _integer_feature_block(fc1: BlockShiftLinear) -> IntShiftWeights:
+    """The kernel layout of a BlockShiftLinear's feature block; ValueError unless it is an 8-bit per-tensor
+    IntShiftLinear with int8 weights (what the kernel computes)."""
+    exported, per_token = export_8bit({"view_fc1.first": fc1.first}, "blend head kernel")
+    if per_token:
+        raise ValueError("blend head kernel: the integer feature block needs a calibrated per-tensor scale")
+    return prepare_int_shift(exported["view_fc1.first"])
+
+
+def _dense_stand_in(fc1: BlockShiftLinear) -> nn.Linear:
+    """nn.Linear(2C + 4 -> H) with zeros in the feature block and the BlockShiftLinear's dense h | ray_diff block
+    and bias: what PreparedBlendWeights lays out for the parts that stay fp32."""
+    rest = fc1.rest
+    stand_in = nn.Linear(fc1.in_features, fc1.out_features, bias=rest.bias is not None)
+    with torch.no_grad():
+        stand_in.weight.zero_()
+        stand_in.weight[:, fc1.block:] = rest.weight.detach().float().cpu()
+        if rest.bias is not None:
+            stand_in.bias.copy_(rest.bias.detach().float().cpu())
+    return stand_in
 
 
 def reference_blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.Tensor, ray_diff: torch.Tensor,
@@ -102,7 +153,11 @@ def reference_blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.
     [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4], mask [R, S, V] -> rgb [R, 3] fp32."""
     h = F.layer_norm(q.float(), (w.channels,), w.ln_w, w.ln_b, w.eps)
     b = w.blend
-    sample_colors = reference_view_blend(b.per_sample(h), features, colors, ray_diff, mask, b.features_t, b.ray_t,
+    features_t = b.features_t
+    if w.features_int is not None:  # the feature block's integer outputs through an identity "weight"
+        features = reference_from_weights(features.float(), w.features_int)
+        features_t = torch.eye(w.hidden, dtype=torch.float32)
+    sample_colors = reference_view_blend(b.per_sample(h), features, colors, ray_diff, mask, features_t, b.ray_t,
                                          b.fc2_w, b.fc2_b)  # [R, S, 3]
     seen = (mask > 0).any(dim=-1)
     logits = (h @ w.sample_w + w.sample_b).masked_fill(~seen, _UNSEEN_LOGIT)  # [R, S]
@@ -113,9 +168,12 @@ def reference_blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: float):
+def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: float, integer: bool = False):
     """IRModule "main"(q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
-    mask [R, S, V], BlendHeadWeights.kernel_arguments(), out [R, 3]) for the CPU; R symbolic."""
+    mask [R, S, V], BlendHeadWeights.kernel_arguments(), out [R, 3]) for the CPU; R symbolic. integer: the feature
+    block is an 8-bit per-tensor integer shift layer (its packed, compensation, out_scale, bias, absmax in place
+    of features_t): per sample, the V views' features quantized with its calibrated scale and multiplied on VNNI
+    (V rows x H/16 accumulators, `_KernelParts`), bit-exact as a layer; the rest of the head as in fp32."""
     import tvm  # lazy: TVM is optional (the reference runs without it)
     from tvm.script import tirx as T
 
@@ -127,6 +185,7 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
                          f"H={H}, V={V}")
     c_blocks, h_blocks, s_vectors = C // LANES, H // LANES, -(-S // LANES)
     horizontal = _KernelParts(8, 1).horizontal  # a 16-lane reduction on register shuffles
+    view_rows = _KernelParts(8, V)  # integer: the views' features as the rows of one micro-tile
     lanes = lambda start: T.Ramp(start, 1, LANES)  # noqa: E731
     spread = lambda value: T.Broadcast(value, LANES)  # noqa: E731
     lowest = T.float32(float(torch.finfo(torch.float32).min))
@@ -146,8 +205,19 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
         exps = T.bind(script_exp(T, logits_vector - spread(peak), LANES))
         return exps, horizontal(exps, add)
 
+    def integer_features(r, s, features, int_w, int_c, int_s, int_b, int_absmax, xq, qscale, hq):
+        """hq + the integer feature block of every view of sample s (bound register values, {(v, j): value})."""
+        view_rows.quantize(_ViewRows(features, r, s), 0, C, xq, qscale, False, int_absmax)
+        acc = {}
+
+        def keep(v, j, value):
+            acc[v, j] = T.bind(value + hq[j])
+
+        view_rows.dot_products(xq, int_w, int_c, int_s, int_b, qscale, 0, C, h_blocks, keep)
+        return acc
+
     def sample(r, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, wr, w2, b2, ws, bs, normed,
-               view_logits, sample_colour, sample_logit):
+               view_logits, sample_colour, sample_logit, int_w, int_c, int_s, int_b, int_absmax, xq, qscale):
         """Sample s of ray r: its blended colour into sample_colour[s, :3] and its logit into sample_logit[s]
         (emitted while the kernel is parsed; every value a register except the small L1 rows)."""
         rows = [T.bind(q[r, s, lanes(b * LANES)]) for b in range(c_blocks)]
@@ -176,8 +246,11 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
             x = T.bind(spread(normed[c]))
             for j in range(h_blocks):
                 hq[j] = T.bind(hq[j] + x * wq[c, lanes(j * LANES)])
-        acc = {(v, j): hq[j] for v in range(V) for j in range(h_blocks)}
-        for c in range(C + _RAY_DIFF_DIM):
+        if integer:
+            acc = integer_features(r, s, features, int_w, int_c, int_s, int_b, int_absmax, xq, qscale, hq)
+        else:
+            acc = {(v, j): hq[j] for v in range(V) for j in range(h_blocks)}
+        for c in range(C if integer else 0, C + _RAY_DIFF_DIM):
             weights = [T.bind(wf[c, lanes(j * LANES)] if c < C else wr[c - C, lanes(j * LANES)])
                        for j in range(h_blocks)]
             for v in range(V):
@@ -223,6 +296,49 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
                 colour = colour + sample_weights[s] * sample_colour[s, channel]
             T.buffer_store(out, colour / total, [r, channel])
 
+    @T.macro
+    def ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, int_w, int_c, int_s, int_b, int_absmax,
+                 wr, w2, b2, ws, bs, out, rays):
+        for task in T.parallel((rays + RAYS_PER_TASK - 1) // RAYS_PER_TASK):
+            normed = T.alloc_buffer((C,), "float32", scope="local")
+            view_logits = T.alloc_buffer((LANES,), "float32", scope="local")
+            sample_colour = T.alloc_buffer((S, _RGB), "float32", scope="local")
+            sample_logit = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")  # past S: finfo.min
+            sample_weights = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")
+            xq = T.alloc_buffer((V, C), "uint8", scope="local")  # integer: the views' quantized features
+            qscale = T.alloc_buffer((V,), "float32", scope="local")
+            for k in T.serial(s_vectors * LANES):
+                sample_logit[k] = lowest
+            for within in T.serial(RAYS_PER_TASK):
+                if task * RAYS_PER_TASK + within < rays:
+                    for s in T.serial(S):
+                        sample(task * RAYS_PER_TASK + within, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq,
+                               b1, wf, wr, w2, b2, ws, bs, normed, view_logits, sample_colour, sample_logit, int_w,
+                               int_c, int_s, int_b, int_absmax, xq, qscale)
+                    ray_colour(task * RAYS_PER_TASK + within, sample_colour, sample_logit, sample_weights, out)
+
+    if integer:
+        @T.prim_func
+        def main(q_h: T.handle, features_h: T.handle, colors_h: T.handle, diff_h: T.handle, mask_h: T.handle,
+                 ln_w: T.Buffer((C,), "float32"), ln_b: T.Buffer((C,), "float32"), wq: T.Buffer((C, H), "float32"),
+                 b1: T.Buffer((H,), "float32"), int_w: T.Buffer((h_blocks, C // 4, 4 * LANES), "int8"),
+                 int_c: T.Buffer((H,), "int32"), int_s: T.Buffer((H,), "float32"), int_b: T.Buffer((H,), "float32"),
+                 int_absmax: T.Buffer((1,), "float32"), wr: T.Buffer((_RAY_DIFF_DIM, H), "float32"),
+                 w2: T.Buffer((H,), "float32"), b2: T.Buffer((1,), "float32"), ws: T.Buffer((C,), "float32"),
+                 bs: T.Buffer((1,), "float32"), out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True})
+            rays = T.int32()
+            q = T.match_buffer(q_h, (rays, S, C), "float32")
+            features = T.match_buffer(features_h, (rays, S, V, C), "float32")
+            colors = T.match_buffer(colors_h, (rays, S, V, _RGB), "float32")
+            ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
+            mask = T.match_buffer(mask_h, (rays, S, V), "float32")
+            out = T.match_buffer(out_h, (rays, _RGB), "float32")
+            ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, None, int_w, int_c, int_s, int_b,
+                     int_absmax, wr, w2, b2, ws, bs, out, rays)
+
+        return tvm.IRModule({"main": main})
+
     @T.prim_func
     def main(q_h: T.handle, features_h: T.handle, colors_h: T.handle, diff_h: T.handle, mask_h: T.handle,
              ln_w: T.Buffer((C,), "float32"), ln_b: T.Buffer((C,), "float32"), wq: T.Buffer((C, H), "float32"),
@@ -238,20 +354,8 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
         ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
         mask = T.match_buffer(mask_h, (rays, S, V), "float32")
         out = T.match_buffer(out_h, (rays, _RGB), "float32")
-        for task in T.parallel((rays + RAYS_PER_TASK - 1) // RAYS_PER_TASK):
-            normed = T.alloc_buffer((C,), "float32", scope="local")
-            view_logits = T.alloc_buffer((LANES,), "float32", scope="local")
-            sample_colour = T.alloc_buffer((S, _RGB), "float32", scope="local")
-            sample_logit = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")  # past S: finfo.min
-            sample_weights = T.alloc_buffer((s_vectors * LANES,), "float32", scope="local")
-            for k in T.serial(s_vectors * LANES):
-                sample_logit[k] = lowest
-            for within in T.serial(RAYS_PER_TASK):
-                if task * RAYS_PER_TASK + within < rays:
-                    for s in T.serial(S):
-                        sample(task * RAYS_PER_TASK + within, s, q, features, colors, ray_diff, mask, ln_w, ln_b, wq,
-                               b1, wf, wr, w2, b2, ws, bs, normed, view_logits, sample_colour, sample_logit)
-                    ray_colour(task * RAYS_PER_TASK + within, sample_colour, sample_logit, sample_weights, out)
+        ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, None, None, None, None, None, wr, w2, b2,
+                 ws, bs, out, rays)
 
     return tvm.IRModule({"main": main})
 
@@ -277,9 +381,13 @@ def blend_head(q: torch.Tensor, features: torch.Tensor, colors: torch.Tensor, ra
         return reference_blend_head(q, features, colors, ray_diff, mask, w)
     kernel = None
     if rays:
+        integer = w.features_int is not None
         key = {"samples": samples, "views": views, "channels": channels, "hidden": w.hidden, "eps": w.eps}
-        kernel = get_kernel("blend_head", key, q.device,
-                            lambda _: make_blend_head(samples, views, channels, w.hidden, w.eps))
+        if integer and not vnni_available():
+            note_kernel("blend_head", "reference")
+        else:
+            kernel = get_kernel("blend_head", key | ({"integer": True} if integer else {}), q.device,
+                                lambda _: make_blend_head(samples, views, channels, w.hidden, w.eps, integer))
     if kernel is None:
         return reference_blend_head(q, features, colors, ray_diff, mask, w)
     ready = lambda t: kernel_ready(t, torch.float32)  # noqa: E731

@@ -43,7 +43,8 @@ kernel-backed model is slow but correct, never silently gradient-free.
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
   blend_head                          q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
-                                      mask [R, S, V], BlendHeadWeights.kernel_arguments(), eps -> rgb [R, 3] (CPU)
+                                      mask [R, S, V], BlendHeadWeights.op_tensors() (the integer feature block's
+                                      five tensors, or Nones), eps -> rgb [R, 3] (CPU)
   source_views                        points [R, S, 3], target_origin [3], SourceViewTensors (kernel layout)
                                       -> rgb [V, 3, R, S], feat [V, F, R, S], ray_diff [R, S, V, 4], mask [R, S, V, 1]
   source_front_end                    the same inputs + the front end's ViewFeatureWeights tensors (and its integer
@@ -340,15 +341,19 @@ def view_blend(hq: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, m
 @torch.library.custom_op(f"{NAMESPACE}::blend_head", mutates_args=())
 def _blend_head_op(q: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, mask: Tensor, ln_w: Tensor,
                    ln_b: Tensor, per_sample_t: Tensor, fc1_b: Tensor, features_t: Tensor, ray_t: Tensor,
-                   fc2_w: Tensor, fc2_b: Tensor, sample_w: Tensor, sample_b: Tensor, eps: float) -> Tensor:
+                   fc2_w: Tensor, fc2_b: Tensor, sample_w: Tensor, sample_b: Tensor, int_packed: Optional[Tensor],
+                   int_compensation: Optional[Tensor], int_out_scale: Optional[Tensor], int_bias: Optional[Tensor],
+                   int_absmax: Optional[Tensor], eps: float) -> Tensor:
     blend = _blend.PreparedBlendWeights(features_t, ray_t, fc2_w, fc2_b, per_sample_w=per_sample_t.t(), fc1_b=fc1_b)
-    weights = _blend_head.BlendHeadWeights(ln_w, ln_b, eps, blend, per_sample_t, sample_w, sample_b)
+    features_int = None if int_packed is None else _int_shift.IntShiftWeights.eight_bit(
+        (int_packed, int_compensation, int_out_scale, int_bias), ln_w.shape[0], fc1_b.shape[0], int_absmax)
+    weights = _blend_head.BlendHeadWeights(ln_w, ln_b, eps, blend, per_sample_t, sample_w, sample_b, features_int)
     return _blend_head.blend_head(q, features, colors, ray_diff, mask, weights)
 
 
 @_blend_head_op.register_fake
 def _(q, features, colors, ray_diff, mask, ln_w, ln_b, per_sample_t, fc1_b, features_t, ray_t, fc2_w, fc2_b,
-      sample_w, sample_b, eps):
+      sample_w, sample_b, int_packed, int_compensation, int_out_scale, int_bias, int_absmax, eps):
     return q.new_empty(q.shape[0], 3, dtype=torch.float32)
 
 
@@ -359,7 +364,7 @@ def blend_head(q: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, ma
     if _needs_grad("blend_head", q, features, colors, ray_diff, mask):
         return _blend_head.reference_blend_head(q, features, colors, ray_diff, mask, w)
     return torch.ops.shiftadd_gnt.blend_head(q.detach(), features.detach(), colors.detach(), ray_diff.detach(),
-                                             mask.detach(), *w.kernel_arguments(), w.eps)
+                                             mask.detach(), *w.op_tensors(), w.eps)
 
 
 # ----------------------------------------------------------------------------------------------- view features

@@ -26,6 +26,7 @@ from gnt_shiftadd.models.gnt import PositionFusion
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
 from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear
@@ -250,6 +251,11 @@ def _count_view_color_blend(ops, comp, _module, inputs, _out):
         ops.add(comp, "mult", "fp32", per_view * (channels + ray_dims) * hidden + samples * channels * hidden)
         ops.add(comp, "add", "fp32", per_view * (channels + ray_dims) * hidden  # both blocks' sums, + per sample
                 + samples * channels * hidden)  # (C - 1) sums and the bias per hidden unit
+    elif isinstance(fc1, BlockShiftLinear):  # its shift feature block is a module call (counts itself); the dense
+        hidden, ray_dims = fc1.out_features, fc1.rest.in_features - channels  # h and ray_diff blocks are not
+        ops.add(comp, "mult", "fp32", per_view * ray_dims * hidden + samples * channels * hidden)
+        ops.add(comp, "add", "fp32", per_view * (ray_dims + 1) * hidden  # sums, + the feature block's outputs,
+                + samples * channels * hidden)  # + per sample
     _softmax(ops, comp, samples, views)
     ops.add(comp, "mult", "fp32", per_view * 4)  # weight x mask, weight x rgb
     ops.add(comp, "add", "fp32", samples * (views - 1) * 3)

@@ -39,7 +39,11 @@ def split_view_linear(fc1: nn.Module, h: torch.Tensor, features: torch.Tensor, r
     sample, broadcast over the views) + W_r ray_diff (per sample and view). Exact algebra (fp32 rounding aside):
     40% fewer multiply-accumulates at GNT's widths and no concatenation copy. A layer that is not a plain
     nn.Linear (e.g. torch.ao's dynamic int8 Linear) gets the concatenation it was built for.
-    h [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4] -> [R, S, V, hidden]."""
+    h [R, S, C], features [R, S, V, C], ray_diff [R, S, V, 4] -> [R, S, V, hidden]. A layer with its own
+    `split_forward(h, features, ray_diff)` (a reparameterized fc1 whose blocks differ) computes it itself."""
+    split_forward = getattr(fc1, "split_forward", None)
+    if split_forward is not None:
+        return split_forward(h, features, ray_diff)
     if type(fc1) is not nn.Linear:
         return fc1(torch.cat([features, h[:, :, None, :].expand_as(features), ray_diff], dim=-1))
     channels = features.shape[-1]

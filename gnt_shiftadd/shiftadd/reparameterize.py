@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from gnt_shiftadd.config import ShiftAddConfig
+from gnt_shiftadd.models.heads import BlendColorHead
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from gnt_shiftadd.shiftadd.hashed_attention import ATTENTION_CORES
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
@@ -44,10 +46,12 @@ class ConversionReport:
     skipped: list[str] = field(default_factory=list)  # excluded by the filter
     int_shift_linears: list[str] = field(default_factory=list)  # shift layers given integer activations
     front_end_linears: list[str] = field(default_factory=list)  # the front end's second layer -> shift
+    head_linears: list[str] = field(default_factory=list)  # the blend head's view_fc1 feature block -> shift
 
     def summary(self) -> str:
         return (f"{len(self.attention_cores)} attention cores hashed, {len(self.shift_linears)} attention linears "
-                f"-> shift, {len(self.front_end_linears)} front-end layers -> shift, {len(self.shift_ffns)} FFNs -> "
+                f"-> shift, {len(self.front_end_linears)} front-end layers -> shift, {len(self.head_linears)} head "
+                f"feature blocks -> shift, {len(self.shift_ffns)} FFNs -> "
                 f"shift, {len(self.moe_ffns)} FFNs -> MoE, "
                 f"{len(self.int_shift_linears)} shift layers -> integer activations, "
                 f"{len(self.skipped)} modules kept dense by the filter")
@@ -107,6 +111,22 @@ def _convert_front_end(model, spec, wanted, report) -> None:
         if wanted(full, layer):
             module.rgbfeat_fc2 = ShiftLinear.from_linear(layer, spec)
             report.front_end_linears.append(full)
+        else:
+            report.skipped.append(full)
+
+
+def _convert_head(model, spec, wanted, report) -> None:
+    """The per-view feature block of every blend colour head's view_fc1 (features_v -> hidden on every (sample,
+    view): the bulk of the head's multiply-accumulates) -> a shift layer, in a BlockShiftLinear; the h and ray_diff
+    blocks, other ranges, stay dense."""
+    for name, module in list(model.named_modules()):
+        if type(module) is not BlendColorHead or type(module.view_fc1) is not nn.Linear:
+            continue
+        full = f"{name}.view_fc1" if name else "view_fc1"
+        if wanted(full, module.view_fc1):
+            channels = module.norm.normalized_shape[0]
+            module.view_fc1 = BlockShiftLinear.from_linear(module.view_fc1, channels, spec)
+            report.head_linears.append(full)
         else:
             report.skipped.append(full)
 
@@ -214,6 +234,8 @@ def reparameterize(model: nn.Module, cfg: ShiftAddConfig, run_calibration: Calla
             _convert_attention_linears(model, spec, wanted, report)
         if cfg.front_end == "shift":
             _convert_front_end(model, spec, wanted, report)
+        if cfg.head == "shift":
+            _convert_head(model, spec, wanted, report)
         if cfg.ray_attention != "dense":
             _convert_attention_cores(model, cfg, wanted, report, run_calibration)
         if cfg.ffn != "dense":
@@ -245,13 +267,15 @@ def variant_of(model: nn.Module) -> dict[str, str]:
         ffn = "shift"
     front_end = "shift" if any(isinstance(getattr(m, "rgbfeat_fc2", None), ShiftLinear) for m in model.modules()) \
         else "dense"
-    return {"ray_attention": ray_attention, "attention_linears": attention_linears, "ffn": ffn, "front_end": front_end}
+    head = "shift" if any(isinstance(m, BlockShiftLinear) for m in model.modules()) else "dense"
+    return {"ray_attention": ray_attention, "attention_linears": attention_linears, "ffn": ffn, "front_end": front_end,
+            "head": head}
 
 
 def check_convertible(source: ShiftAddConfig, target: ShiftAddConfig, where: str) -> None:
     """Conversion only adds reparameterizations: a part already converted cannot become dense or another kind."""
     problems = []
-    for part in ("ray_attention", "attention_linears", "ffn", "front_end"):
+    for part in ("ray_attention", "attention_linears", "ffn", "front_end", "head"):
         have, want = getattr(source, part), getattr(target, part)
         if have != "dense" and have != want:
             problems.append(f"shiftadd.{part}: {where} has {have!r}, cannot convert it to {want!r}")
@@ -270,7 +294,8 @@ def _is_dense_for(source: ShiftAddConfig, key: str) -> bool:
     """True when `key` does not matter yet for `source` (nothing it governs has been converted)."""
     if key == "hash_bits":
         return source.ray_attention == "dense"
-    return source.attention_linears == "dense" and source.ffn == "dense" and source.front_end == "dense"
+    return source.attention_linears == "dense" and source.ffn == "dense" and source.front_end == "dense" and \
+        source.head == "dense"
 
 
 def warn_if_unfitted(model: nn.Module) -> None:

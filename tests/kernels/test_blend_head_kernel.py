@@ -109,3 +109,66 @@ def test_more_views_than_one_register_falls_back_with_one_warning(monkeypatch):
         got = blend_head(q, features, colors, ray_diff, mask[..., 0], weights)
         expected = head(q, features, colors, ray_diff, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _integer_head(dim: int, hidden: int = 32, seed: int = 0, act_scale: str = "per_tensor") -> BlendColorHead:
+    """_head with shiftadd.head: shift and 8-bit activations: view_fc1 a BlockShiftLinear whose feature block is an
+    IntShiftLinear, calibrated per tensor on random features (the conversion's own calibration)."""
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
+
+    head = _head(dim, hidden, seed)
+    fc1 = BlockShiftLinear.from_linear(head.view_fc1, dim, ShiftSpec(exponent_min=-6))
+    fc1.first = IntShiftLinear.from_shift_linear(fc1.first, 8, act_scale).eval()
+    head.view_fc1 = fc1.eval()
+    if act_scale == "per_tensor":
+        calibration = _inputs(8, 24, 6, dim, seed=7)
+        calibrate_int_shift_linears(head, lambda: head(*calibration))
+    return head
+
+
+@pytest.mark.parametrize("rays,samples,views", [(37, 24, 6), (3, 5, 1), (5, 9, 16)])
+def test_integer_feature_block_matches_the_model_head(rays, samples, views):
+    """shiftadd.head: shift: the kernel quantizes each view's features with the calibrated scale and runs the
+    feature block on VNNI; the head's colour matches the modules (the integer layer is exact; the fp32 parts round
+    in their own order). The reference from the kernel layout is the modules' to fp32 noise."""
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        pytest.skip("AVX-512 VNNI CPU needed")
+    head = _integer_head(32)
+    q, features, colors, ray_diff, mask = _inputs(rays, samples, views, 32)
+    weights = BlendHeadWeights.from_modules(head.norm, head.view_fc1, head.view_fc2, head.sample_fc)
+    assert weights.features_int is not None and not weights.features_int.per_token
+    with torch.no_grad():
+        expected = head(q, features, colors, ray_diff, mask)
+        torch.testing.assert_close(reference_blend_head(q, features, colors, ray_diff, mask[..., 0], weights),
+                                   expected, rtol=1e-5, atol=1e-5)
+        with recording(record := {}):
+            got = blend_head(q, features, colors, ray_diff, mask[..., 0], weights)
+    assert record == {"blend_head": "tvm"}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], torch.zeros(3))
+
+
+def test_integer_head_leaf_and_refusals():
+    """The leaf covers the integer head (its feature block is not swapped on its own) through the custom op; a
+    feature block with per-token scales is refused with the reason, and the head keeps its other kernels."""
+    from kernels.int_shift import vnni_available
+
+    if not vnni_available():
+        pytest.skip("AVX-512 VNNI CPU needed")
+    head = _integer_head(32)
+    inputs = _inputs(9, 24, 6, 32)
+    with torch.no_grad():
+        expected = head(*inputs)
+        summary = use_kernels_(head)
+        assert summary.get("KernelBlendHead") == 1 and "KernelIntShiftLinear" not in summary
+        got = head(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert kernel_map(head) == {"ray_blend": {"blend_head": "tvm"}}
+    per_token = _integer_head(32, act_scale="per_token")
+    with pytest.raises(ValueError, match="per-tensor"):
+        BlendHeadWeights.from_modules(per_token.norm, per_token.view_fc1, per_token.view_fc2, per_token.sample_fc)

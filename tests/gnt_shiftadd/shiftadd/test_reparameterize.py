@@ -39,7 +39,8 @@ def test_shift_conversion_of_power_of_two_weights_is_exact(dense):
     assert report.shift_linears and len(report.shift_ffns) == 2 * cfg.model.trans_depth
     assert all(isinstance(m.fc1, ShiftLinear) for m in model.modules() if type(m) is FeedForward)
     torch.testing.assert_close(_outputs(model, run), before, rtol=1e-5, atol=1e-6)
-    assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift", "front_end": "dense"}
+    assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift", "front_end": "dense",
+                                 "head": "dense"}
 
 
 def test_moe_starts_as_its_chosen_expert(dense):
@@ -141,7 +142,8 @@ def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
     result = workflows.run_finetune(variant, teacher, progress=False)
     assert result.step == 2 and result.checkpoint.exists()
     model, _, _ = workflows.load_trained(variant, backend="torch")  # the PyTorch modules
-    assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe", "front_end": "dense"}
+    assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe", "front_end": "dense",
+                                 "head": "dense"}
     stage1_model, _, _ = workflows.load_trained(stages[0], backend="torch")
     assert variant_of(stage1_model)["ffn"] == "dense"
     metrics = workflows.run_eval(variant, progress=False)
@@ -166,16 +168,51 @@ def test_every_shipped_variant_converts_and_renders(dense, variant):
     from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 
     cfg, model, tensors = dense
-    variant_cfg = load_config(f"configs/shiftadd/{variant}.yaml", (), base=copy.deepcopy(cfg))
+    variant_file = f"configs/shiftadd/{variant}.yaml"
+    if load_config(variant_file, ("model.color_head=blend",), base=copy.deepcopy(cfg)).shiftadd.head != "dense":
+        cfg = load_config(None, ("model.color_head=blend",), base=copy.deepcopy(cfg))  # the head variants need it
+        model = build_model(cfg, torch.device("cpu")).eval()
+    variant_cfg = load_config(variant_file, (), base=copy.deepcopy(cfg))
     model = copy.deepcopy(model)
     run = calibration_forward(model, tensors, variant_cfg)
     reparameterize(model, variant_cfg.shiftadd, run_calibration=run)
     kinds = variant_of(model)
     s = variant_cfg.shiftadd
     assert kinds["attention_linears"] == s.attention_linears and kinds["ffn"] == s.ffn
-    assert kinds["front_end"] == s.front_end
+    assert kinds["front_end"] == s.front_end and kinds["head"] == s.head
     integer = sum(isinstance(m, IntShiftLinear) for m in model.modules())
     assert (integer > 0) == bool(s.int_activations)
     out = _outputs(model, run)
     rgb = out["rgb"] if isinstance(out, dict) else out
     assert torch.isfinite(rgb).all()
+
+
+def test_head_conversion_splits_the_view_layer_and_keeps_its_dense_blocks(tiny_config):
+    """shiftadd.head: shift: the blend head's view_fc1 becomes a BlockShiftLinear whose feature block is the
+    rounded shift layer and whose h | ray_diff block and bias are the trained ones; the split forward the head
+    uses equals the layer on the concatenation; with int_activations the feature block becomes integer; the
+    regression head has no such layer (a clear config error)."""
+    from gnt_shiftadd.models.heads import split_view_linear
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+
+    cfg = tiny_config("model.dropout=0.0", "model.color_head=blend")
+    model = build_model(cfg, torch.device("cpu")).eval()
+    head = model.transformer.head
+    dense_fc1 = copy.deepcopy(head.view_fc1)
+    report = reparameterize(model, ShiftAddConfig(head="shift", shift_exponent_min=-6))
+    assert report.head_linears == ["transformer.head.view_fc1"] and variant_of(model)["head"] == "shift"
+    fc1 = head.view_fc1
+    assert isinstance(fc1, BlockShiftLinear) and isinstance(fc1.first, ShiftLinear) and fc1.block == 16
+    assert torch.equal(fc1.rest.weight, dense_fc1.weight[:, 16:]) and torch.equal(fc1.rest.bias, dense_fc1.bias)
+    h, features, ray_diff = torch.randn(2, 3, 16), torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 4)
+    whole = fc1(torch.cat([features, h[:, :, None].expand_as(features), ray_diff], dim=-1))
+    with torch.no_grad():
+        assert torch.allclose(split_view_linear(fc1, h, features, ray_diff), whole, atol=1e-5)
+    integer = build_model(cfg, torch.device("cpu")).eval()
+    reparameterize(integer, ShiftAddConfig(head="shift", shift_exponent_min=-6, int_activations=8))
+    assert isinstance(integer.transformer.head.view_fc1.first, IntShiftLinear)
+    with pytest.raises(ConfigError, match="color_head: blend"):
+        tiny_config("shiftadd.head=shift")
+    with pytest.raises(ReparameterizeError, match="shiftadd.head"):
+        check_convertible(ShiftAddConfig(head="shift"), ShiftAddConfig(), "the checkpoint")
