@@ -11,6 +11,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                vs ViewColorBlend eager (its first layer split by input block)
   blend_head                   the whole blend head per ray (kernels/blend_head.py) vs the head on the view_blend
                                kernel with its norm, per-sample product and softmax over samples in PyTorch
+  blend_head[integer]          the same with its per-view feature block an 8-bit integer shift layer (variant m) vs
+                               the fp32 kernel
   view_attention               k/v, pos MLP, attention MLP, softmax over views, weighted sum (kernels/view_attention.py)
                                vs ViewAttention eager without q_fc/out_fc
   view_attention_sublayer      the same with the block's LN, q_fc, out_fc and residual in the kernel (what a model
@@ -72,6 +74,7 @@ from gnt_shiftadd.models.heads import BlendColorHead, RayColorBlend, ViewColorBl
 from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayAttention, RayTransformerBlock, \
     ViewAttention  # noqa: E402
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
 from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
@@ -190,6 +193,9 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
                      lambda: on_blend_head(h, features, colors, ray_diff, mask),
                      lambda: on_view_blend(h, features, colors, ray_diff, mask),
                      "BlendColorHead on the view_blend kernel (norm, hq, sample softmax in PyTorch)", repeats, fp32))
+    if vnni_available():
+        rows.append(integer_head_row(head, (h, features, colors, ray_diff, mask), macs, tokens * views * dim * hidden,
+                                     on_blend_head, peaks, repeats, f"[{rays},{samples},{views},{dim}] hidden {hidden}"))
 
     attention = ViewAttention(dim).eval()
     weights = PreparedViewWeights.from_dict(view_attention_weights(attention))
@@ -454,6 +460,29 @@ def integer_front_end_row(points, origin, folded: tuple, folded_macs: float, pea
                lambda: source_front_end(points, origin, folded_views, folded_weights),
                "source_front_end[folded] (fp32 second layer)", repeats, mixed_peak(by_arithmetic, peaks),
                arithmetic="int8+fp32")
+    row["macs_by_arithmetic"] = by_arithmetic
+    return row
+
+
+def integer_head_row(head, inputs: tuple, macs: float, int8_macs: float, fp32_head, peaks: dict, repeats: int,
+                     shape: str) -> dict:
+    """m's blend head: the blend-head kernel with the feature block an 8-bit integer shift layer (per-tensor absmax
+    calibrated on this chunk's features), against the same kernel with the fp32 block (`fp32_head`)."""
+    integer = copy.deepcopy(head)
+    fc1 = BlockShiftLinear.from_linear(integer.view_fc1, head.norm.normalized_shape[0], ShiftSpec(exponent_min=-6))
+    fc1.first = IntShiftLinear.from_shift_linear(fc1.first, 8, "per_tensor")
+    integer.view_fc1 = fc1.eval()
+    with torch.no_grad():
+        calibrate_int_shift_linears(integer, lambda: integer(*inputs))
+        expected = integer(*inputs)
+    on_kernel = copy.deepcopy(integer)
+    use_kernels_(on_kernel)
+    with torch.no_grad():
+        _checked("blend_head[integer]", lambda: on_kernel(*inputs), expected, 1e-4, leaf=on_kernel.ray_blend)
+    by_arithmetic = {"int8": int8_macs, "fp32": macs - int8_macs}
+    row = _row("blend_head[integer]", shape + ", 8-bit per_tensor feature block", macs, lambda: on_kernel(*inputs),
+               lambda: fp32_head(*inputs), "blend_head (fp32 feature block)", repeats,
+               mixed_peak(by_arithmetic, peaks), arithmetic="int8+fp32")
     row["macs_by_arithmetic"] = by_arithmetic
     return row
 

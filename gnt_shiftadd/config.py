@@ -296,8 +296,6 @@ def validate(cfg: Config) -> None:
         (cfg.shiftadd.ffn in ("dense", "shift", "moe"), "shiftadd.ffn must be dense, shift or moe"),
         (cfg.shiftadd.front_end in ("dense", "shift"), "shiftadd.front_end must be dense or shift"),
         (cfg.shiftadd.head in ("dense", "shift"), "shiftadd.head must be dense or shift"),
-        (cfg.shiftadd.head == "dense" or cfg.model.color_head == "blend",
-         "shiftadd.head: shift needs model.color_head: blend (the regression head has no per-view layer)"),
         (cfg.shiftadd.hash_bits >= 1, "shiftadd.hash_bits must be >= 1"),
         (cfg.shiftadd.shift_exponent_min <= cfg.shiftadd.shift_exponent_max,
          "shiftadd.shift_exponent_min must be <= shiftadd.shift_exponent_max"),

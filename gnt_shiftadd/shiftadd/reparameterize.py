@@ -118,9 +118,14 @@ def _convert_front_end(model, spec, wanted, report) -> None:
 def _convert_head(model, spec, wanted, report) -> None:
     """The per-view feature block of every blend colour head's view_fc1 (features_v -> hidden on every (sample,
     view): the bulk of the head's multiply-accumulates) -> a shift layer, in a BlockShiftLinear; the h and ray_diff
-    blocks, other ranges, stay dense."""
-    for name, module in list(model.named_modules()):
-        if type(module) is not BlendColorHead or type(module.view_fc1) is not nn.Linear:
+    blocks, other ranges, stay dense. ReparameterizeError for a model without a blend head (model.color_head:
+    regress has no per-view layer)."""
+    heads = [(name, module) for name, module in model.named_modules() if type(module) is BlendColorHead]
+    if not heads:
+        raise ReparameterizeError("shiftadd.head: shift needs a blend colour head (model.color_head: blend); this "
+                                  "model has none")
+    for name, module in heads:
+        if type(module.view_fc1) is not nn.Linear:  # already converted
             continue
         full = f"{name}.view_fc1" if name else "view_fc1"
         if wanted(full, module.view_fc1):

@@ -182,7 +182,7 @@ def _blend_head_case():
     rays, samples = 3, 5
     return (torch.randn(rays, samples, DIM), torch.randn(rays, samples, VIEWS, DIM),
             torch.rand(rays, samples, VIEWS, 3), torch.randn(rays, samples, VIEWS, 4),
-            (torch.rand(rays, samples, VIEWS) > 0.3).float(), *w.kernel_arguments(), w.eps)
+            (torch.rand(rays, samples, VIEWS) > 0.3).float(), *w.op_tensors(), w.eps)
 
 
 def _op_cases():

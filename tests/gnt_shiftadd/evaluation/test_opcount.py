@@ -61,6 +61,28 @@ def test_blend_head_counts_its_split_first_layer_by_hand():
     assert counter.ops.total()[("special", "fp32")] == 2 * tokens * views + tokens  # view softmax + LN rsqrt
 
 
+def test_blend_head_with_a_shift_feature_block_counts_both_kinds():
+    """m's head (shiftadd.head: shift): the feature block is a shift layer (shifts, counted by its own module call);
+    the h and ray_diff blocks stay fp32 multiplies, the feature block's outputs one more add each."""
+    from gnt_shiftadd.models.heads import BlendColorHead
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+
+    head = BlendColorHead(dim=8, hidden=6)
+    head.view_fc1 = BlockShiftLinear.from_linear(head.view_fc1, 8, ShiftSpec())
+    rays, samples, views = 2, 5, 3
+    q, features = torch.randn(rays, samples, 8), torch.randn(rays, samples, views, 8)
+    colors, ray_diff = torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4)
+    mask = torch.ones(rays, samples, views, 1)
+    with OpCounter(head) as counter:
+        head(q, features, colors, ray_diff, mask)
+    pairs, tokens = rays * samples * views, rays * samples
+    dense_fc1 = pairs * 4 * 6 + tokens * 8 * 6
+    assert counter.ops.total()[("mult", "fp32")] == dense_fc1 + pairs * 6 + tokens * 8 + 3 * tokens * 8 + pairs * 4
+    with OpCounter(head.view_fc1.first) as alone:  # the feature block's shifts: as the layer counts them alone
+        head.view_fc1.first(features)
+    assert counter.ops.total()[("shift", "int32")] == alone.ops.total()[("shift", "int32")] > 0
+
+
 def test_position_fusion_counts_its_split_first_layer_by_hand():
     """pos_fuse: the q and point-code blocks of fc1 per sample, the direction block once per ray, fc2 per sample."""
     from gnt_shiftadd.models.gnt import PositionFusion

@@ -169,7 +169,7 @@ def test_every_shipped_variant_converts_and_renders(dense, variant):
 
     cfg, model, tensors = dense
     variant_file = f"configs/shiftadd/{variant}.yaml"
-    if load_config(variant_file, ("model.color_head=blend",), base=copy.deepcopy(cfg)).shiftadd.head != "dense":
+    if load_config(variant_file, (), base=copy.deepcopy(cfg)).shiftadd.head != "dense":
         cfg = load_config(None, ("model.color_head=blend",), base=copy.deepcopy(cfg))  # the head variants need it
         model = build_model(cfg, torch.device("cpu")).eval()
     variant_cfg = load_config(variant_file, (), base=copy.deepcopy(cfg))
@@ -191,7 +191,7 @@ def test_head_conversion_splits_the_view_layer_and_keeps_its_dense_blocks(tiny_c
     """shiftadd.head: shift: the blend head's view_fc1 becomes a BlockShiftLinear whose feature block is the
     rounded shift layer and whose h | ray_diff block and bias are the trained ones; the split forward the head
     uses equals the layer on the concatenation; with int_activations the feature block becomes integer; the
-    regression head has no such layer (a clear config error)."""
+    regression head has no such layer (a clear conversion error)."""
     from gnt_shiftadd.models.heads import split_view_linear
     from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
     from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
@@ -212,7 +212,8 @@ def test_head_conversion_splits_the_view_layer_and_keeps_its_dense_blocks(tiny_c
     integer = build_model(cfg, torch.device("cpu")).eval()
     reparameterize(integer, ShiftAddConfig(head="shift", shift_exponent_min=-6, int_activations=8))
     assert isinstance(integer.transformer.head.view_fc1.first, IntShiftLinear)
-    with pytest.raises(ConfigError, match="color_head: blend"):
-        tiny_config("shiftadd.head=shift")
+    regress = build_model(tiny_config("model.dropout=0.0"), torch.device("cpu"))
+    with pytest.raises(ReparameterizeError, match="color_head: blend"):
+        reparameterize(regress, ShiftAddConfig(head="shift"))
     with pytest.raises(ReparameterizeError, match="shiftadd.head"):
         check_convertible(ShiftAddConfig(head="shift"), ShiftAddConfig(), "the checkpoint")
