@@ -297,8 +297,16 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
             T.buffer_store(out, colour / total, [r, channel])
 
     @T.macro
-    def ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, int_w, int_c, int_s, int_b, int_absmax,
-                 wr, w2, b2, ws, bs, out, rays):
+    def ray_loop(q_h, features_h, colors_h, diff_h, mask_h, ln_w, ln_b, wq, b1, wf, int_w, int_c, int_s, int_b,
+                 int_absmax, wr, w2, b2, ws, bs, out_h):
+        """The inputs matched to their shapes (R symbolic), then every ray, RAYS_PER_TASK per parallel task."""
+        rays = T.int32()
+        q = T.match_buffer(q_h, (rays, S, C), "float32")
+        features = T.match_buffer(features_h, (rays, S, V, C), "float32")
+        colors = T.match_buffer(colors_h, (rays, S, V, _RGB), "float32")
+        ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
+        mask = T.match_buffer(mask_h, (rays, S, V), "float32")
+        out = T.match_buffer(out_h, (rays, _RGB), "float32")
         for task in T.parallel((rays + RAYS_PER_TASK - 1) // RAYS_PER_TASK):
             normed = T.alloc_buffer((C,), "float32", scope="local")
             view_logits = T.alloc_buffer((LANES,), "float32", scope="local")
@@ -327,15 +335,8 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
                  w2: T.Buffer((H,), "float32"), b2: T.Buffer((1,), "float32"), ws: T.Buffer((C,), "float32"),
                  bs: T.Buffer((1,), "float32"), out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True})
-            rays = T.int32()
-            q = T.match_buffer(q_h, (rays, S, C), "float32")
-            features = T.match_buffer(features_h, (rays, S, V, C), "float32")
-            colors = T.match_buffer(colors_h, (rays, S, V, _RGB), "float32")
-            ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
-            mask = T.match_buffer(mask_h, (rays, S, V), "float32")
-            out = T.match_buffer(out_h, (rays, _RGB), "float32")
-            ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, None, int_w, int_c, int_s, int_b,
-                     int_absmax, wr, w2, b2, ws, bs, out, rays)
+            ray_loop(q_h, features_h, colors_h, diff_h, mask_h, ln_w, ln_b, wq, b1, None, int_w, int_c, int_s, int_b,
+                     int_absmax, wr, w2, b2, ws, bs, out_h)
 
         return tvm.IRModule({"main": main})
 
@@ -347,15 +348,8 @@ def make_blend_head(samples: int, views: int, channels: int, hidden: int, eps: f
              b2: T.Buffer((1,), "float32"), ws: T.Buffer((C,), "float32"), bs: T.Buffer((1,), "float32"),
              out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True})
-        rays = T.int32()
-        q = T.match_buffer(q_h, (rays, S, C), "float32")
-        features = T.match_buffer(features_h, (rays, S, V, C), "float32")
-        colors = T.match_buffer(colors_h, (rays, S, V, _RGB), "float32")
-        ray_diff = T.match_buffer(diff_h, (rays, S, V, _RAY_DIFF_DIM), "float32")
-        mask = T.match_buffer(mask_h, (rays, S, V), "float32")
-        out = T.match_buffer(out_h, (rays, _RGB), "float32")
-        ray_loop(q, features, colors, ray_diff, mask, ln_w, ln_b, wq, b1, wf, None, None, None, None, None, wr, w2, b2,
-                 ws, bs, out, rays)
+        ray_loop(q_h, features_h, colors_h, diff_h, mask_h, ln_w, ln_b, wq, b1, wf, None, None, None, None, None, wr, w2,
+                 b2, ws, bs, out_h)
 
     return tvm.IRModule({"main": main})
 

@@ -39,19 +39,22 @@ def test_dense_attention_counts_by_hand():
     assert total[("special", "fp32")] == 2 * 2 * 3 * 5 * 5
 
 
+def _head_inputs(rays=2, samples=5, views=3, dim=8):
+    """q, features, colors, ray_diff, mask for a BlendColorHead of width dim (every view sees every sample)."""
+    return (torch.randn(rays, samples, dim), torch.randn(rays, samples, views, dim),
+            torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4),
+            torch.ones(rays, samples, views, 1))
+
+
 def test_blend_head_counts_its_split_first_layer_by_hand():
     """BlendColorHead: fc1 split by input block (C + 4 inputs per sample and view, C once per sample), fc2 per
     (sample, view), sample_fc per sample, the LayerNorm; softmaxes over views and samples."""
     from gnt_shiftadd.models.heads import BlendColorHead
 
     head = BlendColorHead(dim=8, hidden=6)
-    rays, samples, views = 2, 5, 3
-    q, features = torch.randn(rays, samples, 8), torch.randn(rays, samples, views, 8)
-    colors, ray_diff = torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4)
-    mask = torch.ones(rays, samples, views, 1)
     with OpCounter(head) as counter:
-        head(q, features, colors, ray_diff, mask)
-    pairs, tokens = rays * samples * views, rays * samples
+        head(*_head_inputs())
+    pairs, tokens, views = 2 * 5 * 3, 2 * 5, 3
     fc1 = pairs * (8 + 4) * 6 + tokens * 8 * 6
     fc2 = pairs * 6 * 1
     sample_fc = tokens * 8 * 1
@@ -69,13 +72,10 @@ def test_blend_head_with_a_shift_feature_block_counts_both_kinds():
 
     head = BlendColorHead(dim=8, hidden=6)
     head.view_fc1 = BlockShiftLinear.from_linear(head.view_fc1, 8, ShiftSpec())
-    rays, samples, views = 2, 5, 3
-    q, features = torch.randn(rays, samples, 8), torch.randn(rays, samples, views, 8)
-    colors, ray_diff = torch.rand(rays, samples, views, 3), torch.randn(rays, samples, views, 4)
-    mask = torch.ones(rays, samples, views, 1)
+    inputs = _head_inputs()
     with OpCounter(head) as counter:
-        head(q, features, colors, ray_diff, mask)
-    pairs, tokens = rays * samples * views, rays * samples
+        head(*inputs)
+    features, pairs, tokens = inputs[1], 2 * 5 * 3, 2 * 5
     dense_fc1 = pairs * 4 * 6 + tokens * 8 * 6
     assert counter.ops.total()[("mult", "fp32")] == dense_fc1 + pairs * 6 + tokens * 8 + 3 * tokens * 8 + pairs * 4
     with OpCounter(head.view_fc1.first) as alone:  # the feature block's shifts: as the layer counts them alone
