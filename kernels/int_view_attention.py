@@ -193,7 +193,8 @@ def reference_int_view_attention(qp: torch.Tensor, features: torch.Tensor, ray_d
 
 def make_int_view_attention(views: int, channels: int, sublayer: bool = False, eps: float | None = None,
                             per_token: bool = True, leave_out: frozenset = frozenset()):
-    """IRModule "main" for the VNNI CPU; N symbolic, one token per step.
+    """IRModule "main" for the VNNI CPU; N symbolic, the attention one token per step (with `sublayer`, the LN,
+    q_fc and out_fc of four tokens at a time).
 
     sublayer False: (qp [N, C], features [N, V, C], ray_diff [N, V, 4], mask [N, V], the five layers' packed,
     compensation, out_scale, bias, act_absmax [5], out [N, C]): everything between q_fc and out_fc.
