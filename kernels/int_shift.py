@@ -400,8 +400,8 @@ def make_int_ffn(dim_padded: int, hidden_padded: int, bits: int, per_token: bool
     def per_tensor_layers(h, h_tile, x, t, y, xq, hidden, hq, scale, packed1, compensation1, out_scale1, bias1,
                           absmax1, packed2, compensation2, out_scale2, bias2, absmax2):
         # fc1's ReLU outputs go straight to fc2's fixed point (its scale is fixed): no fp32 hidden row in memory
-        peak2 = T.bind(T.max(absmax2[0], T.float32(float(ABSMAX_FLOOR))))
-        inv2, scale2 = T.bind(T.float32(parts.level) / peak2), T.bind(peak2 / T.float32(parts.level))
+        inv2 = T.bind(parts.calibration(absmax2[0])[0])
+        scale2 = T.bind(parts.calibration(absmax2[0])[1])
         parts.quantize(h, h_tile, dim_padded, xq, scale, per_token, absmax1, False)
         for p in T.serial(hidden_blocks // jb1):
             parts.dot_products(xq, packed1, compensation1, out_scale1, bias1, scale, p, dim_padded, jb1,

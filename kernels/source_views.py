@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from gnt_shiftadd.models.projector import SourceViews, sample_source_views, world_to_camera
-from gnt_shiftadd.shiftadd.int_shift import ABSMAX_FLOOR
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, needs_grad, note_kernel
 from kernels.int_shift import _blocks_per_pass, _KernelParts
@@ -466,10 +465,9 @@ def make_source_front_end(num_views: int, feat_channels: int, hidden: int, chann
         def embedding(out):
             xq = T.alloc_buffer((L, H), "uint8", scope="local")  # the hidden units in fixed point (+128)
             scale = T.alloc_buffer((_INT_SAMPLES,), "float32", scope="local")
-            calibrated = T.bind(T.max(absmax[0], T.float32(float(ABSMAX_FLOOR))))
-            inv = T.bind(T.float32(127.0) / calibrated)
+            inv, step = (T.bind(value) for value in int_parts.calibration(absmax[0]))
             for i in range(_INT_SAMPLES):
-                T.buffer_store(scale, calibrated / T.float32(127.0), [i])
+                T.buffer_store(scale, step, [i])
 
             def embed(colour, gathered, t, v, peak, inside):
                 first_layer_fixed(colour, gathered, w1, b1, xq, inv)

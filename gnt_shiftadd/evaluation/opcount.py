@@ -25,8 +25,8 @@ from gnt_shiftadd.models.encodings import PositionalEncoding
 from gnt_shiftadd.models.gnt import PositionFusion
 from gnt_shiftadd.models.heads import ViewColorBlend
 from gnt_shiftadd.models.transformers import DotProductAttention, FeedForward, RayAttention, ViewAttention
-from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
 from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+from gnt_shiftadd.shiftadd.hashed_attention import HashedLinearAttention, HashedQuadraticAttention, SeedLinearAttention
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
 from gnt_shiftadd.shiftadd.moe import MoEFeedForward
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear

@@ -1,10 +1,12 @@
 """In-place ShiftAddViT conversion of a (trained) GNT: `reparameterize(model, cfg)`, torchao-style.
 
-Three independent parts, each picked by `ShiftAddConfig` and each starting from the trained weights:
+Independent parts, each picked by `ShiftAddConfig` and each starting from the trained weights:
   * ray attention core: dense softmax(q k^T) -> binary-hashed additive attention (codes fitted on real q/k),
   * attention linears: every nn.Linear inside RayAttention / ViewAttention -> ShiftLinear,
   * FFNs: FeedForward -> shift linears inside, or a Mult/Shift mixture of experts (dense copy + shift copy),
-  * front end: the second layer of GNT's per-view feature MLP (rgbfeat_fc2) -> ShiftLinear.
+  * front end: the second layer of GNT's per-view feature MLP (rgbfeat_fc2) -> ShiftLinear,
+  * blend head: the per-view feature block of its view_fc1 -> a shift layer inside a BlockShiftLinear;
+and, with int_activations, every shift layer -> an integer shift layer (IntShiftLinear).
 Modules already converted are left alone, so a model can be converted in stages (attention first, FFNs later).
 A per-module filter (name globs in `cfg.exclude` and/or a callable) keeps chosen modules dense.
 """
