@@ -31,6 +31,8 @@ Rows (every kernel is checked against its PyTorch reference before it is timed, 
                                rate at which both kinds would run at their own peaks ("int8+fp32")
   position_fusion              the points' NeRF encoding + the fusion MLP per ray (kernels/position_fusion.py) vs the
                                model's PositionFusion eager (the encoding included)
+  position_fusion[integer]     variant n's: the query, the code's sines/cosines and fc2 as 8-bit integer shift
+                               layers on VNNI (kernels/int_position_fusion.py), vs the fp32 kernel
   source_views                 projection + bilinear gathers + mask + view codes (kernels/source_views.py) vs the
                                model's sample_source_views (two grid_samples), on the scene's real cameras and
                                images, one chunk of a held-out view's rays, feature maps of the model's shape
@@ -77,7 +79,7 @@ from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E4
 from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
 from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
-from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
+from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
@@ -89,6 +91,7 @@ from kernels.int_ray_attention import IntRayWeights, int_ray_attention, quantiza
     reference_int_ray_attention  # noqa: E402
 from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, int_view_attention, int_view_sublayer, \
     reference_int_view_sublayer  # noqa: E402
+from kernels.int_position_fusion import IntPositionFusionWeights, int_position_fusion  # noqa: E402
 from kernels.position_fusion import PositionFusionWeights, position_fusion  # noqa: E402
 from kernels.ray_attention import reference_ray_attention  # noqa: E402
 from kernels.source_views import fold_feature_block, prepare_source_views, reference_source_front_end, \
@@ -264,6 +267,8 @@ def run(cfg, repeats: int, peaks: dict) -> list[dict]:
         rows.append(int_ray_attention_row(cfg, repeats, peaks))
         rows.append(int_ray_attention_row(cfg, repeats, peaks, "per_tensor"))
     rows.append(position_fusion_row(cfg, repeats, fp32))
+    if vnni_available():
+        rows.append(position_fusion_row(cfg, repeats, fp32, integer_peaks=peaks))
     rows += source_views_rows(cfg, repeats, peaks)
     return rows
 
@@ -348,9 +353,11 @@ def int_ray_attention_row(cfg, repeats: int, peaks: dict, act_scale: str = "per_
 
 
 @torch.no_grad()
-def position_fusion_row(cfg, repeats: int, peak: float) -> dict:
+def position_fusion_row(cfg, repeats: int, peak: float, integer_peaks: dict | None = None) -> dict:
     """The points' encoding + the fusion MLP on one chunk (points spread like fern's, |x| up to ~10) against the
-    model's PositionFusion leaf in PyTorch (encoding, split first layer, ReLU, second layer)."""
+    model's PositionFusion leaf in PyTorch (encoding, split first layer, ReLU, second layer). integer_peaks given:
+    n's integer position fusion (the query, the code's sines and cosines and fc2 8-bit shift layers calibrated on
+    this chunk, the 3 coordinates and the direction fp32) on its VNNI kernel, against the fp32 kernel."""
     dim, rays, samples = cfg.model.netwidth, cfg.render.chunk_rays, cfg.render.n_samples
     encoding, directions = PositionalEncoding(3, cfg.model.pos_freqs), PositionalEncoding(3, cfg.model.dir_freqs)
     mlp = nn.Sequential(nn.Linear(dim + encoding.out_dim + directions.out_dim, dim), nn.ReLU(),
@@ -359,14 +366,33 @@ def position_fusion_row(cfg, repeats: int, peak: float) -> dict:
     dir_code = directions(F.normalize(torch.randn(rays, 3), dim=-1))
     weights = PositionFusionWeights.from_mlp(mlp, dim, cfg.model.pos_freqs)
     fusion = PositionFusion()
-    _checked("position_fusion", lambda: position_fusion(q, points, dir_code, weights),
-             fusion(q, points, dir_code, mlp, encoding, {}), 1e-4)
     tokens = rays * samples
     macs = tokens * (dim + encoding.out_dim) * dim + rays * directions.out_dim * dim + tokens * dim * dim
-    return _row("position_fusion", f"[{rays},{samples},{dim}] + {encoding.out_dim}-wide code", macs,
-                lambda: position_fusion(q, points, dir_code, weights),
-                lambda: fusion(q, points, dir_code, mlp, encoding, {}), "PositionFusion eager (encoding included)",
-                repeats, peak)
+    shape = f"[{rays},{samples},{dim}] + {encoding.out_dim}-wide code"
+    fp32_kernel = lambda: position_fusion(q, points, dir_code, weights)  # noqa: E731
+    if integer_peaks is None:
+        _checked("position_fusion", fp32_kernel, fusion(q, points, dir_code, mlp, encoding, {}), 1e-4)
+        return _row("position_fusion", shape, macs, fp32_kernel, lambda: fusion(q, points, dir_code, mlp, encoding, {}),
+                    "PositionFusion eager (encoding included)", repeats, peak)
+    waves = encoding.out_dim - 3
+    fc1 = BlockShiftLinear.from_linear(mlp[0], dim, ShiftSpec(exponent_min=-6), second=(dim + 3, waves))
+    fc1.first, fc1.second = (IntShiftLinear.from_shift_linear(layer, 8, "per_tensor") for layer in (fc1.first, fc1.second))
+    integer = nn.Sequential(fc1, nn.ReLU(), IntShiftLinear.from_shift_linear(
+        ShiftLinear.from_linear(mlp[2], ShiftSpec(exponent_min=-6)), 8, "per_tensor")).eval()
+    calibrate_int_shift_linears(integer, lambda: fusion(q, points, dir_code, integer, encoding, {}))
+    int_weights = IntPositionFusionWeights.from_mlp(integer, dim, cfg.model.pos_freqs)
+    expected = fusion(q, points, dir_code, integer, encoding, {})
+    tolerance = 0.05 * expected.abs().max().item()  # a wave at a rounding tie may quantize one step apart
+    _checked("position_fusion[integer]", lambda: int_position_fusion(q, points, dir_code, int_weights), expected,
+             tolerance)
+    int8_macs = tokens * (dim + waves + dim) * dim
+    by_arithmetic = {"int8": int8_macs, "fp32": macs - int8_macs}
+    row = _row("position_fusion[integer]", shape + ", 8-bit per_tensor query, waves, fc2", macs,
+               lambda: int_position_fusion(q, points, dir_code, int_weights), fp32_kernel,
+               "position_fusion (fp32 kernel)", repeats, mixed_peak(by_arithmetic, integer_peaks),
+               arithmetic="int8+fp32")
+    row["macs_by_arithmetic"] = by_arithmetic
+    return row
 
 
 @torch.no_grad()

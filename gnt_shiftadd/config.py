@@ -69,6 +69,10 @@ class ShiftAddConfig:
     # dense | shift: the blend colour head's view MLP first layer's per-view feature block (C -> hidden on every
     # (sample, view)) as a shift layer; its per-sample and ray_diff blocks stay dense (models/heads.py)
     head: str = "dense"
+    # dense | shift: each position fusion MLP's second layer and two blocks of its first layer, the query (C -> C
+    # per sample) and the point code's sines and cosines, as shift layers; the raw coordinates and the direction
+    # code stay dense (models/gnt.py, shiftadd/block_linear.py)
+    position_fusion: str = "dense"
     hash_bits: int = 16
     shift_exponent_min: int = -14  # 5-bit codes: sign + exponent in [-14, 0], zero allowed (DeepShift-PS)
     shift_exponent_max: int = 0
@@ -296,6 +300,7 @@ def validate(cfg: Config) -> None:
         (cfg.shiftadd.ffn in ("dense", "shift", "moe"), "shiftadd.ffn must be dense, shift or moe"),
         (cfg.shiftadd.front_end in ("dense", "shift"), "shiftadd.front_end must be dense or shift"),
         (cfg.shiftadd.head in ("dense", "shift"), "shiftadd.head must be dense or shift"),
+        (cfg.shiftadd.position_fusion in ("dense", "shift"), "shiftadd.position_fusion must be dense or shift"),
         (cfg.shiftadd.hash_bits >= 1, "shiftadd.hash_bits must be >= 1"),
         (cfg.shiftadd.shift_exponent_min <= cfg.shiftadd.shift_exponent_max,
          "shiftadd.shift_exponent_min must be <= shiftadd.shift_exponent_max"),
@@ -334,7 +339,7 @@ _VARIANT_KEYS = ("ray_attention", "attention_linears", "ffn", "hash_bits", "shif
 def model_signature(cfg: Config) -> dict:
     """The config fields that define a model's modules and parameter shapes: checkpoints must match on all of them."""
     variant = {f"shiftadd.{k}": getattr(cfg.shiftadd, k) for k in _VARIANT_KEYS}
-    for part in ("front_end", "head"):  # only when on, so signatures of earlier checkpoints are unchanged
+    for part in ("front_end", "head", "position_fusion"):  # only when on, so signatures of earlier checkpoints are unchanged
         if getattr(cfg.shiftadd, part) != "dense":
             variant[f"shiftadd.{part}"] = getattr(cfg.shiftadd, part)
     if cfg.shiftadd.int_activations:  # only when on, so signatures of earlier checkpoints are unchanged
@@ -345,4 +350,4 @@ def model_signature(cfg: Config) -> dict:
 def is_dense(cfg: Config) -> bool:
     s = cfg.shiftadd
     return s.ray_attention == "dense" and s.attention_linears == "dense" and s.ffn == "dense" and \
-        s.front_end == "dense" and s.head == "dense"
+        s.front_end == "dense" and s.head == "dense" and s.position_fusion == "dense"

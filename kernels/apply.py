@@ -32,7 +32,8 @@ with the same call signature, chosen by a handler registered per module type (`r
                       residual in one kernel, for dense, shift and MoE FFNs; with integer shift layers (CPU)
                       KernelIntFFNSublayer: LN, fc1 + ReLU + fc2 + residual in one VNNI kernel
   PositionFusion      (transformer.position_fusion, CPU) -> KernelPositionFusion: the points' NeRF encoding (sin/cos
-                      as polynomials) and every fusion MLP, per ray in one kernel (no [R, S, 3 + 6F] code)
+                      as polynomials) and every fusion MLP, per ray in one kernel (no [R, S, 3 + 6F] code); with
+                      8-bit integer shift layers (VNNI) the integer position-fusion kernel
   RayColorBlend       (transformer.head.ray_blend, CPU) -> KernelBlendHead: the whole blend colour head (its norm,
                       per-view MLP, softmax over views, blend, sample logits and softmax over the samples) per ray
                       in one kernel; where it does not apply (CUDA):
@@ -77,10 +78,11 @@ from kernels.dispatch import KERNEL_BACKENDS, KernelLeaf, KernelNotApplicable, l
     resolve_backend, warn_once
 from kernels.ffn import FFNWeights, ffn_weights, gemm_ffn_sublayer
 from kernels.int_shift import prepare_int_shift, vnni_available
+from kernels.int_position_fusion import IntPositionFusionWeights
 from kernels.int_ray_attention import IntRayWeights
 from kernels.int_view_attention import IntViewSublayerWeights, IntViewWeights, check_one_mode
 from kernels.ops import blend_head, ffn_sublayer, hash_pack, int_ffn, int_ffn_sublayer, int_ray_attention, int_shift, int_view_attention, int_view_sublayer, linear_attention, mat_shift, quadratic_attention, \
-    position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
+    int_position_fusion, position_fusion, ray_attention, source_front_end, source_views, view_attention, view_attention_sublayer, view_blend, view_features
 from kernels.position_fusion import PositionFusionWeights
 from kernels.ray_attention import RayAttentionWeights
 from kernels.source_views import fold_feature_block, prepare_source_views
@@ -293,27 +295,38 @@ class KernelViewEmbedding(KernelLeaf):
 
 class KernelPositionFusion(KernelLeaf):
     """PositionFusion on the position-fusion kernel (CPU): the points' encoding and the fusion MLP per ray in one
-    kernel. Same call: (q [R, S, C], points [R, S, 3], dir_code [R, D], mlp, encoding, memo) -> [R, S, C]; built
-    for every one of the transformer's fusion MLPs (each call names its own), which must be the layers it was built
-    from. KernelNotApplicable for layers the fp32 kernel does not reproduce (integer or fixed-point shift layers)."""
+    kernel; an MLP with integer shift layers (shiftadd.position_fusion: shift, 8-bit per tensor) on the integer
+    position-fusion kernel (VNNI). Same call: (q [R, S, C], points [R, S, 3], dir_code [R, D], mlp, encoding, memo)
+    -> [R, S, C]; built for every one of the transformer's fusion MLPs (each call names its own), which must be the
+    layers it was built from. KernelNotApplicable for layers neither kernel reproduces (fixed-point shift layers,
+    integer layers without VNNI)."""
 
     def __init__(self, mlps: nn.ModuleList, encoding: nn.Module, channels: int):
         super().__init__()
         if getattr(encoding, "input_dims", None) != 3:
             raise KernelNotApplicable("the position fusion kernel encodes 3-d points")
         try:
-            self.weights = {id(mlp): PositionFusionWeights.from_mlp(mlp, channels, encoding.num_freqs)
-                            for mlp in mlps}
+            self.weights = {id(mlp): self._weights(mlp, channels, encoding.num_freqs) for mlp in mlps}
         except (TypeError, ValueError) as error:
             raise KernelNotApplicable(f"position fusion: {error}") from error
         self.covered_ids = {id(m) for mlp in mlps for m in mlp.modules()}
+
+    @staticmethod
+    def _weights(mlp: nn.Sequential, channels: int, num_freqs: int):
+        try:
+            return PositionFusionWeights.from_mlp(mlp, channels, num_freqs)
+        except IntegerLayerError:
+            if not vnni_available():
+                raise KernelNotApplicable("the integer position fusion runs on CPUs with AVX-512 VNNI") from None
+            return IntPositionFusionWeights.from_mlp(mlp, channels, num_freqs)
 
     def run(self, q, points, dir_code, mlp, encoding, memo):
         weights = self.weights.get(id(mlp))
         if weights is None:
             raise ValueError("KernelPositionFusion was called with a fusion MLP it was not built from; swap the "
                              "kernels in again after replacing the model's layers")
-        return position_fusion(q, points, dir_code, weights).to(q.dtype)
+        fused = int_position_fusion if isinstance(weights, IntPositionFusionWeights) else position_fusion
+        return fused(q, points, dir_code, weights).to(q.dtype)
 
 
 class KernelViewAttention(KernelLeaf):
@@ -638,7 +651,7 @@ def _view_color_blend(module, parent, cfg):
 
 @register_kernel_handler(PositionFusion)
 def _position_fusion(module, parent, cfg):
-    if cfg.kernel_device(parent.pos_fuse[0][0].weight.device) != "cpu":
+    if cfg.kernel_device(parent.rgbfeat_fc1.weight.device) != "cpu":
         raise KernelNotApplicable("the position fusion kernel is CPU-only")
     return KernelPositionFusion(parent.pos_fuse, parent.pos_enc, parent.rgbfeat_fc2.out_features)
 

@@ -40,6 +40,9 @@ kernel-backed model is slow but correct, never silently gradient-free.
                                       -> x + out_fc(hashed core(q, k, v)) fp32 [R, S, C] (CPU, VNNI)
   position_fusion                     q [R, S, C], points [R, S, 3], dir_code [R, D], PositionFusionWeights tensors
                                       -> the fused query [R, S, C] fp32
+  int_position_fusion                 q [R, S, C], points [R, S, 3], dir_code [R, D], IntPositionFusionWeights
+                                      tensors (the query, waves and fc2 layers' five each, coords_t, dir_w, b1),
+                                      num_freqs -> the fused query [R, S, C] fp32 (CPU, VNNI)
   view_blend                          hq [N.., H], features [N.., V, C], colors [N.., V, 3], ray_diff [N.., V, 4],
                                       mask [N.., V], PreparedBlendWeights.kernel_arguments() -> fp32 [N.., 3]
   blend_head                          q [R, S, C], features [R, S, V, C], colors [R, S, V, 3], ray_diff [R, S, V, 4],
@@ -66,6 +69,7 @@ from kernels import int_shift as _int_shift
 from kernels import int_ray_attention as _int_ray
 from kernels import int_view_attention as _int_view
 from kernels import mat_shift as _mat_shift
+from kernels import int_position_fusion as _int_position
 from kernels import position_fusion as _position
 from kernels import ray_attention as _ray
 from kernels import source_views as _sources
@@ -74,7 +78,7 @@ from kernels import view_blend as _blend
 from kernels import view_features as _features
 from kernels.dispatch import needs_grad, note_kernel
 
-__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "blend_head", "ray_attention", "position_fusion", "int_view_attention", "int_view_sublayer", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
+__all__ = ["int_shift", "int_ffn", "int_ffn_sublayer", "mat_shift", "ffn_sublayer", "view_attention", "view_attention_sublayer", "view_blend", "blend_head", "ray_attention", "position_fusion", "int_position_fusion", "int_view_attention", "int_view_sublayer", "int_ray_attention", "view_features", "source_views", "source_front_end", "hash_pack", "quadratic_attention",
            "linear_attention", "OPS"]
 
 NAMESPACE = "shiftadd_gnt"
@@ -336,6 +340,28 @@ def view_blend(hq: Tensor, features: Tensor, colors: Tensor, ray_diff: Tensor, m
     return torch.ops.shiftadd_gnt.view_blend(hq, features, colors, ray_diff, mask, *weights.kernel_arguments())
 
 
+@torch.library.custom_op(f"{NAMESPACE}::int_position_fusion", mutates_args=())
+def _int_position_fusion_op(q: Tensor, points: Tensor, dir_code: Tensor, weights: list[Tensor],
+                            num_freqs: int) -> Tensor:
+    w = _int_position.IntPositionFusionWeights.from_tensors(weights, num_freqs)
+    return _int_position.int_position_fusion(q, points, dir_code, w)
+
+
+@_int_position_fusion_op.register_fake
+def _(q, points, dir_code, weights, num_freqs):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def int_position_fusion(q: Tensor, points: Tensor, dir_code: Tensor,
+                        w: "_int_position.IntPositionFusionWeights") -> Tensor:
+    """The points' encoding and the integer fusion MLP in one VNNI kernel through the custom op (the reference when
+    gradients are needed); see kernels/int_position_fusion.py."""
+    if _needs_grad("int_position_fusion", q, points, dir_code):
+        return _int_position.reference_int_position_fusion(q, points, dir_code, w)
+    return torch.ops.shiftadd_gnt.int_position_fusion(q.detach(), points.detach(), dir_code.detach(),
+                                                      list(w.tensors()), w.num_freqs)
+
+
 # -------------------------------------------------------------------------------------------------- blend head
 
 @torch.library.custom_op(f"{NAMESPACE}::blend_head", mutates_args=())
@@ -575,6 +601,6 @@ def source_views(points: Tensor, target_origin: Tensor, prepared: "_sources.Sour
 
 OPS = {"int_shift": _int_shift_op, "int_ffn": _int_ffn_op, "int_ffn_sublayer": _int_ffn_sublayer_op, "mat_shift": _mat_shift_op, "ffn_sublayer": _ffn_sublayer_op, "view_attention": _view_attention_op,
        "view_attention_sublayer": _view_sublayer_op,
-       "view_blend": _view_blend_op, "blend_head": _blend_head_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "int_view_sublayer": _int_view_sublayer_op, "view_features": _view_features_op,
+       "view_blend": _view_blend_op, "blend_head": _blend_head_op, "ray_attention": _ray_attention_op, "position_fusion": _position_fusion_op, "int_position_fusion": _int_position_fusion_op, "int_view_attention": _int_view_attention_op, "int_ray_attention": _int_ray_attention_op, "int_view_sublayer": _int_view_sublayer_op, "view_features": _view_features_op,
        "source_views": _source_views_op, "source_front_end": _source_front_end_op,
        "hash_pack": _hash_pack_op, "hashed_quadratic": _quadratic_op, "hashed_linear": _linear_op}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gnt_shiftadd.models.encodings import PositionalEncoding
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, linear_weight, needs_grad, note_kernel
 from kernels.te_math import register_blocked
@@ -73,16 +74,20 @@ class PositionFusionWeights:
     @classmethod
     def from_mlp(cls, mlp: nn.Sequential, channels: int, num_freqs: int) -> "PositionFusionWeights":
         """ValueError/TypeError for an MLP the kernel does not reproduce (not Linear-ReLU-Linear of fp32 weights:
-        kernels.dispatch.linear_weight decides, so a ShiftLinear runs on its decoded weights)."""
+        kernels.dispatch.linear_weight decides, so a ShiftLinear, or a BlockShiftLinear's shift blocks, run on their
+        decoded weights; integer layers raise IntegerLayerError: kernels/int_position_fusion.py runs them)."""
         if len(mlp) != 3 or not isinstance(mlp[1], nn.ReLU):
             raise TypeError(f"position fusion kernel: the MLP must be Linear, ReLU, Linear, got {mlp}")
-        w1, w2 = linear_weight(mlp[0]).float(), linear_weight(mlp[2]).float()
+        fc1 = mlp[0]
+        w1 = fc1.assembled_weight(linear_weight) if isinstance(fc1, BlockShiftLinear) else linear_weight(fc1)
+        w1, w2 = w1.float(), linear_weight(mlp[2]).float()
         code_dim = _POINT_DIM * (1 + 2 * num_freqs)
         hidden, inputs = w1.shape
         if inputs <= channels + code_dim or tuple(w2.shape) != (channels, hidden):
             raise ValueError(f"position fusion kernel: layers {tuple(w1.shape)}, {tuple(w2.shape)} do not fuse "
                              f"{channels} channels with a {code_dim}-wide point code and a direction code")
-        b1 = mlp[0].bias if mlp[0].bias is not None else w1.new_zeros(hidden)
+        b1 = fc1.rest.bias if isinstance(fc1, BlockShiftLinear) else fc1.bias
+        b1 = b1 if b1 is not None else w1.new_zeros(hidden)
         b2 = mlp[2].bias if mlp[2].bias is not None else w2.new_zeros(channels)
         snapshot = lambda t: kernel_ready(t.detach().float().clone(), torch.float32)  # noqa: E731
         order = torch.tensor(encoding_order(num_freqs), device=w1.device)

@@ -38,6 +38,7 @@ def test_unknown_key_names_valid_keys(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.steps=ten", "train.steps"), ("eval.lpips=maybe", "boolean"), ("train.steps=1.5", "integer"),
     ("model.num_heads=3", "divisible"), ("render.autocast=fp8", "autocast"), ("steps", "key=value"),
+    ("shiftadd.position_fusion=int", "shiftadd.position_fusion must be dense or shift"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,3 +56,12 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 def test_parse_override_nests():
     assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+
+
+def test_the_position_fusion_part_enters_the_model_signature_only_when_on():
+    """Checkpoints saved before shiftadd.position_fusion existed keep their signature."""
+    from gnt_shiftadd.config import is_dense, model_signature
+
+    plain, fused = load_config(None, []), load_config(None, ["shiftadd.position_fusion=shift"])
+    assert "shiftadd.position_fusion" not in model_signature(plain) and is_dense(plain)
+    assert model_signature(fused)["shiftadd.position_fusion"] == "shift" and not is_dense(fused)

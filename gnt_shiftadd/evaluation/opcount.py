@@ -263,16 +263,24 @@ def _count_view_color_blend(ops, comp, _module, inputs, _out):
 
 def _count_position_fusion(ops, comp, _module, inputs, _out):
     """GNT's position fusion with its first layer split by input block (models.gnt.PositionFusion): the q and
-    point-code blocks per sample, the direction block once per ray, the broadcast add. A first layer that is not a
-    plain nn.Linear is called whole and counted by its own hook; ReLU and fc2 are module calls that count themselves."""
+    point-code blocks per sample, the direction block once per ray, the broadcast add. A BlockShiftLinear first layer
+    (shiftadd.position_fusion: shift) splits the same way, its shift blocks module calls that count themselves;
+    any other first layer that is not a plain nn.Linear is called whole and counted by its own hook; ReLU and fc2
+    are module calls that count themselves."""
     q, _points, dir_code, mlp, encoding, _memo = inputs  # the encoding is a module call that counts itself
     fc1 = mlp[0]
-    if type(fc1) is not nn.Linear:
-        return
     samples, rays = q.numel() // q.shape[-1], dir_code.numel() // dir_code.shape[-1]
-    per_sample, per_ray = q.shape[-1] + encoding.out_dim, dir_code.shape[-1]
+    if type(fc1) is nn.Linear:
+        per_sample, extra_adds = q.shape[-1] + encoding.out_dim, 0
+    elif getattr(fc1, "block", None) == q.shape[-1]:  # only the dense code inputs per sample, + the shift blocks'
+        shifted = fc1.second.in_features if fc1.has_second else 0  # outputs
+        per_sample, extra_adds = encoding.out_dim - shifted, samples * fc1.out_features * (1 + fc1.has_second)
+    else:
+        return
+    per_ray = dir_code.shape[-1]
     ops.add(comp, "mult", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)
-    ops.add(comp, "add", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features)  # sums, bias, broadcast
+    ops.add(comp, "add", "fp32", (samples * per_sample + rays * per_ray) * fc1.out_features  # sums, bias, broadcast
+            + extra_adds)
 
 
 def _count_positional_encoding(ops, comp, module, inputs, _out):

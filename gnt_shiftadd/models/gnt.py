@@ -62,8 +62,9 @@ class PositionFusion(nn.Module):
     Linear and point_code = encoding(points). The first layer is linear, so it splits by input block: W_q q +
     (W_p point_code + b) per sample and W_d dir_code once per *ray* (the direction is the same for all of a ray's
     samples), broadcast over the samples. Exact algebra (fp32 rounding aside): no [R, S, C + P + D] concatenation,
-    ~38% fewer multiply-accumulates at GNT's widths. A first layer that is not a plain nn.Linear (a shift layer,
-    torch.ao's int8 Linear) gets the concatenation it was built for. No parameters of its own: pos_fuse owns them
+    ~38% fewer multiply-accumulates at GNT's widths. A BlockShiftLinear first layer (shiftadd.position_fusion:
+    shift) splits the same way, its query block and the code's sines and cosines their own (shift) layers; any other first layer that is not a plain
+    nn.Linear (a whole shift layer, torch.ao's int8 Linear) gets the concatenation it was built for. No parameters of its own: pos_fuse owns them
     (state_dict keys unchanged). The leaf takes the points, not their code, so a kernel can encode them in
     registers; `memo` (one dict per forward) keeps the code for the next fusion layer.
     q [R, S, C], points [R, S, 3], dir_code [R, D] (per ray) -> [R, S, C]."""
@@ -73,14 +74,23 @@ class PositionFusion(nn.Module):
             memo["point_code"] = encoding(points)
         point_code = memo["point_code"]
         fc1, activation, fc2 = mlp
-        if type(fc1) is not nn.Linear:
+        channels, code_dim = q.shape[-1], point_code.shape[-1]
+        split_query = getattr(fc1, "block", None) == channels  # a BlockShiftLinear: the query block is its own layer
+        if type(fc1) is not nn.Linear and not split_query:
             per_ray = dir_code[:, None, :].expand(*q.shape[:2], -1)
             return mlp(torch.cat([q, point_code, per_ray], dim=-1))
-        channels, code_dim = q.shape[-1], point_code.shape[-1]
-        weight = fc1.weight
-        hidden = F.linear(q, weight[:, :channels]) + F.linear(point_code, weight[:, channels:channels + code_dim],
-                                                              fc1.bias)
-        hidden = hidden + F.linear(dir_code, weight[:, channels + code_dim:])[:, None, :]
+        if split_query:
+            from_query, weight, bias = fc1.first(q), fc1.rest.weight, fc1.rest.bias  # rest: [code | direction]
+            if fc1.has_second:  # a block of the code (the sines and cosines) is a shift layer too
+                start = fc1.second_start - channels
+                end = start + fc1.second.in_features
+                from_query = from_query + fc1.second(point_code[..., start:end])
+                point_code = torch.cat([point_code[..., :start], point_code[..., end:]], dim=-1)
+                code_dim = point_code.shape[-1]
+        else:
+            from_query, weight, bias = F.linear(q, fc1.weight[:, :channels]), fc1.weight[:, channels:], fc1.bias
+        hidden = from_query + F.linear(point_code, weight[:, :code_dim], bias)
+        hidden = hidden + F.linear(dir_code, weight[:, code_dim:])[:, None, :]
         return fc2(activation(hidden))
 
 

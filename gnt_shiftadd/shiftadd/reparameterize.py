@@ -6,6 +6,8 @@ Independent parts, each picked by `ShiftAddConfig` and each starting from the tr
   * FFNs: FeedForward -> shift linears inside, or a Mult/Shift mixture of experts (dense copy + shift copy),
   * front end: the second layer of GNT's per-view feature MLP (rgbfeat_fc2) -> ShiftLinear,
   * blend head: the per-view feature block of its view_fc1 -> a shift layer inside a BlockShiftLinear;
+  * position fusion: each fusion MLP's second layer -> ShiftLinear, its first layer's query block -> a shift layer
+    inside a BlockShiftLinear;
 and, with int_activations, every shift layer -> an integer shift layer (IntShiftLinear).
 Modules already converted are left alone, so a model can be converted in stages (attention first, FFNs later).
 A per-module filter (name globs in `cfg.exclude` and/or a callable) keeps chosen modules dense.
@@ -49,11 +51,13 @@ class ConversionReport:
     int_shift_linears: list[str] = field(default_factory=list)  # shift layers given integer activations
     front_end_linears: list[str] = field(default_factory=list)  # the front end's second layer -> shift
     head_linears: list[str] = field(default_factory=list)  # the blend head's view_fc1 feature block -> shift
+    fusion_linears: list[str] = field(default_factory=list)  # position fusion: fc1's query block, fc2 -> shift
 
     def summary(self) -> str:
         return (f"{len(self.attention_cores)} attention cores hashed, {len(self.shift_linears)} attention linears "
                 f"-> shift, {len(self.front_end_linears)} front-end layers -> shift, {len(self.head_linears)} head "
-                f"feature blocks -> shift, {len(self.shift_ffns)} FFNs -> "
+                f"feature blocks -> shift, {len(self.fusion_linears)} position-fusion layers -> shift, "
+                f"{len(self.shift_ffns)} FFNs -> "
                 f"shift, {len(self.moe_ffns)} FFNs -> MoE, "
                 f"{len(self.int_shift_linears)} shift layers -> integer activations, "
                 f"{len(self.skipped)} modules kept dense by the filter")
@@ -136,6 +140,34 @@ def _convert_head(model, spec, wanted, report) -> None:
             report.head_linears.append(full)
         else:
             report.skipped.append(full)
+
+
+def _convert_position_fusion(model, spec, wanted, report) -> None:
+    """Every position fusion MLP (Linear([q | point code | direction code] -> C), ReLU, Linear(C -> C), once per
+    sample): its second layer -> ShiftLinear and two blocks of its first layer -> shift layers inside a
+    BlockShiftLinear, each reading one kind of value: the query (C -> C, the residual stream) and the point code's
+    sines and cosines (6F -> C, values in [-1, 1]). The point's raw coordinates (another range) and the direction
+    code (once per ray) stay dense. ReparameterizeError for a model without one."""
+    owners = [(name, module) for name, module in model.named_modules()
+              if isinstance(getattr(module, "pos_fuse", None), nn.ModuleList) and len(module.pos_fuse)]
+    if not owners:
+        raise ReparameterizeError("shiftadd.position_fusion: shift needs a GNT transformer with position fusion "
+                                  "layers (model.trans_depth >= 1); this model has none")
+    for name, module in owners:
+        channels, waves = module.rgbfeat_fc2.out_features, module.pos_enc.out_dim - module.pos_enc.input_dims
+        for index, mlp in enumerate(module.pos_fuse):
+            prefix = f"{name}.pos_fuse.{index}" if name else f"pos_fuse.{index}"
+            for position in (0, 2):
+                layer, full = mlp[position], f"{prefix}.{position}"
+                if type(layer) is not nn.Linear:  # already converted
+                    continue
+                if not wanted(full, layer):
+                    report.skipped.append(full)
+                    continue
+                mlp[position] = BlockShiftLinear.from_linear(
+                    layer, channels, spec, second=(channels + module.pos_enc.input_dims, waves)) if position == 0 \
+                    else ShiftLinear.from_linear(layer, spec)
+                report.fusion_linears.append(full)
 
 
 def _convert_ffns(model, cfg: ShiftAddConfig, spec, wanted, report, expert_latency) -> None:
@@ -243,6 +275,8 @@ def reparameterize(model: nn.Module, cfg: ShiftAddConfig, run_calibration: Calla
             _convert_front_end(model, spec, wanted, report)
         if cfg.head == "shift":
             _convert_head(model, spec, wanted, report)
+        if cfg.position_fusion == "shift":
+            _convert_position_fusion(model, spec, wanted, report)
         if cfg.ray_attention != "dense":
             _convert_attention_cores(model, cfg, wanted, report, run_calibration)
         if cfg.ffn != "dense":
@@ -274,15 +308,19 @@ def variant_of(model: nn.Module) -> dict[str, str]:
         ffn = "shift"
     front_end = "shift" if any(isinstance(getattr(m, "rgbfeat_fc2", None), ShiftLinear) for m in model.modules()) \
         else "dense"
-    head = "shift" if any(isinstance(m, BlockShiftLinear) for m in model.modules()) else "dense"
+    head = "shift" if any(type(m) is BlendColorHead and isinstance(m.view_fc1, BlockShiftLinear)
+                          for m in model.modules()) else "dense"
+    fusion = "shift" if any(isinstance(mlp[0], BlockShiftLinear) for m in model.modules()
+                            if isinstance(getattr(m, "pos_fuse", None), nn.ModuleList) for mlp in m.pos_fuse) \
+        else "dense"
     return {"ray_attention": ray_attention, "attention_linears": attention_linears, "ffn": ffn, "front_end": front_end,
-            "head": head}
+            "head": head, "position_fusion": fusion}
 
 
 def check_convertible(source: ShiftAddConfig, target: ShiftAddConfig, where: str) -> None:
     """Conversion only adds reparameterizations: a part already converted cannot become dense or another kind."""
     problems = []
-    for part in ("ray_attention", "attention_linears", "ffn", "front_end", "head"):
+    for part in ("ray_attention", "attention_linears", "ffn", "front_end", "head", "position_fusion"):
         have, want = getattr(source, part), getattr(target, part)
         if have != "dense" and have != want:
             problems.append(f"shiftadd.{part}: {where} has {have!r}, cannot convert it to {want!r}")
@@ -302,7 +340,7 @@ def _is_dense_for(source: ShiftAddConfig, key: str) -> bool:
     if key == "hash_bits":
         return source.ray_attention == "dense"
     return source.attention_linears == "dense" and source.ffn == "dense" and source.front_end == "dense" and \
-        source.head == "dense"
+        source.head == "dense" and source.position_fusion == "dense"
 
 
 def warn_if_unfitted(model: nn.Module) -> None:

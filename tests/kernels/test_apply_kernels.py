@@ -142,14 +142,17 @@ def test_for_cuda_the_view_blocks_keep_the_attention_kernel(tiny_config):
     assert all(isinstance(b.attn, KernelViewAttention) for b in model.transformer.view_blocks)
 
 
-@pytest.mark.parametrize("act_scale,front_end,head", [("per_token", "dense", "dense"), ("per_tensor", "dense", "dense"),
-                                                       ("per_tensor", "shift", "dense"), ("per_tensor", "shift", "shift")])
-def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act_scale, front_end, head):
-    """j (per-token scales), k (calibrated per-tensor scales), l (k + the front end's second layer) and m (l + the
-    blend head's feature block), converted as the variant configs do: every view and ray attention sublayer and
-    every FFN on its fused integer kernel (l's front end on the fused front end with its integer layer, m's head on
-    the blend-head kernel with its integer block), nothing falls back, and the colours match the integer modules (a
-    value the kernels' own fp32 order puts at a rounding tie may quantize one step apart)."""
+@pytest.mark.parametrize("act_scale,front_end,head,fusion", [
+    ("per_token", "dense", "dense", "dense"), ("per_tensor", "dense", "dense", "dense"),
+    ("per_tensor", "shift", "dense", "dense"), ("per_tensor", "shift", "shift", "dense"),
+    ("per_tensor", "shift", "shift", "shift")])
+def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act_scale, front_end, head, fusion):
+    """j (per-token scales), k (calibrated per-tensor scales), l (k + the front end's second layer), m (l + the
+    blend head's feature block) and n (m + the position fusion's layers), converted as the variant configs do:
+    every view and ray attention sublayer and every FFN on its fused integer kernel (l's front end on the fused
+    front end with its integer layer, m's head on the blend-head kernel with its integer block, n's position fusion
+    on the integer position-fusion kernel), nothing falls back, and the colours match the integer modules (a value
+    the kernels' own fp32 order puts at a rounding tie may quantize one step apart)."""
     from kernels.int_shift import vnni_available
 
     if not vnni_available():
@@ -162,7 +165,8 @@ def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act
     model = build_model(cfg, torch.device("cpu")).eval()
     run = calibration_forward(model, tensors, cfg)
     reparameterize(model, ShiftAddConfig(ray_attention="hash_quadratic", attention_linears="shift", ffn="shift",
-                                         front_end=front_end, head=head, shift_exponent_min=-6, int_activations=8,
+                                         front_end=front_end, head=head, position_fusion=fusion,
+                                         shift_exponent_min=-6, int_activations=8,
                                          act_scale=act_scale), run_calibration=run)
     model.eval()
     with torch.no_grad():
@@ -188,4 +192,6 @@ def test_integer_variants_run_every_block_on_its_integer_kernel(tiny_config, act
     if head == "shift":
         assert ran["transformer.head.ray_blend"] == {"blend_head": "tvm"}
         assert transformer.head.ray_blend.weights.features_int is not None
+    assert ran["transformer.position_fusion"] == ({"int_position_fusion": "tvm"} if fusion == "shift" else
+                                                  {"position_fusion": "tvm"})
     assert (got - expected).abs().mean() < 1e-3 and (got - expected).abs().max() < 0.05

@@ -128,6 +128,30 @@ def _position_fusion_case():
             w.b2, w.num_freqs)
 
 
+def _int_position_weights():
+    """Variant n's fusion MLP (integer query, waves and fc2 layers, calibrated) in the integer kernel's layout."""
+    from torch import nn
+
+    from gnt_shiftadd.models.gnt import PositionFusion
+    from gnt_shiftadd.models.encodings import PositionalEncoding
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
+    from kernels.int_position_fusion import IntPositionFusionWeights
+
+    torch.manual_seed(11)
+    spec, encoding = ShiftSpec(exponent_min=-6), PositionalEncoding(3, 2)
+    dense = nn.Linear(DIM + 15 + 9, DIM)
+    fc1 = BlockShiftLinear.from_linear(dense, DIM, spec, second=(DIM + 3, 12))
+    fc1.first, fc1.second = (IntShiftLinear.from_shift_linear(layer, 8, "per_tensor") for layer in (fc1.first, fc1.second))
+    mlp = nn.Sequential(fc1, nn.ReLU(), IntShiftLinear.from_shift_linear(ShiftLinear.from_linear(
+        nn.Linear(DIM, DIM), spec), 8, "per_tensor"))
+    calibrate_int_shift_linears(mlp, lambda: PositionFusion()(torch.randn(5, 7, DIM), torch.randn(5, 7, 3),
+                                                              torch.randn(5, 9), mlp, encoding, {}))
+    return IntPositionFusionWeights.from_mlp(mlp, DIM, 2)
+
+
 def _int_view_parts():
     """(a ViewAttention with 8-bit integer layers, its IntViewWeights, view inputs)."""
     from kernels.int_view_attention import IntViewWeights
@@ -214,6 +238,8 @@ def _op_cases():
         "int_ffn": (torch.randn(11, DIM), torch.randn(11, DIM), *_int_weights().tensors(),
                     *_int_weights(seed=6, dims=(HIDDEN, DIM)).tensors(), 8, True, DIM, HIDDEN),
         "position_fusion": _position_fusion_case(),
+        "int_position_fusion": (torch.randn(5, 7, DIM), torch.randn(5, 7, 3), torch.randn(5, 9),
+                                list(_int_position_weights().tensors()), 2),
         "int_view_attention": _int_view_case(),
         "int_ray_attention": _int_ray_case(),
         "int_view_sublayer": _int_view_sublayer_case(),
@@ -251,6 +277,11 @@ def test_ops_equal_the_direct_kernel_calls():
     q, points, dir_code = _position_fusion_case()[:3]
     assert torch.equal(ops.position_fusion(q, points, dir_code, _position_weights()),
                        direct_position_fusion(q, points, dir_code, _position_weights()))
+    from kernels.int_position_fusion import int_position_fusion as direct_int_position_fusion
+
+    iw = _int_position_weights()
+    assert torch.equal(ops.int_position_fusion(q, points, dir_code, iw),
+                       direct_int_position_fusion(q, points, dir_code, iw))
     for core in ("dense", "hashed"):
         rw, rx = _ray_weights(core), torch.randn(5, 7, DIM)
         assert torch.equal(ops.ray_attention(rx, rw), direct_ray_attention(rx, rw))

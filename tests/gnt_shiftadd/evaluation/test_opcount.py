@@ -103,6 +103,32 @@ def test_position_fusion_counts_its_split_first_layer_by_hand():
     assert counter.ops.total()[("mult", "fp32")] == fc1 + tokens * dim * dim + scaling
 
 
+def test_position_fusion_with_shift_blocks_counts_only_its_dense_blocks_by_hand():
+    """n's pos_fuse (shiftadd.position_fusion: shift): the query and the code's sines/cosines are shift layers
+    (counted by their own module calls), the 3 coordinates per sample and the direction once per ray stay fp32
+    multiplies; each shift block's outputs are one more add per sample and hidden unit."""
+    from gnt_shiftadd.models.encodings import PositionalEncoding
+    from gnt_shiftadd.models.gnt import PositionFusion
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+
+    rays, samples, dim, freqs, dirs = 2, 5, 8, 2, 6
+    encoding = PositionalEncoding(3, freqs)
+    dense = nn.Linear(dim + encoding.out_dim + dirs, dim)
+    fc1 = BlockShiftLinear.from_linear(dense, dim, ShiftSpec(), second=(dim + 3, 6 * freqs))
+    mlp = nn.Sequential(fc1, nn.ReLU(), nn.Linear(dim, dim))
+    fusion = PositionFusion()
+    holder = nn.ModuleDict({"fusion": fusion, "mlp": mlp, "encoding": encoding})
+    q = torch.randn(rays, samples, dim)
+    with OpCounter(holder) as counter:
+        fusion(q, torch.randn(rays, samples, 3), torch.randn(rays, dirs), mlp, encoding, {})
+    tokens = rays * samples
+    scaling = tokens * 3 * freqs  # the encoding's 2^k x, counted by its own hook
+    assert counter.ops.total()[("mult", "fp32")] == tokens * 3 * dim + rays * dirs * dim + tokens * dim * dim + scaling
+    with OpCounter(fc1.first) as alone:
+        fc1.first(q)
+    assert counter.ops.total()[("shift", "int32")] > alone.ops.total()[("shift", "int32")] > 0
+
+
 def test_energy_uses_the_stated_table():
     counts = Counter({("mult", "fp32"): 10, ("add", "fp32"): 100, ("shift", "int32"): 1000})
     assert OpCounts.energy_pj(counts) == pytest.approx(10 * 3.7 + 100 * 0.9 + 1000 * 0.13)

@@ -40,7 +40,7 @@ def test_shift_conversion_of_power_of_two_weights_is_exact(dense):
     assert all(isinstance(m.fc1, ShiftLinear) for m in model.modules() if type(m) is FeedForward)
     torch.testing.assert_close(_outputs(model, run), before, rtol=1e-5, atol=1e-6)
     assert variant_of(model) == {"ray_attention": "dense", "attention_linears": "shift", "ffn": "shift", "front_end": "dense",
-                                 "head": "dense"}
+                                 "head": "dense", "position_fusion": "dense"}
 
 
 def test_moe_starts_as_its_chosen_expert(dense):
@@ -143,7 +143,7 @@ def test_staged_finetune_from_a_trained_dense_run(tiny_config, tmp_path):
     assert result.step == 2 and result.checkpoint.exists()
     model, _, _ = workflows.load_trained(variant, backend="torch")  # the PyTorch modules
     assert variant_of(model) == {"ray_attention": "hash_quadratic", "attention_linears": "dense", "ffn": "moe", "front_end": "dense",
-                                 "head": "dense"}
+                                 "head": "dense", "position_fusion": "dense"}
     stage1_model, _, _ = workflows.load_trained(stages[0], backend="torch")
     assert variant_of(stage1_model)["ffn"] == "dense"
     metrics = workflows.run_eval(variant, progress=False)
@@ -180,6 +180,7 @@ def test_every_shipped_variant_converts_and_renders(dense, variant):
     s = variant_cfg.shiftadd
     assert kinds["attention_linears"] == s.attention_linears and kinds["ffn"] == s.ffn
     assert kinds["front_end"] == s.front_end and kinds["head"] == s.head
+    assert kinds["position_fusion"] == s.position_fusion
     integer = sum(isinstance(m, IntShiftLinear) for m in model.modules())
     assert (integer > 0) == bool(s.int_activations)
     out = _outputs(model, run)
@@ -217,3 +218,47 @@ def test_head_conversion_splits_the_view_layer_and_keeps_its_dense_blocks(tiny_c
         reparameterize(regress, ShiftAddConfig(head="shift"))
     with pytest.raises(ReparameterizeError, match="shiftadd.head"):
         check_convertible(ShiftAddConfig(head="shift"), ShiftAddConfig(), "the checkpoint")
+
+
+def test_position_fusion_conversion_splits_the_first_layer_into_shift_and_dense_blocks(tiny_config):
+    """shiftadd.position_fusion: shift: each fusion MLP's fc2 becomes a shift layer and its fc1 a BlockShiftLinear
+    whose shift blocks are the query and the code's sines and cosines, its dense rest the 3 coordinates and the
+    direction code with the trained bias; the leaf's split forward equals the layer on the concatenation; the
+    head's BlockShiftLinear is not mistaken for it (variant_of); a model without fusion layers is refused."""
+    from torch import nn
+
+    from gnt_shiftadd.models.gnt import PositionFusion
+    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
+    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+
+    cfg = tiny_config("model.dropout=0.0")
+    model = build_model(cfg, torch.device("cpu")).eval()
+    transformer = model.transformer
+    dense_fc1 = copy.deepcopy(transformer.pos_fuse[0][0])
+    report = reparameterize(model, ShiftAddConfig(position_fusion="shift", shift_exponent_min=-6))
+    fusions = len(transformer.pos_fuse)
+    assert len(report.fusion_linears) == 2 * fusions
+    assert variant_of(model)["position_fusion"] == "shift" and variant_of(model)["head"] == "dense"
+    fc1, fc2 = transformer.pos_fuse[0][0], transformer.pos_fuse[0][2]
+    channels, code = cfg.model.netwidth, transformer.pos_enc.out_dim
+    assert isinstance(fc1, BlockShiftLinear) and isinstance(fc2, ShiftLinear)
+    assert fc1.block == channels and fc1.second_start == channels + 3 and fc1.second.in_features == code - 3
+    assert torch.equal(fc1.rest.weight[:, :3], dense_fc1.weight[:, channels:channels + 3])
+    assert torch.equal(fc1.rest.weight[:, 3:], dense_fc1.weight[:, channels + code:])
+    assert torch.equal(fc1.rest.bias, dense_fc1.bias)
+    q, points = torch.randn(2, 5, channels), torch.randn(2, 5, 3)
+    dir_code = torch.randn(2, transformer.dir_enc.out_dim)
+    mlp = transformer.pos_fuse[0]
+    with torch.no_grad():
+        whole = mlp(torch.cat([q, transformer.pos_enc(points), dir_code[:, None].expand(2, 5, -1)], dim=-1))
+        split = PositionFusion()(q, points, dir_code, mlp, transformer.pos_enc, {})
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    integer = build_model(cfg, torch.device("cpu")).eval()
+    reparameterize(integer, ShiftAddConfig(position_fusion="shift", shift_exponent_min=-6, int_activations=8))
+    fc1 = integer.transformer.pos_fuse[0][0]
+    assert isinstance(fc1.first, IntShiftLinear) and isinstance(fc1.second, IntShiftLinear)
+    assert isinstance(integer.transformer.pos_fuse[0][2], IntShiftLinear)
+    with pytest.raises(ReparameterizeError, match="shiftadd.position_fusion"):
+        check_convertible(ShiftAddConfig(position_fusion="shift"), ShiftAddConfig(), "the checkpoint")
+    with pytest.raises(ReparameterizeError, match="position fusion layers"):
+        reparameterize(nn.Sequential(nn.Linear(4, 4)), ShiftAddConfig(position_fusion="shift"))
