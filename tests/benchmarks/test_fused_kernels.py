@@ -21,9 +21,11 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
     assert names[:6 + len(head)] == ["ray_attention[dense]", "ray_attention[hashed]", "view_blend", *head,
                                      "view_attention", "view_attention_sublayer", "ffn_sublayer[dense]"]
 
-    # the last ones on fern's real data (l's integer front end where the CPU has VNNI)
-    assert names[names.index("position_fusion"):] == ["position_fusion", "source_views", "source_front_end",
-                                                      "source_front_end[folded]"] + (
+    # n's integer position fusion, then the last ones on fern's real data (l's integer front end), where the CPU has
+    # VNNI
+    assert names[names.index("position_fusion"):] == ["position_fusion"] + (
+        ["position_fusion[integer]"] if vnni_available() else []) + ["source_views", "source_front_end",
+                                                                      "source_front_end[folded]"] + (
         ["source_front_end[integer]"] if vnni_available() else [])
 
     integer = ["int_ffn", "int_ffn_sublayer", "int_view_attention", "int_view_sublayer", "int_ray_attention"]
@@ -39,5 +41,7 @@ def test_every_kernel_row_is_checked_timed_and_put_against_its_peak(tmp_path):
         assert ray["arithmetic"] == "int8+fp32" and set(ray["macs_by_arithmetic"]) == {"int8", "fp32"}
         peaks = record["peaks"]
         assert peaks["fp32"]["gmac_per_s"] < ray["peak_gmac_per_s"] < peaks["int8"]["gmac_per_s"]
+        fusion = next(row for row in record["rows"] if row["kernel"] == "position_fusion[integer]")
+        assert set(fusion["macs_by_arithmetic"]) == {"int8", "fp32"} and fusion["macs_by_arithmetic"]["fp32"] > 0
         integer_head = next(row for row in record["rows"] if row["kernel"] == "blend_head[integer]")
         assert integer_head["arithmetic"] == "int8+fp32" and set(integer_head["macs_by_arithmetic"]) == {"int8", "fp32"}
