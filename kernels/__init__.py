@@ -16,6 +16,8 @@ int_view_attention.py  the view attention with 8-bit integer shift layers (g, j)
 int_ray_attention.py   a ray block's attention half with integer q/k/v/out layers and the hashed core (LN, one
                     quantization for q|k|v, codes, popcount softmax by table, out_fc, residual) per ray (CPU, VNNI)
 position_fusion.py  the points' NeRF encoding (sin/cos polynomials) and GNT's position-fusion MLP per ray (CPU)
+int_position_fusion.py  the same with the query, sine/cosine and second layers 8-bit integer shift layers (n):
+                    the waves in registers, three VNNI products per tile of samples (CPU)
 ray_attention.py    a ray block's attention half (LN, q/k/v, dense or hashed core, out_fc, residual) per ray (CPU)
 view_blend.py       the blend colour head's per-view MLP, masked softmax over views and colour blend, fused
 blend_head.py       the whole blend colour head per ray (norm, the per-view blend, softmax over the samples) (CPU)
