@@ -275,6 +275,8 @@ def int_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: torch.T
     if dir_code.dim() != 2 or dir_code.shape != (q.shape[0], w.dir_w.shape[1]):
         raise ValueError(f"int_position_fusion: dir_code must be [{q.shape[0]}, {w.dir_w.shape[1]}], got "
                          f"{tuple(dir_code.shape)}")
+    if q.device.type != "cpu":
+        raise ValueError(f"int_position_fusion: the kernel runs on CPU (AVX-512 VNNI), got a tensor on {q.device}")
     rays, samples = q.shape[:2]
     kernel = None
     if vnni_available() and rays:

@@ -132,3 +132,5 @@ def test_bad_inputs_are_named():
         int_position_fusion(q[..., :8], points, dir_code, weights)
     with pytest.raises(ValueError, match=r"dir_code must be \[3, 27\]"):
         int_position_fusion(q, points, dir_code[:, :5], weights)
+    with pytest.raises(ValueError, match="runs on CPU"):
+        int_position_fusion(q.to("meta"), points.to("meta"), dir_code.to("meta"), weights)
