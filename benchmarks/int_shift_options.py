@@ -1,7 +1,7 @@
 """Which integer arithmetic runs a shift layer fastest on this CPU: measured at the model's shapes, written as JSON.
 
   python benchmarks/int_shift_options.py --out results/int_shift_options_cpu.json [--tokens 49152] [--repeats 7]
-      [--sections layers ffn view_attention]
+      [--sections layers ffn ffn_tiles view_attention]
 
 Every option computes the same layer (8-bit activations with one calibrated per-tensor scale, exact power-of-two
 integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel unless said otherwise):
@@ -10,7 +10,8 @@ integer weights, int32 accumulation, fp32 rescale + bias, fused in one kernel un
   llvm_int_mul     TVM TE int32 multiply-accumulate of the rounded activations by the integer weights, LLVM-vectorized
   llvm_var_shift   TVM TE shift form: acc += +-(q << e) (variable shifts, vpsllvd), LLVM-vectorized
 and the whole FFN half-block (record["ffn"]): the fused integer FFN kernel vs the two integer layers as separate
-kernels vs dense fp32 on MKL; and (record["view_attention"]) how much of the fused fp32 view-attention kernel its
+kernels vs dense fp32 on MKL; (record["ffn_tiles"]) the fused FFN sublayer's micro-tile, per token and per
+tensor, in paired rounds; and (record["view_attention"]) how much of the fused fp32 view-attention kernel its
 k|v product is, against that product as an integer layer. For scale, the fp32 paths the model has today (same shapes): mat_shift_fp32 (the fp32 MatShift kernel) and
 blas_fp32 (torch F.linear on the decoded weights, MKL), plus torch_int_mm (torch._int_mm int8 GEMM with the
 quantization and rescale as separate torch ops, i.e. unfused). Each row is checked against the integer reference
@@ -141,6 +142,50 @@ def ffn_options(tokens: int, repeats: int) -> dict:
     return {"tokens": tokens, "macs": macs, "tile": FFN_TILE, "blocks": list(FFN_BLOCKS), "rows": rows}
 
 
+FFN_TILE_CANDIDATES = ((8, (2, 2)), (8, (2, 1)), (8, (1, 1)), (4, (2, 2)), (4, (2, 1)), (4, (4, 1)))
+
+
+def ffn_tile_options(tokens: int, repeats: int, rounds: int = 9) -> dict:
+    """The fused integer FFN sublayer (LN in the kernel, x + fc2(relu(fc1(LN(x)))) at 32 -> 128 -> 32) at each
+    micro-tile (tokens per tile, fc1 and fc2 output blocks of 16 per pass), per token and per tensor (calibrated),
+    every candidate bit-identical to the default and timed in paired rounds (the candidates alternate within each
+    round; the medians over rounds of each round's median), so a slow stretch of the shared machine hits them all."""
+    from gnt_shiftadd.models.transformers import FeedForward
+    from gnt_shiftadd.shiftadd.int_shift import integer_linears_
+    from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
+    from kernels.int_shift import int_ffn_sublayer
+
+    record = {"tokens": tokens, "rounds": rounds, "modes": {}}
+    for act_scale in ("per_token", "per_tensor"):
+        torch.manual_seed(0)
+        norm = torch.nn.LayerNorm(32, eps=1e-6).eval()
+        ff = integer_linears_(FeedForward(32, 128).eval(), act_scale=act_scale)
+        if act_scale == "per_tensor":
+            calibrate_int_shift_linears(ff, lambda: ff(norm(torch.randn(256, 32))))
+        fc1, fc2 = (prepare_int_shift(export_int_shift(layer)) for layer in (ff.fc1, ff.fc2))
+        ln_w, ln_b = norm.weight.detach(), norm.bias.detach()
+        x = torch.randn(tokens, 32)
+        default = int_ffn_sublayer(x, ln_w, ln_b, 1e-6, fc1, fc2)
+        calls = {}
+        for tile, blocks in FFN_TILE_CANDIDATES:
+            def call(tile=tile, blocks=blocks):
+                return int_ffn_sublayer(x, ln_w, ln_b, 1e-6, fc1, fc2, tile=tile, blocks=blocks)
+            if not torch.equal(call(), default):
+                raise AssertionError(f"int_ffn_sublayer {tile} x {blocks} differs from the default tile")
+            calls[f"{tile}x{blocks[0]}x{blocks[1]}"] = call
+        per_round = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                per_round[name].append(_time(call, repeats)[0])
+        rows = {name: {"ms": statistics.median(times), "rounds_ms": times} for name, times in per_round.items()}
+        fastest = min(rows, key=lambda name: rows[name]["ms"])
+        for name, row in rows.items():
+            print(f"  ffn sublayer {act_scale:<10} tile x fc1 x fc2 blocks {name:<8} {row['ms']:7.3f} ms"
+                  f"{'  (fastest)' if name == fastest else ''}", flush=True)
+        record["modes"][act_scale] = {"rows": rows, "fastest": fastest}
+    return record
+
+
 def view_attention_options(points: int, repeats: int, views: int = 6, channels: int = 32, hidden: int = 4) -> dict:
     """What integer k|v could buy in GNT's view attention: the fused fp32 kernel (kernels/view_attention.py), the
     same kernel built to read k|v from memory instead of computing it (so: the cost of everything else: pos MLP,
@@ -201,8 +246,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--tokens", type=int, default=49152, help="tokens per call (default: one fern chunk)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sections", nargs="+", choices=("layers", "ffn", "view_attention"),
-                        default=["layers", "ffn", "view_attention"], help="what to measure (default: all)")
+    parser.add_argument("--sections", nargs="+", choices=("layers", "ffn", "ffn_tiles", "view_attention"),
+                        default=["layers", "ffn", "ffn_tiles", "view_attention"],
+                        help="what to measure (default: all)")
     parser.add_argument("--loaded-machine", action="store_true",
                         help="record that other work shared the cores (numbers then only rank the options)")
     args = parser.parse_args(argv)
@@ -289,6 +335,8 @@ def main(argv=None) -> dict:
                                  "fastest": fastest})
     if "ffn" in args.sections:
         record["ffn"] = ffn_options(tokens, args.repeats)
+    if "ffn_tiles" in args.sections:
+        record["ffn_tiles"] = ffn_tile_options(tokens, args.repeats)
     if "view_attention" in args.sections:
         record["view_attention"] = view_attention_options(tokens, args.repeats)
     record["tvm_threads"] = tvm_thread_count()

@@ -512,8 +512,12 @@ def int_shift(x: torch.Tensor, weights: IntShiftWeights, activation: str = "none
     return out.reshape(*lead, weights.out_features)
 
 
-FFN_TILE = 8  # tokens per tile of the fused FFN kernel: 8 x (2, 2) was the fastest of 4 x (4, 2), 2 x (8, 2),
-FFN_BLOCKS = (2, 2)  # 8 x (1, 2) and 4 x (2, 2) in paired runs; output blocks of 16 per pass in fc1 and in fc2
+# tokens per tile of the fused FFN kernel and output blocks of 16 per pass in fc1 and in fc2: with fc2's two blocks
+# in two passes (8 accumulators, not 16, beside the tile's broadcast words) the FFN sublayer took 1.67 ms per
+# chunk per tensor and 1.95 ms per token, against 1.80 and 2.01 ms for 8 x (2, 2), the earlier choice; 4 x (2, 1),
+# 4 x (4, 1) and 8 x (1, 1) were within 3% of 8 x (2, 1) (results/int_shift_ffn_tiles_cpu.json, paired rounds)
+FFN_TILE = 8
+FFN_BLOCKS = (2, 1)
 
 
 def _check_ffn_layers(name: str, dim: int, fc1: IntShiftWeights, fc2: IntShiftWeights, device: torch.device) -> None:
