@@ -13,12 +13,11 @@ polynomials (within 2e-7 of torch's), so a wave within rounding of a .5 step may
 reference; given the same waves every integer layer is bit-exact (`reference_int_position_fusion`).
 
 Layout: q [N, C], points [N, 3] with N = R x S (the wrapper pads to whole tiles of 8 samples), dir_bias
-[R + 1, H] (one spare row for the padding); the waves in the kernel's order: 32 sines of (k, d) = (j // 3, j % 3)
+[R', H] (R' >= R: zero rows for the rays the padding rows fall in); the waves in the kernel's order: 32 sines of (k, d) = (j // 3, j % 3)
 for j < 3F (zeros after), then their 32 cosines; the waves layer's weight columns permuted to match.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,7 +30,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
 from kernels.int_shift import LANES, TILES_PER_TASK, IntShiftWeights, _blocks_per_pass, _KernelParts, export_8bit, \
     prepare_int_shift, reference_from_weights, vnni_available
-from kernels.position_fusion import _HALF_PI
+from kernels.position_fusion import reduced_sin_cos
 
 __all__ = ["IntPositionFusionWeights", "wave_order", "reference_int_position_fusion", "make_int_position_fusion",
            "int_position_fusion"]
@@ -99,11 +98,9 @@ class IntPositionFusionWeights:
                                           "integer position fusion kernel")
         if per_token:
             raise ValueError("integer position fusion kernel: the integer layers need calibrated per-tensor scales")
-        spread = exported["fc1.second"]
-        order = torch.tensor([max(index, 0) for index in wave_order(num_freqs)])
-        weight = spread["weight_int"][:, order].clone()
-        weight[:, torch.tensor(wave_order(num_freqs)) < 0] = 0
-        spread = dict(spread, weight_int=weight)
+        slots = torch.tensor(wave_order(num_freqs))
+        waves_weight = exported["fc1.second"]["weight_int"][:, slots.clamp(min=0)].masked_fill(slots < 0, 0)
+        spread = dict(exported["fc1.second"], weight_int=waves_weight)
         snapshot = lambda t: kernel_ready(t.detach().float().clone(), torch.float32)  # noqa: E731
         rest = fc1.rest.weight.detach().float()
         bias = fc1.rest.bias if fc1.rest.bias is not None else rest.new_zeros(fc1.out_features)
@@ -149,15 +146,9 @@ def reference_int_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_cod
 
 def _script_sin_cos(T, x):
     """(sin x, cos x) of 16 fp32 lanes, emitted while the kernel is parsed: kernels/position_fusion.py's reduction
-    (n = round(2x / pi), r = x - n pi/2 in three exact parts) and polynomials, the reduction shared by both; the
-    quadrant (n, n + 1 for the cosine) picks +-sin(r) or +-cos(r)."""
-    f = lambda value: T.Broadcast(T.float32(value), LANES)  # noqa: E731
-    n = T.bind(T.floor(x * f(2.0 / math.pi) + f(0.5)))
-    r = T.bind(x - n * f(_HALF_PI[0]) - n * f(_HALF_PI[1]) - n * f(_HALF_PI[2]))
-    r2 = T.bind(r * r)
-    sine = T.bind(r + r * r2 * (f(-1.0 / 6) + r2 * (f(1.0 / 120) + r2 * (f(-1.0 / 5040) + r2 * f(1.0 / 362880)))))
-    cosine = T.bind(f(1.0) + r2 * (f(-0.5) + r2 * (f(1.0 / 24) + r2 * (f(-1.0 / 720) + r2 * (
-        f(1.0 / 40320) + r2 * f(-1.0 / 3628800))))))
+    and polynomials (reduced_sin_cos), shared by both; the quadrant (n, n + 1 for the cosine) picks +-sin(r) or
+    +-cos(r)."""
+    n, sine, cosine = reduced_sin_cos(x, lambda value: T.Broadcast(T.float32(value), LANES), T.floor, T.bind)
     quadrant = T.bind(T.Cast(f"int32x{LANES}", n))
     one, two = T.Broadcast(T.int32(1), LANES), T.Broadcast(T.int32(2), LANES)
 
@@ -169,7 +160,7 @@ def _script_sin_cos(T, x):
 
 
 def make_int_position_fusion(channels: int, hidden: int, samples: int):
-    """IRModule "main"(q fp32 [tiles, 8, C], points fp32 [tiles, 8, 3], dir_bias fp32 [R + 1, H], freqs fp32
+    """IRModule "main"(q fp32 [tiles, 8, C], points fp32 [tiles, 8, 3], dir_bias fp32 [R', H], freqs fp32
     [3, 32], the query, waves and fc2 layers' packed, compensation, out_scale, bias, absmax [1], coords_t [3, H],
     y fp32 [tiles, 8, C]) for the VNNI CPU; samples (per ray) gives each row's ray: row n reads dir_bias[n // S]."""
     import tvm  # lazy: TVM is optional
@@ -296,7 +287,9 @@ def int_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: torch.T
         return t.view(-1, _TILE, width)
 
     dir_bias = F.linear(dir_code.float(), w.dir_w, w.b1)
-    dir_bias = kernel_ready(torch.cat([dir_bias, dir_bias.new_zeros(1, w.hidden)]), torch.float32)
+    spare = (padded - 1) // samples + 1 - rays  # rays the padding rows point at (row n reads dir_bias[n // S])
+    dir_bias = kernel_ready(torch.cat([dir_bias, dir_bias.new_zeros(spare, w.hidden)]) if spare else dir_bias,
+                            torch.float32)
     out = torch.empty(padded // _TILE, _TILE, w.channels, dtype=torch.float32)
     kernel(tiles(q, w.channels), tiles(points, _POINT_DIM), dir_bias, _wave_frequencies(w.num_freqs),
            *w.query.tensors(), *w.waves.tensors(), *w.fc2.tensors(), w.coords_t, out)

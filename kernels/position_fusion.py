@@ -112,18 +112,28 @@ def reference_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: t
 # TVM kernel
 # ----------------------------------------------------------------------------------------------------------------
 
+def reduced_sin_cos(x, const, floor, bind=lambda value: value):
+    """(n, sin r, cos r) with n = round(x 2/pi) and r = x - n pi/2 in [-pi/4, pi/4] (pi/2 in three exact parts),
+    sin r and cos r their Taylor polynomials to r^9 / r^10, as plain arithmetic on whatever expressions x is (TE
+    here, TVMScript vectors in kernels/int_position_fusion.py): const(v) makes a constant of x's kind, floor rounds
+    down, bind names a shared subexpression (TVMScript) or is the identity (TE). The quadrant then picks +-sin r or
+    +-cos r: n for sin x, n + 1 for cos x."""
+    n = bind(floor(x * const(2.0 / math.pi) + const(0.5)))
+    r = bind(x - n * const(_HALF_PI[0]) - n * const(_HALF_PI[1]) - n * const(_HALF_PI[2]))
+    r2 = bind(r * r)
+    sine = r + r * r2 * (const(-1.0 / 6) + r2 * (const(1.0 / 120) + r2 * (const(-1.0 / 5040) + r2 * const(
+        1.0 / 362880))))
+    cosine = const(1.0) + r2 * (const(-0.5) + r2 * (const(1.0 / 24) + r2 * (const(-1.0 / 720) + r2 * (
+        const(1.0 / 40320) + r2 * const(-1.0 / 3628800)))))
+    return n, bind(sine), bind(cosine)
+
+
 def _sin_or_cos(x, cosine):
-    """sin(x) (cosine false) or cos(x) = sin(x + pi/2) (cosine true; a TIR bool) as plain arithmetic: n = round(x
-    2/pi), r = x - n pi/2 in [-pi/4, pi/4], then the quadrant (n, +1 for the cosine) picks +-sin(r) or +-cos(r)."""
+    """sin(x) (cosine false) or cos(x) = sin(x + pi/2) (cosine true; a TIR bool) as plain arithmetic
+    (reduced_sin_cos), the quadrant (n, +1 for the cosine) picking +-sin(r) or +-cos(r)."""
     from tvm import tirx  # lazy: TVM is optional
 
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    n = tirx.floor(x * f32(2.0 / math.pi) + f32(0.5))
-    r = x - n * f32(_HALF_PI[0]) - n * f32(_HALF_PI[1]) - n * f32(_HALF_PI[2])
-    r2 = r * r
-    sine = r + r * r2 * (f32(-1.0 / 6) + r2 * (f32(1.0 / 120) + r2 * (f32(-1.0 / 5040) + r2 * f32(1.0 / 362880))))
-    cosine_r = f32(1.0) + r2 * (f32(-0.5) + r2 * (f32(1.0 / 24) + r2 * (f32(-1.0 / 720) + r2 * (
-        f32(1.0 / 40320) + r2 * f32(-1.0 / 3628800)))))
+    n, sine, cosine_r = reduced_sin_cos(x, lambda v: tirx.const(v, "float32"), tirx.floor)
     quadrant = n.astype("int32") + tirx.Select(cosine, tirx.const(1, "int32"), tirx.const(0, "int32"))
     value = tirx.if_then_else(tirx.bitwise_and(quadrant, 1) == 1, cosine_r, sine)
     return tirx.if_then_else(tirx.bitwise_and(quadrant, 2) == 2, -value, value)

@@ -63,9 +63,9 @@ class PositionFusion(nn.Module):
     (W_p point_code + b) per sample and W_d dir_code once per *ray* (the direction is the same for all of a ray's
     samples), broadcast over the samples. Exact algebra (fp32 rounding aside): no [R, S, C + P + D] concatenation,
     ~38% fewer multiply-accumulates at GNT's widths. A BlockShiftLinear first layer (shiftadd.position_fusion:
-    shift) splits the same way, its query block and the code's sines and cosines their own (shift) layers; any other first layer that is not a plain
-    nn.Linear (a whole shift layer, torch.ao's int8 Linear) gets the concatenation it was built for. No parameters of its own: pos_fuse owns them
-    (state_dict keys unchanged). The leaf takes the points, not their code, so a kernel can encode them in
+    shift) splits the same way, its query block and the code's sines and cosines their own (shift) layers; any
+    other first layer that is not a plain nn.Linear (a whole shift layer, torch.ao's int8 Linear) gets the
+    concatenation it was built for. No parameters of its own: pos_fuse owns them (state_dict keys unchanged). The leaf takes the points, not their code, so a kernel can encode them in
     registers; `memo` (one dict per forward) keeps the code for the next fusion layer.
     q [R, S, C], points [R, S, 3], dir_code [R, D] (per ray) -> [R, S, C]."""
 

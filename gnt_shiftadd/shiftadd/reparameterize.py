@@ -6,8 +6,8 @@ Independent parts, each picked by `ShiftAddConfig` and each starting from the tr
   * FFNs: FeedForward -> shift linears inside, or a Mult/Shift mixture of experts (dense copy + shift copy),
   * front end: the second layer of GNT's per-view feature MLP (rgbfeat_fc2) -> ShiftLinear,
   * blend head: the per-view feature block of its view_fc1 -> a shift layer inside a BlockShiftLinear;
-  * position fusion: each fusion MLP's second layer -> ShiftLinear, its first layer's query block -> a shift layer
-    inside a BlockShiftLinear;
+  * position fusion: each fusion MLP's second layer -> ShiftLinear, its first layer's query block and the point
+    code's sines and cosines -> two shift layers inside a BlockShiftLinear;
 and, with int_activations, every shift layer -> an integer shift layer (IntShiftLinear).
 Modules already converted are left alone, so a model can be converted in stages (attention first, FFNs later).
 A per-module filter (name globs in `cfg.exclude` and/or a callable) keeps chosen modules dense.
@@ -51,7 +51,7 @@ class ConversionReport:
     int_shift_linears: list[str] = field(default_factory=list)  # shift layers given integer activations
     front_end_linears: list[str] = field(default_factory=list)  # the front end's second layer -> shift
     head_linears: list[str] = field(default_factory=list)  # the blend head's view_fc1 feature block -> shift
-    fusion_linears: list[str] = field(default_factory=list)  # position fusion: fc1's query block, fc2 -> shift
+    fusion_linears: list[str] = field(default_factory=list)  # position fusion: fc1's two blocks, fc2 -> shift
 
     def summary(self) -> str:
         return (f"{len(self.attention_cores)} attention cores hashed, {len(self.shift_linears)} attention linears "

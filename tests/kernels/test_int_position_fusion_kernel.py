@@ -69,10 +69,12 @@ def test_the_reference_is_the_model_leaf():
 
 
 @needs_vnni
-@pytest.mark.parametrize("rays,samples,channels,freqs", [(33, 24, 32, 10), (3, 5, 16, 4), (1, 7, 32, 10)])
+@pytest.mark.parametrize("rays,samples,channels,freqs", [(33, 24, 32, 10), (3, 5, 16, 4), (1, 7, 32, 10),
+                                                        (3, 1, 16, 4), (5, 2, 32, 10)])
 def test_the_kernel_is_bit_exact_given_the_same_waves(rays, samples, channels, freqs):
     """Points at 0 give exact waves (sin 0, cos 0) on both sides: every integer layer must then match bit for bit,
-    for whole and padded tiles of samples (and per-ray direction terms with several rays per tile)."""
+    for whole and padded tiles of samples (and per-ray direction terms with several rays per tile, also where the
+    padding rows of a short ray count fall several rays past the last)."""
     pytest.importorskip("tvm")
     mlp, _, directions = _integer_mlp(channels, freqs, seed=rays)
     q, points, dir_code = _inputs(rays, samples, channels, directions)
