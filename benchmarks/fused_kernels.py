@@ -78,8 +78,8 @@ from gnt_shiftadd.models.transformers import FeedForward, PreNormAttention, RayA
 from gnt_shiftadd.runtime import allocator_state, tune_cpu_allocator  # noqa: E402
 from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear  # noqa: E402
 from gnt_shiftadd.shiftadd.hashed_attention import HashedQuadraticAttention  # noqa: E402
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_linears_  # noqa: E402
-from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec  # noqa: E402
+from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear, export_int_shift, integer_fusion_mlp, integer_linears_  # noqa: E402
+from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec  # noqa: E402
 from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears  # noqa: E402
 from kernels.apply import KernelConfig, KernelRayAttentionSublayer, KernelViewColorBlend, use_kernels_  # noqa: E402
 from kernels.build import match_tvm_threads_to_torch, tvm_thread_count  # noqa: E402
@@ -375,10 +375,7 @@ def position_fusion_row(cfg, repeats: int, peak: float, integer_peaks: dict | No
         return _row("position_fusion", shape, macs, fp32_kernel, lambda: fusion(q, points, dir_code, mlp, encoding, {}),
                     "PositionFusion eager (encoding included)", repeats, peak)
     waves = encoding.out_dim - 3
-    fc1 = BlockShiftLinear.from_linear(mlp[0], dim, ShiftSpec(exponent_min=-6), second=(dim + 3, waves))
-    fc1.first, fc1.second = (IntShiftLinear.from_shift_linear(layer, 8, "per_tensor") for layer in (fc1.first, fc1.second))
-    integer = nn.Sequential(fc1, nn.ReLU(), IntShiftLinear.from_shift_linear(
-        ShiftLinear.from_linear(mlp[2], ShiftSpec(exponent_min=-6)), 8, "per_tensor")).eval()
+    integer = integer_fusion_mlp(mlp, dim, dim + 3, waves)
     calibrate_int_shift_linears(integer, lambda: fusion(q, points, dir_code, integer, encoding, {}))
     int_weights = IntPositionFusionWeights.from_mlp(integer, dim, cfg.model.pos_freqs)
     expected = fusion(q, points, dir_code, integer, encoding, {})

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 
 __all__ = ["IntegerLayerError", "ACTIVATION_BITS", "ACT_SCALES", "ABSMAX_FLOOR", "IntShiftLinear", "integer_linears_",
+           "integer_fusion_mlp",
            "rounding_tie_distance",
            "integer_weights", "int_shift_reference",
            "quantize_activations", "activation_scales", "export_int_shift", "exponent_span_histogram"]
@@ -216,6 +218,19 @@ def integer_linears_(module: nn.Module, spec: ShiftSpec = ShiftSpec(exponent_min
         if type(layer) is nn.Linear:
             setattr(module, name, IntShiftLinear.from_linear(layer, spec, bits, act_scale).train(layer.training))
     return module
+
+
+def integer_fusion_mlp(dense: nn.Sequential, channels: int, waves_start: int, waves: int,
+                       spec: ShiftSpec = ShiftSpec(exponent_min=-6), bits: int = 8,
+                       act_scale: str = "per_tensor") -> nn.Sequential:
+    """A dense position fusion MLP (Linear, ReLU, Linear) in variant n's integer form, uncalibrated: its first layer a
+    BlockShiftLinear whose query block (inputs 0..channels) and point-code waves block (waves_start.., `waves` wide)
+    are IntShiftLinears, the rest dense; its second layer an IntShiftLinear (shiftadd.reparameterize's conversion,
+    then integer_linears_'s, for kernel tests and benchmarks)."""
+    first = BlockShiftLinear.from_linear(dense[0], channels, spec, second=(waves_start, waves))
+    first.first, first.second = (IntShiftLinear.from_shift_linear(block, bits, act_scale)
+                                 for block in (first.first, first.second))
+    return nn.Sequential(first, nn.ReLU(), IntShiftLinear.from_linear(dense[2], spec, bits, act_scale)).eval()
 
 
 @torch.no_grad()

@@ -134,19 +134,15 @@ def _int_position_weights():
 
     from gnt_shiftadd.models.gnt import PositionFusion
     from gnt_shiftadd.models.encodings import PositionalEncoding
-    from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
-    from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+    from gnt_shiftadd.shiftadd.int_shift import integer_fusion_mlp
     from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
-    from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
+    from gnt_shiftadd.shiftadd.shift_linear import ShiftSpec
     from kernels.int_position_fusion import IntPositionFusionWeights
 
     torch.manual_seed(11)
     spec, encoding = ShiftSpec(exponent_min=-6), PositionalEncoding(3, 2)
-    dense = nn.Linear(DIM + 15 + 9, DIM)
-    fc1 = BlockShiftLinear.from_linear(dense, DIM, spec, second=(DIM + 3, 12))
-    fc1.first, fc1.second = (IntShiftLinear.from_shift_linear(layer, 8, "per_tensor") for layer in (fc1.first, fc1.second))
-    mlp = nn.Sequential(fc1, nn.ReLU(), IntShiftLinear.from_shift_linear(ShiftLinear.from_linear(
-        nn.Linear(DIM, DIM), spec), 8, "per_tensor"))
+    mlp = integer_fusion_mlp(nn.Sequential(nn.Linear(DIM + 15 + 9, DIM), nn.ReLU(), nn.Linear(DIM, DIM)), DIM, DIM + 3,
+                             12, spec)
     calibrate_int_shift_linears(mlp, lambda: PositionFusion()(torch.randn(5, 7, DIM), torch.randn(5, 7, 3),
                                                               torch.randn(5, 9), mlp, encoding, {}))
     return IntPositionFusionWeights.from_mlp(mlp, DIM, 2)

@@ -7,8 +7,7 @@ from torch import nn
 
 from gnt_shiftadd.models.encodings import PositionalEncoding
 from gnt_shiftadd.models.gnt import PositionFusion
-from gnt_shiftadd.shiftadd.block_linear import BlockShiftLinear
-from gnt_shiftadd.shiftadd.int_shift import IntShiftLinear
+from gnt_shiftadd.shiftadd.int_shift import integer_fusion_mlp
 from gnt_shiftadd.shiftadd.reparameterize import calibrate_int_shift_linears
 from gnt_shiftadd.shiftadd.shift_linear import ShiftLinear, ShiftSpec
 from kernels.dispatch import recording
@@ -26,12 +25,7 @@ def _integer_mlp(channels: int, freqs: int, dir_freqs: int = 4, seed: int = 0, a
     code, directions = PositionalEncoding(3, freqs), PositionalEncoding(3, dir_freqs)
     dense = nn.Sequential(nn.Linear(channels + code.out_dim + directions.out_dim, channels), nn.ReLU(),
                           nn.Linear(channels, channels)).eval()
-    spec = ShiftSpec(exponent_min=-6)
-    mlp = nn.Sequential(BlockShiftLinear.from_linear(dense[0], channels, spec, second=(channels + 3, 6 * freqs)),
-                        nn.ReLU(), ShiftLinear.from_linear(dense[2], spec)).eval()
-    mlp[0].first = IntShiftLinear.from_shift_linear(mlp[0].first, 8, act_scale)
-    mlp[0].second = IntShiftLinear.from_shift_linear(mlp[0].second, 8, act_scale)
-    mlp[2] = IntShiftLinear.from_shift_linear(mlp[2], 8, act_scale)
+    mlp = integer_fusion_mlp(dense, channels, channels + 3, 6 * freqs, act_scale=act_scale)
     if act_scale == "per_tensor":
         q, points, dir_code = _inputs(16, 24, channels, directions)
         calibrate_int_shift_linears(mlp, lambda: PositionFusion()(q, points, dir_code, mlp, code, {}))
