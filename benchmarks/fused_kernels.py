@@ -4,6 +4,7 @@ int8 peaks measured in the same run (benchmarks/kernel_speed.measure_peaks).
 
   python benchmarks/fused_kernels.py --config configs/fern_blend.yaml --out results/fused_kernels_cpu.json [--repeats 15]
       [--rounds 5]   (the whole measurement, peaks included, that many times; medians over the rounds)
+      [render.chunk_rays=2048]   (the chunk is the config's: the runs in results/ are at 2,048 rays)
 
 Rows (every kernel is checked against its PyTorch reference before it is timed, and must run on TVM):
   ray_attention[dense|hashed]  x + out_fc(core(LN(x))) per ray (kernels/ray_attention.py) vs PreNormAttention eager
