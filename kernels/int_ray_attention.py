@@ -228,19 +228,28 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
     suffix = "" if ql == 1 else f"x{ql}"  # the query vectors' dtype suffix (scalars when S is odd)
     layer_shape = lambda outputs: (outputs // LANES, channels // 4, LANES * 4)  # noqa: E731
 
-    def hash_word(qkv, codes, hash_w, hash_b, flip, s, t, h):
-        """codes[t, h, s] = head h's code of token s's q (t = 0) or k (t = 1): bit b = (projection b >= 0), 8 bits
-        per vector compare and sign-mask move (vmovmskps); query codes are XORed with the head's flip mask."""
+    width = n_bits  # lanes of one projection: every bit of a code at once (16 or 32 <= two registers)
+
+    def hash_weights(hash_w, hash_b, h):
+        """Head h's projection weights [head_dim x n] and bias [n], bound once for all its tokens: they stay in
+        registers, so each token's projection is head_dim FMAs that take the token's inputs as embedded broadcasts
+        from memory (loading the weights in every FMA instead needed a broadcast instruction per input: 11% slower
+        per chunk, bit-identical)."""
+        return [T.bind(hash_w[h, e, lanes(0, width)]) for e in range(head_dim)], T.bind(hash_b[h, lanes(0, width)])
+
+    def hash_word(qkv, codes, weights, bias, flip, s, t, h):
+        """codes[t, h, s] = head h's code of token s's q (t = 0) or k (t = 1): bit b = (projection b >= 0), all n
+        projections in one vector (n lanes), 8 bits per sign-mask move (vmovmskps; LLVM makes the pair of a 16-lane
+        compare one kmovw); query codes are XORed with the head's flip mask."""
+        projection = T.Broadcast(qkv[s, t * channels + h * head_dim], width) * weights[0]
+        for e in range(1, head_dim):
+            projection = projection + T.Broadcast(qkv[s, t * channels + h * head_dim + e], width) * weights[e]
+        set_bits = T.bind(T.Select(projection + bias >= T.Broadcast(T.float32(0), width),
+                                   T.Broadcast(T.int32(-1), width), T.Broadcast(T.int32(0), width)))
         word = None
         for v in range(n_bits // 8):
-            projection = T.Broadcast(qkv[s, t * channels + h * head_dim], 8) * hash_w[h, 0, lanes(v * 8, 8)]
-            for e in range(1, head_dim):
-                projection = projection + T.Broadcast(qkv[s, t * channels + h * head_dim + e], 8) \
-                    * hash_w[h, e, lanes(v * 8, 8)]
-            projection = projection + hash_b[h, lanes(v * 8, 8)]
-            set_bits = T.Select(projection >= T.Broadcast(T.float32(0), 8), T.Broadcast(T.int32(-1), 8),
-                                T.Broadcast(T.int32(0), 8))
-            bits = T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.reinterpret("float32x8", set_bits))
+            half = T.Shuffle([set_bits], [T.int32(v * 8 + k) for k in range(8)])
+            bits = T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.reinterpret("float32x8", half))
             bits = bits if v == 0 else T.shift_left(bits, T.int32(8 * v))
             word = bits if word is None else T.bitwise_or(word, bits)
         T.buffer_store(codes, T.bitwise_xor(word, flip[h] * (1 - t)), [t, h, s])
@@ -320,9 +329,10 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
                                    lambda i, block, value: T.buffer_store(qkv, value,
                                                                           [tt * tile + i, lanes(block * LANES)]))
         for h in T.serial(heads):  # tokens innermost: the head's projection weights stay in registers
+            weights, bias = hash_weights(hash_w, hash_b, h)
             for t in T.serial(2):
                 for s in T.serial(samples):
-                    hash_word(qkv, codes, hash_w, hash_b, flip, s, t, h)
+                    hash_word(qkv, codes, weights, bias, flip, s, t, h)
         for h in T.serial(heads):
             for qb in T.serial(samples // ql):
                 head_block(qkv, codes, table, attended, h, qb)
