@@ -30,7 +30,7 @@ from kernels.build import kernel_ready
 from kernels.dispatch import get_kernel, note_kernel
 from kernels.int_shift import LANES, TILES_PER_TASK, IntShiftWeights, _blocks_per_pass, _KernelParts, export_8bit, \
     prepare_int_shift, reference_from_weights, vnni_available
-from kernels.position_fusion import reduced_sin_cos
+from kernels.position_fusion import check_fusion_inputs, reduced_sin_cos
 
 __all__ = ["IntPositionFusionWeights", "wave_order", "reference_int_position_fusion", "make_int_position_fusion",
            "int_position_fusion"]
@@ -258,16 +258,7 @@ def int_position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: torch.T
                         w: IntPositionFusionWeights) -> torch.Tensor:
     """q [R, S, C], points [R, S, 3], dir_code [R, D] (CPU) -> the fused query [R, S, C] fp32 on the VNNI kernel;
     the reference (one note) where this CPU has no AVX-512 VNNI or no kernel builds."""
-    if q.dim() != 3 or q.shape[-1] != w.channels:
-        raise ValueError(f"int_position_fusion: q must be [rays, samples, C={w.channels}], got {tuple(q.shape)}")
-    if tuple(points.shape) != (*q.shape[:2], _POINT_DIM):
-        raise ValueError(f"int_position_fusion: points must be [{q.shape[0]}, {q.shape[1]}, 3], got "
-                         f"{tuple(points.shape)}")
-    if dir_code.dim() != 2 or dir_code.shape != (q.shape[0], w.dir_w.shape[1]):
-        raise ValueError(f"int_position_fusion: dir_code must be [{q.shape[0]}, {w.dir_w.shape[1]}], got "
-                         f"{tuple(dir_code.shape)}")
-    if q.device.type != "cpu":
-        raise ValueError(f"int_position_fusion: the kernel runs on CPU (AVX-512 VNNI), got a tensor on {q.device}")
+    check_fusion_inputs("int_position_fusion", q, points, dir_code, w.channels, w.dir_w.shape[1], " (AVX-512 VNNI)")
     rays, samples = q.shape[:2]
     kernel = None
     if vnni_available() and rays:

@@ -228,24 +228,22 @@ def make_int_ray_attention(samples: int, channels: int, heads: int, n_bits: int,
     suffix = "" if ql == 1 else f"x{ql}"  # the query vectors' dtype suffix (scalars when S is odd)
     layer_shape = lambda outputs: (outputs // LANES, channels // 4, LANES * 4)  # noqa: E731
 
-    width = n_bits  # lanes of one projection: every bit of a code at once (16 or 32 <= two registers)
-
     def hash_weights(hash_w, hash_b, h):
         """Head h's projection weights [head_dim x n] and bias [n], bound once for all its tokens: they stay in
         registers, so each token's projection is head_dim FMAs that take the token's inputs as embedded broadcasts
         from memory (loading the weights in every FMA instead needed a broadcast instruction per input: 11% slower
         per chunk, bit-identical)."""
-        return [T.bind(hash_w[h, e, lanes(0, width)]) for e in range(head_dim)], T.bind(hash_b[h, lanes(0, width)])
+        return [T.bind(hash_w[h, e, lanes(0, n_bits)]) for e in range(head_dim)], T.bind(hash_b[h, lanes(0, n_bits)])
 
     def hash_word(qkv, codes, weights, bias, flip, s, t, h):
         """codes[t, h, s] = head h's code of token s's q (t = 0) or k (t = 1): bit b = (projection b >= 0), all n
         projections in one vector (n lanes), 8 bits per sign-mask move (vmovmskps; LLVM makes the pair of a 16-lane
         compare one kmovw); query codes are XORed with the head's flip mask."""
-        projection = T.Broadcast(qkv[s, t * channels + h * head_dim], width) * weights[0]
+        projection = T.Broadcast(qkv[s, t * channels + h * head_dim], n_bits) * weights[0]
         for e in range(1, head_dim):
-            projection = projection + T.Broadcast(qkv[s, t * channels + h * head_dim + e], width) * weights[e]
-        set_bits = T.bind(T.Select(projection + bias >= T.Broadcast(T.float32(0), width),
-                                   T.Broadcast(T.int32(-1), width), T.Broadcast(T.int32(0), width)))
+            projection = projection + T.Broadcast(qkv[s, t * channels + h * head_dim + e], n_bits) * weights[e]
+        set_bits = T.bind(T.Select(projection + bias >= T.Broadcast(T.float32(0), n_bits),
+                                   T.Broadcast(T.int32(-1), n_bits), T.Broadcast(T.int32(0), n_bits)))
         word = None
         for v in range(n_bits // 8):
             half = T.Shuffle([set_bits], [T.int32(v * 8 + k) for k in range(8)])

@@ -210,19 +210,25 @@ def _kernel(device: torch.device, samples: int, w: PositionFusionWeights) -> Cal
         target, samples, w.channels, w.hidden, w.num_freqs))
 
 
+def check_fusion_inputs(name: str, q: torch.Tensor, points: torch.Tensor, dir_code: torch.Tensor, channels: int,
+                        dir_width: int, cpu_note: str = "") -> None:
+    """ValueError naming what is wrong unless q is [R, S, channels], points [R, S, 3] and dir_code [R, dir_width],
+    on the CPU (both position-fusion kernels' inputs)."""
+    if q.dim() != 3 or q.shape[-1] != channels:
+        raise ValueError(f"{name}: q must be [rays, samples, C={channels}], got {tuple(q.shape)}")
+    if tuple(points.shape) != (*q.shape[:2], _POINT_DIM):
+        raise ValueError(f"{name}: points must be [{q.shape[0]}, {q.shape[1]}, 3], got {tuple(points.shape)}")
+    if dir_code.dim() != 2 or dir_code.shape != (q.shape[0], dir_width):
+        raise ValueError(f"{name}: dir_code must be [{q.shape[0]}, {dir_width}], got {tuple(dir_code.shape)}")
+    if q.device.type != "cpu":
+        raise ValueError(f"{name}: the kernel runs on CPU{cpu_note}, got a tensor on {q.device}")
+
+
 def position_fusion(q: torch.Tensor, points: torch.Tensor, dir_code: torch.Tensor,
                     w: PositionFusionWeights) -> torch.Tensor:
     """q [R, S, C], points [R, S, 3], dir_code [R, D] -> the fused query [R, S, C] fp32 (CPU kernel). The
     reference when gradients are needed or no kernel can be had (one warning)."""
-    if q.dim() != 3 or q.shape[-1] != w.channels:
-        raise ValueError(f"position_fusion: q must be [rays, samples, C={w.channels}], got {tuple(q.shape)}")
-    if tuple(points.shape) != (*q.shape[:2], _POINT_DIM):
-        raise ValueError(f"position_fusion: points must be [{q.shape[0]}, {q.shape[1]}, 3], got {tuple(points.shape)}")
-    if dir_code.dim() != 2 or dir_code.shape != (q.shape[0], w.dir_w.shape[1]):
-        raise ValueError(f"position_fusion: dir_code must be [{q.shape[0]}, {w.dir_w.shape[1]}], "
-                         f"got {tuple(dir_code.shape)}")
-    if q.device.type != "cpu":
-        raise ValueError(f"position_fusion: the kernel runs on CPU, got a tensor on {q.device}")
+    check_fusion_inputs("position_fusion", q, points, dir_code, w.channels, w.dir_w.shape[1])
     if needs_grad(q, points, dir_code):
         note_kernel("position_fusion", "reference")
         return reference_position_fusion(q, points, dir_code, w)
